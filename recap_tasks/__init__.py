@@ -1,0 +1,1 @@
+"""Recap: re-caption web image-text datasets."""

@@ -1,0 +1,195 @@
+"""Ingest: source shards -> the `pairs` table (one row per good sample) and `rejected`."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import pyarrow as pa
+
+from recap_tasks import lake as tables
+from recap_tasks.config import IngestConfig
+from recap_tasks.errors import RecapError
+from recap_tasks.images import ImageInfo, ImageRejected, inspect_image
+from recap_tasks.lake import Lake
+from recap_tasks.readers import RawSample, expand_sources, make_uid, shard_id_for
+from recap_tasks.readers.parquet import ParquetReader
+from recap_tasks.readers.webdataset import WebDatasetReader
+from recap_tasks.runs import new_run_id, progress, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardResult:
+    shard_id: str
+    source_uri: str
+    rows: int = 0
+    rejected: int = 0
+    truncated: bool = False
+    detail: str | None = None
+    skipped: bool = False  # already ingested by an earlier run
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class IngestResult:
+    run_id: str
+    shards: list[ShardResult]
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def rejected(self) -> int:
+        return sum(s.rejected for s in self.shards)
+
+    def summary(self) -> dict:
+        return {
+            "run_id": self.run_id,
+            "shards": len(self.shards),
+            "shards_skipped": sum(s.skipped for s in self.shards),
+            "shards_truncated": [s.shard_id for s in self.shards if s.truncated],
+            "rows": self.rows,
+            "rejected": self.rejected,
+        }
+
+
+def ingest(sources: list[str], lake: Lake, *, config: IngestConfig | None = None, run_id: str | None = None,
+           force: bool = False) -> IngestResult:
+    """Ingest every shard under `sources`; shards already ingested unchanged are skipped."""
+    config = config or IngestConfig()
+    run_id = run_id or new_run_id()
+    shards = expand_sources(sources)
+    _check_unique_shard_ids(shards)
+    results = []
+    for path in progress(shards, desc="ingest", unit="shard"):
+        results.append(ingest_shard(path, lake, config=config, run_id=run_id, force=force))
+    out = IngestResult(run_id, results)
+    log.info("ingest %s: %s", run_id, out.summary())
+    return out
+
+
+def ingest_shard(path: Path, lake: Lake, *, config: IngestConfig, run_id: str, force: bool = False) -> ShardResult:
+    """One work unit: read a shard, check each sample, write pairs and rejections, mark it done."""
+    shard_id = shard_id_for(path)
+    stat = path.stat()
+    marker = lake.ledger_dir("ingest") / (hashlib.sha1(shard_id.encode()).hexdigest() + ".json")
+    previous = lake.read_json(marker)
+    if previous and not force and previous["size"] == stat.st_size and previous["mtime_ns"] == stat.st_mtime_ns:
+        return ShardResult(shard_id, str(path), skipped=True, rows=0, rejected=0,
+                           truncated=previous.get("truncated", False), detail=previous.get("detail"))
+    if previous and not force:
+        log.warning("shard %s changed since run %s; ingesting samples not seen before", shard_id, previous["run_id"])
+
+    result = ShardResult(shard_id, str(path))
+    now = utcnow()
+    good: list[dict] = []
+    bad: list[dict] = []
+
+    def reject(sample: RawSample, reason: str, detail: str | None) -> None:
+        bad.append({"uid": make_uid(shard_id, sample.key, sample.occurrence), "key": sample.key[:1024],
+                    "shard_id": shard_id, "stage": "ingest", "reason": reason, "detail": (detail or "")[:1000],
+                    "run_id": run_id, "rejected_at": now})
+        result.reasons[reason] = result.reasons.get(reason, 0) + 1
+
+    if path.suffix == ".tar":
+        reader: WebDatasetReader | ParquetReader = WebDatasetReader(
+            max_image_bytes=config.max_image_bytes, max_caption_bytes=config.max_caption_bytes)
+        source_format = "wds"
+    else:
+        reader = ParquetReader(image_column=config.image_column, caption_column=config.caption_column,
+                               key_column=config.key_column, url_column=config.url_column,
+                               max_image_bytes=config.max_image_bytes)
+        source_format = "parquet"
+    try:
+        for sample in reader.read(path):
+            if sample.error:
+                reject(sample, sample.error, sample.detail)
+                continue
+            verdict = _check(sample, config)
+            if isinstance(verdict, _Rejection):
+                reject(sample, verdict.reason, verdict.detail)
+                continue
+            caption, info, digest = verdict.caption, verdict.info, verdict.sha256
+            good.append({
+                "uid": make_uid(shard_id, sample.key, sample.occurrence), "key": sample.key, "url": sample.url,
+                "org_caption": caption, "sha256": digest, "width": info.width, "height": info.height,
+                "image_format": info.format, "source_uri": str(path), "source_format": source_format,
+                "image_offset": sample.image_offset, "image_size": sample.image_size,
+                "source_row": sample.source_row,
+                "image_column": getattr(reader, "image_column", None), "shard_id": shard_id,
+                "run_id": run_id, "ingested_at": now,
+            })
+    except (tarfile.TarError, EOFError, OSError, pa.ArrowException) as exc:
+        # The shard cannot be opened (not a tar, corrupt parquet footer): samples read before
+        # the failure are kept, the failure itself is one rejection row for the shard.
+        log.error("shard %s unreadable: %s", shard_id, exc)
+        bad.append({"uid": make_uid(shard_id, "#shard"), "key": None, "shard_id": shard_id, "stage": "ingest",
+                    "reason": "shard_unreadable", "detail": f"{type(exc).__name__}: {exc}"[:1000],
+                    "run_id": run_id, "rejected_at": now})
+        result.reasons["shard_unreadable"] = 1
+    report = reader.report
+    result.truncated, result.detail = report.truncated, report.detail
+    if report.truncated:
+        log.warning("shard %s is truncated: %s", shard_id, report.detail)
+
+    schema_pairs = tables.schemas.PAIRS.arrow
+    result.rows = lake.insert_new(tables.PAIRS, pa.Table.from_pylist(good, schema=schema_pairs))
+    result.rejected = lake.insert_new(tables.REJECTED, pa.Table.from_pylist(bad, schema=tables.schemas.REJECTED.arrow))
+    # Written last: a shard is done only once both tables hold its rows.
+    lake.write_json(marker, {"shard_id": shard_id, "source_uri": str(path), "size": stat.st_size,
+                             "mtime_ns": stat.st_mtime_ns, "rows": len(good), "rejected": len(bad),
+                             "reasons": result.reasons, "truncated": report.truncated, "detail": report.detail,
+                             "run_id": run_id, "at": now.isoformat()})
+    return result
+
+
+class _Rejection(NamedTuple):
+    reason: str
+    detail: str
+
+
+class _Accepted(NamedTuple):
+    caption: str
+    info: ImageInfo
+    sha256: str
+
+
+def _check(sample: RawSample, config: IngestConfig) -> _Accepted | _Rejection:
+    caption = sample.caption
+    if caption is None:
+        return _Rejection("missing_caption", "sample has no caption")
+    if isinstance(caption, bytes):
+        if len(caption) > config.max_caption_bytes:
+            return _Rejection("caption_too_long", f"caption has more than {config.max_caption_bytes} bytes")
+        try:
+            caption = caption.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return _Rejection("caption_not_utf8", str(exc))
+    elif len(caption.encode("utf-8", "surrogatepass")) > config.max_caption_bytes:
+        return _Rejection("caption_too_long", f"caption has more than {config.max_caption_bytes} bytes")
+    if "\x00" in caption:
+        return _Rejection("caption_not_text", "caption contains NUL characters")
+    if sample.image is None and sample.image_size and sample.image_size > config.max_image_bytes:
+        return _Rejection("image_too_large", f"image has {sample.image_size} bytes > {config.max_image_bytes}")
+    try:
+        info = inspect_image(sample.image, max_pixels=config.max_image_pixels)
+    except ImageRejected as exc:
+        return _Rejection(exc.reason, exc.detail)
+    assert sample.image is not None
+    return _Accepted(caption.strip(), info, hashlib.sha256(sample.image).hexdigest())
+
+
+def _check_unique_shard_ids(shards: list[Path]) -> None:
+    seen: dict[str, Path] = {}
+    for p in shards:
+        sid = shard_id_for(p)
+        if sid in seen:
+            raise RecapError(f"shards {seen[sid]} and {p} share the shard id {sid!r} (folder/file); rename one")
+        seen[sid] = p

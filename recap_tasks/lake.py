@@ -1,0 +1,189 @@
+"""The lake: named Delta tables under one root, plus run metadata beside them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+
+from recap_tasks import schemas
+from recap_tasks.errors import RecapError
+
+log = logging.getLogger(__name__)
+
+# Table names are fixed: every stage, `recap status` and the reports find each other's outputs here.
+PAIRS = "pairs"
+REJECTED = "rejected"
+FILTER_RESULTS = "filter_results"
+CAPTIONS = "captions"
+RECAP = "recap"
+
+_MERGE_RETRIES = 5
+
+
+class Lake:
+    """A lake root (a local folder) holding the pipeline's Delta tables and run records."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        root = os.fspath(root)
+        if "://" in root and not root.startswith("file://"):
+            raise RecapError(f"lake {root!r}: only local folders are supported so far (object storage is planned)")
+        self.root = Path(root.removeprefix("file://")).expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"Lake({str(self.root)!r})"
+
+    def path(self, table: str) -> str:
+        return str(self.root / table)
+
+    def exists(self, table: str) -> bool:
+        return (self.root / table / "_delta_log").is_dir()
+
+    def run_dir(self, run_id: str) -> Path:
+        d = self.root / "_runs" / run_id
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def ledger_dir(self, name: str) -> Path:
+        d = self.root / "_ledger" / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    # Reading -----------------------------------------------------------------------------
+
+    def read(self, table: str, columns: list[str] | None = None) -> pa.Table:
+        """Read a whole table (or the named columns); an absent table reads as empty."""
+        schema = schemas.TABLES[table]
+        if not self.exists(table):
+            empty = schema.empty_table()
+            return empty.select(columns) if columns else empty
+        dt = DeltaTable(self.path(table))
+        # use_threads=False: a threaded scan makes the process abort at exit (delta-rs #2184).
+        data = dt.to_pyarrow_dataset().to_table(columns=columns, use_threads=False)
+        return _normalize(data)
+
+    def version(self, table: str) -> int | None:
+        return DeltaTable(self.path(table)).version() if self.exists(table) else None
+
+    def uids(self, table: str) -> pa.Array:
+        return self.read(table, ["uid"]).column("uid").combine_chunks()
+
+    # Writing -----------------------------------------------------------------------------
+
+    def append(self, table: str, data: pa.Table) -> None:
+        if data.num_rows == 0:
+            return
+        data = _conform(data, schemas.TABLES[table])
+        write_deltalake(self.path(table), data, mode="append", schema_mode="merge")
+
+    def insert_new(self, table: str, data: pa.Table, keys: Iterable[str] = ("uid",)) -> int:
+        """Insert rows whose keys are not in the table yet (MERGE ... WHEN NOT MATCHED INSERT).
+
+        Returns the number of rows inserted. Retries on concurrent-commit conflicts.
+        """
+        if data.num_rows == 0:
+            return 0
+        data = _conform(data, schemas.TABLES[table])
+        if not self.exists(table):
+            try:
+                write_deltalake(self.path(table), data, mode="error")
+                return data.num_rows
+            except Exception as exc:  # another writer created it first: fall through to MERGE
+                if not self.exists(table):
+                    raise
+                log.debug("table %s appeared concurrently (%s); merging", table, exc)
+        predicate = " AND ".join(f"t.{k} = s.{k}" for k in keys)
+        for attempt in range(_MERGE_RETRIES):
+            try:
+                metrics = (
+                    DeltaTable(self.path(table))
+                    .merge(data, predicate=predicate, source_alias="s", target_alias="t")
+                    .when_not_matched_insert_all()
+                    .execute()
+                )
+                return int(metrics.get("num_target_rows_inserted", 0))
+            except CommitFailedError:
+                if attempt == _MERGE_RETRIES - 1:
+                    raise
+                time.sleep(0.1 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def upsert(self, table: str, data: pa.Table, *, update_when: str | None = None) -> dict:
+        """MERGE by uid: insert new rows, update matched ones (optionally only when `update_when`)."""
+        data = _conform(data, schemas.TABLES[table])
+        if not self.exists(table):
+            write_deltalake(self.path(table), data, mode="error")
+            return {"num_target_rows_inserted": data.num_rows, "num_target_rows_updated": 0}
+        for attempt in range(_MERGE_RETRIES):
+            try:
+                return (
+                    DeltaTable(self.path(table))
+                    .merge(data, predicate="t.uid = s.uid", source_alias="s", target_alias="t")
+                    .when_matched_update_all(predicate=update_when)
+                    .when_not_matched_insert_all()
+                    .execute()
+                )
+            except CommitFailedError:
+                if attempt == _MERGE_RETRIES - 1:
+                    raise
+                time.sleep(0.1 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    # Small JSON records (ledgers, run manifests) -------------------------------------------
+
+    def write_json(self, path: Path, payload: dict) -> None:
+        """Write atomically: a reader sees the old file or the new one, never half of one."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, path)
+
+    @staticmethod
+    def read_json(path: Path) -> dict | None:
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+
+
+def _normalize(data: pa.Table) -> pa.Table:
+    """Cast string_view/large types that MERGE leaves behind back to plain Arrow types."""
+    fields = []
+    changed = False
+    for field in data.schema:
+        t = field.type
+        if pa.types.is_string_view(t) or pa.types.is_large_string(t):
+            t, changed = pa.string(), True
+        elif pa.types.is_binary_view(t) or pa.types.is_large_binary(t):
+            t, changed = pa.binary(), True
+        fields.append(pa.field(field.name, t, field.nullable))
+    return data.cast(pa.schema(fields)) if changed else data
+
+
+def _conform(data: pa.Table, schema: schemas.TableSchema) -> pa.Table:
+    """Order and cast columns to the table's declared schema; unknown columns are an error."""
+    extra = set(data.column_names) - set(schema.arrow.names)
+    if extra:
+        raise ValueError(f"columns {sorted(extra)} are not in the {schema.name} table schema")
+    columns = []
+    for field in schema.arrow:
+        if field.name in data.column_names:
+            columns.append(data.column(field.name).cast(field.type))
+        else:
+            columns.append(pa.nulls(data.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=schema.arrow)
+
+
+def not_in(values: pa.Array, existing: pa.Array) -> pa.Array:
+    """Boolean mask: which of `values` are absent from `existing`."""
+    if len(existing) == 0:
+        return pa.array([True] * len(values))
+    return pc.invert(pc.is_in(values, value_set=existing))

@@ -1,0 +1,53 @@
+"""Run ids, timestamps and progress output shared by the stages."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import sys
+import uuid
+from typing import Iterable, Iterator, TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+
+
+def new_run_id(prefix: str = "run") -> str:
+    """Sortable by time, unique across machines: run-20261127T031500Z-1a2b3c."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{prefix}-{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def progress(items: Iterable[T], *, desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+    """A progress bar on a terminal; periodic lines in logs (Airflow, pods), off with RECAP_QUIET=1."""
+    disable = os.environ.get("RECAP_QUIET") == "1"
+    interactive = sys.stderr.isatty()
+    return iter(
+        tqdm(
+            items,
+            desc=desc,
+            total=total,
+            unit=unit,
+            disable=disable,
+            mininterval=0.5 if interactive else 10.0,
+            file=sys.stderr,
+            dynamic_ncols=interactive,
+            ascii=not interactive,
+        )
+    )
+
+
+def configure_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("great_expectations", "urllib3", "filelock", "httpx", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,126 @@
+"""Arrow schemas of the lake's Delta tables, in one place so every stage agrees on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+_TS = pa.timestamp("us", tz="UTC")
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    name: str
+    arrow: pa.Schema
+
+    def empty_table(self) -> pa.Table:
+        return self.arrow.empty_table()
+
+
+PAIRS = TableSchema(
+    "pairs",
+    pa.schema(
+        [
+            pa.field("uid", pa.string(), nullable=False),  # stable: hash of (shard id, key, occurrence)
+            pa.field("key", pa.string()),
+            pa.field("url", pa.string()),
+            pa.field("org_caption", pa.string()),
+            pa.field("sha256", pa.string()),  # of the image bytes as stored in the source
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+            pa.field("image_format", pa.string()),  # PIL format name: JPEG, PNG, WEBP
+            # Pointer to the image in its source shard; images are never copied into tables.
+            pa.field("source_uri", pa.string()),  # absolute path of the shard file
+            pa.field("source_format", pa.string()),  # "wds" or "parquet"
+            pa.field("image_offset", pa.int64()),  # wds: byte offset of the member's data
+            pa.field("image_size", pa.int64()),  # wds: member size in bytes
+            pa.field("source_row", pa.int64()),  # parquet: row index in the file
+            pa.field("image_column", pa.string()),  # parquet: column holding the bytes
+            pa.field("shard_id", pa.string()),  # "<folder>/<file>": the work unit
+            pa.field("run_id", pa.string()),
+            pa.field("ingested_at", _TS),
+        ]
+    ),
+)
+
+REJECTED = TableSchema(
+    "rejected",
+    pa.schema(
+        [
+            pa.field("uid", pa.string(), nullable=False),
+            pa.field("key", pa.string()),
+            pa.field("shard_id", pa.string()),
+            pa.field("stage", pa.string()),  # ingest | filter | caption | validate
+            pa.field("reason", pa.string()),  # short snake_case, doubles as a statistics key
+            pa.field("detail", pa.string()),  # human-readable context (exception text, values)
+            pa.field("run_id", pa.string()),
+            pa.field("rejected_at", _TS),
+        ]
+    ),
+)
+
+FILTER_RESULTS = TableSchema(
+    "filter_results",
+    pa.schema(
+        [
+            pa.field("uid", pa.string(), nullable=False),
+            pa.field("shard_id", pa.string()),
+            pa.field("kept", pa.bool_()),
+            pa.field("reason", pa.string()),  # null when kept
+            # Scores are kept beside the verdict so thresholds can change without recomputing.
+            pa.field("caption_words", pa.int32()),
+            pa.field("caption_chars", pa.int32()),
+            pa.field("min_side", pa.int32()),
+            pa.field("aspect_ratio", pa.float32()),
+            pa.field("run_id", pa.string()),
+            pa.field("filtered_at", _TS),
+        ]
+    ),
+)
+
+CAPTIONS = TableSchema(
+    "captions",
+    pa.schema(
+        [
+            pa.field("uid", pa.string(), nullable=False),
+            pa.field("shard_id", pa.string()),
+            pa.field("re_caption", pa.string()),
+            pa.field("model", pa.string()),
+            pa.field("prompt", pa.string()),
+            pa.field("generation", pa.string()),  # JSON of the decoding settings
+            pa.field("run_id", pa.string()),
+            pa.field("captioned_at", _TS),
+        ]
+    ),
+)
+
+# The released Recap-DataComp-1B columns first, then our own identity and provenance.
+RECAP = TableSchema(
+    "recap",
+    pa.schema(
+        [
+            pa.field("url", pa.string()),
+            pa.field("re_caption", pa.string()),
+            pa.field("org_caption", pa.string()),
+            pa.field("sha256", pa.string()),
+            pa.field("key", pa.string()),
+            pa.field("re_clip_score", pa.float32()),  # null until CLIP scoring exists
+            pa.field("org_clip_score", pa.float32()),
+            pa.field("re_length", pa.int32()),  # words
+            pa.field("org_length", pa.int32()),
+            pa.field("uid", pa.string(), nullable=False),
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+            pa.field("shard_id", pa.string()),
+            pa.field("model", pa.string()),
+            pa.field("prompt", pa.string()),
+            pa.field("generation", pa.string()),
+            pa.field("caption_run_id", pa.string()),
+            pa.field("publish_run_id", pa.string()),
+            pa.field("published_at", _TS),
+        ]
+    ),
+)
+
+TABLES = {t.name: t for t in (PAIRS, REJECTED, FILTER_RESULTS, CAPTIONS, RECAP)}
