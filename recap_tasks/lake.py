@@ -185,5 +185,5 @@ def _conform(data: pa.Table, schema: schemas.TableSchema) -> pa.Table:
 def not_in(values: pa.Array, existing: pa.Array) -> pa.Array:
     """Boolean mask: which of `values` are absent from `existing`."""
     if len(existing) == 0:
-        return pa.array([True] * len(values))
+        return pa.array([True] * len(values), pa.bool_())
     return pc.invert(pc.is_in(values, value_set=existing))

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import uuid
-from typing import Iterable, Iterator, TypeVar
+from typing import Iterable, TypeVar
 
 from tqdm import tqdm
 
@@ -24,22 +24,20 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def progress(items: Iterable[T], *, desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+def progress(items: Iterable[T] | None = None, *, desc: str, total: int | None = None, unit: str = "it") -> tqdm:
     """A progress bar on a terminal; periodic lines in logs (Airflow, pods), off with RECAP_QUIET=1."""
     disable = os.environ.get("RECAP_QUIET") == "1"
     interactive = sys.stderr.isatty()
-    return iter(
-        tqdm(
-            items,
-            desc=desc,
-            total=total,
-            unit=unit,
-            disable=disable,
-            mininterval=0.5 if interactive else 10.0,
-            file=sys.stderr,
-            dynamic_ncols=interactive,
-            ascii=not interactive,
-        )
+    return tqdm(
+        items,
+        desc=desc,
+        total=total,
+        unit=unit,
+        disable=disable,
+        mininterval=0.5 if interactive else 10.0,
+        file=sys.stderr,
+        dynamic_ncols=interactive,
+        ascii=not interactive,
     )
 
 

@@ -1,0 +1,82 @@
+"""Publish batches: the rows validate checked, and whether they were published."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from recap_tasks import lake as tables
+from recap_tasks.lake import Lake, not_in
+
+
+@dataclass
+class Batch:
+    batch_id: str  # the validating run's id
+    rows: int
+    success: bool
+    failed: list[str] = field(default_factory=list)  # names of failed expectations
+    validated_at: str = ""
+    report: str | None = None  # path of the Data Docs page for this validation
+    published: bool = False
+    published_version: int | None = None
+
+    def save(self, lake: Lake) -> None:
+        lake.write_json(_dir(lake) / f"{self.batch_id}.json", asdict(self))
+
+    @classmethod
+    def load(cls, lake: Lake, batch_id: str) -> "Batch | None":
+        raw = lake.read_json(_dir(lake) / f"{batch_id}.json")
+        return cls(**raw) if raw else None
+
+    def uids_path(self, lake: Lake) -> Path:
+        return _dir(lake) / f"{self.batch_id}.uids.parquet"
+
+
+def _dir(lake: Lake) -> Path:
+    d = lake.root / "_batches"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def all_batches(lake: Lake) -> list[Batch]:
+    out = []
+    for p in sorted(_dir(lake).glob("*.json")):
+        out.append(Batch(**json.loads(p.read_text())))
+    return sorted(out, key=lambda b: b.validated_at)
+
+
+def write_uids(lake: Lake, batch: Batch, uids: pa.Array) -> None:
+    path = batch.uids_path(lake)
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(pa.table({"uid": uids}), tmp)
+    tmp.replace(path)
+
+
+def read_uids(lake: Lake, batch: Batch) -> pa.Array:
+    return pq.read_table(batch.uids_path(lake)).column("uid").combine_chunks()
+
+
+def word_count(texts: pa.Array) -> pa.Array:
+    """Words as the released table counts them: whitespace-separated tokens."""
+    return pa.array([len(t.split()) if t else 0 for t in texts.to_pylist()], pa.int32())
+
+
+def candidate_rows(lake: Lake, uids: pa.Array | None = None) -> pa.Table:
+    """Rows as they would be published: captions joined with their pairs (unpublished, or `uids`)."""
+    captions = lake.read(tables.CAPTIONS)
+    if uids is not None:
+        captions = captions.filter(pc.is_in(captions.column("uid"), value_set=uids))
+    else:
+        captions = captions.filter(not_in(captions.column("uid"), lake.uids(tables.RECAP)))
+    pairs = lake.read(tables.PAIRS, ["uid", "key", "url", "org_caption", "sha256", "width", "height"])
+    rows = captions.select(["uid", "shard_id", "re_caption", "model", "prompt", "generation", "run_id"]).join(
+        pairs, "uid", join_type="inner")
+    rows = rows.rename_columns({"run_id": "caption_run_id"})
+    rows = rows.append_column("re_length", word_count(rows.column("re_caption")))
+    rows = rows.append_column("org_length", word_count(rows.column("org_caption")))
+    return rows.sort_by("uid")

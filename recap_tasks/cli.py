@@ -1,0 +1,190 @@
+"""The `recap` command line: one thin verb per Python function (what pods and Airflow run)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from recap_tasks.config import RecapConfig
+from recap_tasks.errors import RecapError
+from recap_tasks.lake import Lake
+from recap_tasks.runs import configure_logging
+
+log = logging.getLogger("recap")
+
+
+def _config(args: argparse.Namespace) -> RecapConfig:
+    overrides = {
+        "ingest": {"image_column": getattr(args, "image_column", None),
+                   "caption_column": getattr(args, "caption_column", None),
+                   "key_column": getattr(args, "key_column", None),
+                   "url_column": getattr(args, "url_column", None)},
+        "caption": {"batch_size": getattr(args, "batch_size", None),
+                    "max_new_tokens": getattr(args, "max_new_tokens", None),
+                    "device": getattr(args, "device", None)},
+    }
+    return RecapConfig.load(args.config, **overrides)
+
+
+def _lake(args: argparse.Namespace, *, must_exist: bool = False) -> Lake:
+    lake = Lake(args.lake)
+    if must_exist and not lake.root.is_dir():
+        raise RecapError(f"no lake at {lake.root}: run `recap ingest SOURCE --lake {args.lake}` first")
+    return lake
+
+
+def _print(payload: dict) -> None:
+    print(json.dumps(payload, indent=2, default=str))
+
+
+def cmd_ingest(args):
+    from recap_tasks.ingest import ingest
+
+    _print(ingest(args.sources, _lake(args), config=_config(args).ingest, run_id=args.run_id,
+                  force=args.force).summary())
+
+
+def cmd_filter(args):
+    from recap_tasks.filtering import run_filter
+
+    _print(run_filter(_lake(args, must_exist=True), config=_config(args).filter, run_id=args.run_id).summary())
+
+
+def cmd_caption(args):
+    from recap_tasks.caption import run_caption
+
+    _print(run_caption(_lake(args, must_exist=True), model=args.model, config=_config(args).caption,
+                       run_id=args.run_id, shard_ids=args.shard or None).summary())
+
+
+def cmd_validate(args):
+    from recap_tasks.validate import run_validate
+
+    _print(run_validate(_lake(args, must_exist=True), config=_config(args).validate, run_id=args.run_id).summary())
+
+
+def cmd_publish(args):
+    from recap_tasks.publish import run_publish
+
+    _print(run_publish(_lake(args, must_exist=True), batch_id=args.batch, run_id=args.run_id).summary())
+
+
+def cmd_run(args):
+    from recap_tasks.pipeline import run_pipeline
+
+    summary = run_pipeline(args.sources, _lake(args), model=args.model, config=_config(args), run_id=args.run_id)
+    _print({k: summary[k] for k in ("run_id", "ingest", "filter", "caption", "validate", "publish")})
+    print(f"published table: {summary['published_table']}", file=sys.stderr)
+    print(f"validation report: {summary['report']}", file=sys.stderr)
+
+
+def cmd_demo(args):
+    from recap_tasks.pipeline import run_demo
+    from recap_tasks.status import format_status
+
+    summary = run_demo(args.workdir)
+    print(format_status(summary["status"]))
+    print()
+    print(f"published table  : {summary['published_table']}")
+    print(f"validation report: {summary['report']}")
+    print(f"run summary      : {Path(summary['lake']) / '_runs' / summary['run_id'] / 'summary.json'}")
+    print(f"read it back     : python -c \"from deltalake import DeltaTable; "
+          f"print(DeltaTable('{summary['published_table']}').to_pandas().head())\"")
+
+
+def cmd_status(args):
+    from recap_tasks.status import format_status, lake_status
+
+    status = lake_status(_lake(args, must_exist=True))
+    if args.json:
+        _print(status)
+    else:
+        print(format_status(status))
+
+
+def cmd_make_test_model(args):
+    from recap_tasks.captioning.test_model import make_test_model
+
+    print(make_test_model(args.dir, seed=args.seed))
+
+
+def cmd_make_sample_data(args):
+    from recap_tasks.sample_data import make_sample_data
+
+    print(make_sample_data(args.dir, shards=args.shards))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recap", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def stage(name: str, func, help: str, *, lake: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        if lake:
+            p.add_argument("--lake", required=True, help="lake root folder (Delta tables live under it)")
+            p.add_argument("--config", help="YAML file with ingest/filter/caption/validate sections")
+            p.add_argument("--run-id", help="id recorded with every row this run writes (default: generated)")
+        p.set_defaults(func=func)
+        return p
+
+    def source_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("sources", nargs="+", metavar="SOURCE",
+                       help="folder or glob of webdataset .tar shards, or .parquet files")
+        p.add_argument("--image-column", help="parquet column with the image bytes (default: detected)")
+        p.add_argument("--caption-column", help="parquet column with the caption (default: detected)")
+        p.add_argument("--key-column", help="parquet column with the sample key (default: key/id or row number)")
+        p.add_argument("--url-column", help="parquet column with the image url (default: detected)")
+
+    def caption_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="model id or local path (AutoModelForImageTextToText)")
+        p.add_argument("--batch-size", type=int, help="images per generate() call")
+        p.add_argument("--max-new-tokens", type=int, help="decoding limit (default 128, as in the paper)")
+        p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+
+    p = stage("ingest", cmd_ingest, "read source shards into the pairs table; bad samples go to rejected")
+    source_options(p)
+    p.add_argument("--force", action="store_true", help="re-read shards already ingested (adds only new rows)")
+    stage("filter", cmd_filter, "apply the filter chain to pairs not yet filtered")
+    p = stage("caption", cmd_caption, "caption kept pairs that have no caption yet")
+    caption_options(p)
+    p.add_argument("--shard", action="append", help="only this shard id (repeatable); default: all pending")
+    stage("validate", cmd_validate, "run the data-quality suite over captioned, unpublished rows")
+    p = stage("publish", cmd_publish, "MERGE the latest validated batch into LAKE/recap")
+    p.add_argument("--batch", help="batch id to publish (default: the latest validated)")
+    p = stage("run", cmd_run, "all stages in order, locally")
+    source_options(p)
+    caption_options(p)
+    p = stage("status", cmd_status, "counts for the lake: ingested, rejected by stage and reason, published")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = stage("make-test-model", cmd_make_test_model, "write a tiny random LLaVA captioner for tests and demos",
+              lake=False)
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p = stage("make-sample-data", cmd_make_sample_data, "write the built-in sample webdataset shards", lake=False)
+    p.add_argument("dir")
+    p.add_argument("--shards", type=int, default=2)
+    p = stage("demo", cmd_demo, "sample data + tiny offline model through every stage", lake=False)
+    p.add_argument("--workdir", default=".recap-demo", help="where sample data, model and lake go")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        args.func(args)
+    except RecapError as exc:
+        print(f"recap {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"recap {args.command}: interrupted; finished shards are kept, rerun to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

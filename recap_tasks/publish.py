@@ -1,0 +1,111 @@
+"""Publish stage: MERGE a validated batch by uid into `LAKE/recap`, exactly once."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake.exceptions import CommitFailedError
+
+from recap_tasks import lake as tables
+from recap_tasks.batches import Batch, all_batches, candidate_rows, read_uids
+from recap_tasks.errors import RecapError, ValidationFailed
+from recap_tasks.lake import Lake, _conform
+from recap_tasks.runs import new_run_id, utcnow
+
+log = logging.getLogger(__name__)
+
+APP_ID_PREFIX = "recap-publish:"
+
+
+@dataclass
+class PublishResult:
+    batch_id: str
+    rows: int
+    inserted: int
+    updated: int
+    version: int | None
+    already_published: bool = False
+
+    def summary(self) -> dict:
+        return {"batch_id": self.batch_id, "rows": self.rows, "inserted": self.inserted, "updated": self.updated,
+                "table_version": self.version, "already_published": self.already_published}
+
+
+def run_publish(lake: Lake, *, batch_id: str | None = None, run_id: str | None = None) -> PublishResult:
+    """Publish `batch_id` (default: the latest validated batch). Refuses a batch that failed."""
+    run_id = run_id or new_run_id()
+    batch = _pick(lake, batch_id)
+    if not batch.success:
+        raise ValidationFailed(f"batch {batch.batch_id} failed validation ({', '.join(batch.failed)}); "
+                               f"not published. Fix the cause and run validate again.")
+    app_id = APP_ID_PREFIX + batch.batch_id
+    path = lake.path(tables.RECAP)
+    if lake.exists(tables.RECAP) and DeltaTable(path).transaction_version(app_id) is not None:
+        # The table already records this batch's commit: a retry after a crash, or a repeat.
+        _mark(lake, batch, DeltaTable(path).version())
+        return PublishResult(batch.batch_id, batch.rows, 0, 0, DeltaTable(path).version(), already_published=True)
+    rows = candidate_rows(lake, read_uids(lake, batch))
+    if rows.num_rows == 0:
+        _mark(lake, batch, lake.version(tables.RECAP))
+        return PublishResult(batch.batch_id, 0, 0, 0, lake.version(tables.RECAP))
+    now = utcnow()
+    rows = rows.append_column("publish_run_id", pa.array([run_id] * rows.num_rows, pa.string()))
+    rows = rows.append_column("published_at", pa.array([now] * rows.num_rows, pa.timestamp("us", tz="UTC")))
+    data = _conform(rows, tables.schemas.RECAP)
+    commit = CommitProperties(app_transactions=[Transaction(app_id=app_id, version=1)],
+                              custom_metadata={"recap.batch_id": batch.batch_id, "recap.run_id": run_id})
+    inserted = updated = 0
+    for attempt in range(8):
+        try:
+            if not lake.exists(tables.RECAP):
+                write_deltalake(path, data, mode="error", commit_properties=commit)
+                inserted = data.num_rows
+            else:
+                dt = DeltaTable(path)
+                if dt.transaction_version(app_id) is not None:
+                    break  # a concurrent publisher of the same batch won
+                metrics = (
+                    dt.merge(data, predicate="t.uid = s.uid", source_alias="s", target_alias="t",
+                             commit_properties=commit)
+                    # A re-captioned uid (new model or prompt) replaces the old row; the same caption does not.
+                    .when_matched_update_all(predicate="t.re_caption <> s.re_caption OR t.model <> s.model")
+                    .when_not_matched_insert_all()
+                    .execute()
+                )
+                inserted = int(metrics.get("num_target_rows_inserted", 0))
+                updated = int(metrics.get("num_target_rows_updated", 0))
+            break
+        except CommitFailedError:
+            time.sleep(0.05 * 2**attempt)
+        except Exception:
+            if attempt == 0 and lake.exists(tables.RECAP):
+                continue  # lost the race to create the table: merge into it
+            raise
+    else:
+        raise RecapError(f"publishing batch {batch.batch_id}: too many concurrent commit conflicts")
+    version = DeltaTable(path).version()
+    _mark(lake, batch, version)
+    out = PublishResult(batch.batch_id, data.num_rows, inserted, updated, version)
+    log.info("publish %s: %s", run_id, out.summary())
+    return out
+
+
+def _pick(lake: Lake, batch_id: str | None) -> Batch:
+    if batch_id:
+        batch = Batch.load(lake, batch_id)
+        if batch is None:
+            raise RecapError(f"no validated batch {batch_id!r} in {lake.root}; run `recap validate` first")
+        return batch
+    batches = all_batches(lake)
+    if not batches:
+        raise RecapError(f"nothing validated in {lake.root}; run `recap validate` first")
+    return batches[-1]
+
+
+def _mark(lake: Lake, batch: Batch, version: int | None) -> None:
+    batch.published, batch.published_version = True, version
+    batch.save(lake)
