@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import REPO
+from tests.helpers import REPO
 
 
 def test_recap_tasks_never_imports_airflow():

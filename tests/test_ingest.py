@@ -8,7 +8,7 @@ import zlib
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import jpeg, sample, write_tar
+from tests.helpers import jpeg, sample, write_tar
 from deltalake import DeltaTable
 
 from recap_tasks import lake as tables

@@ -1,0 +1,82 @@
+"""Caption stage on the tiny LLaVA through the real transformers code path."""
+
+import json
+
+import pytest
+from tests.helpers import jpeg, sample, write_tar
+
+from recap_tasks import lake as tables
+from recap_tasks.caption import run_caption
+from recap_tasks.captioning.transformers_backend import TransformersCaptioner
+from recap_tasks.config import PAPER_PROMPT, CaptionConfig
+from recap_tasks.errors import RecapError
+from recap_tasks.filtering import run_filter
+from recap_tasks.ingest import ingest
+from recap_tasks.lake import Lake
+
+
+def _filtered_lake(tmp_path, n=5):
+    members = []
+    for i in range(n):
+        members += sample(f"0000000{i:02d}", f"photo number {i} of a colored square", jpeg(300 + i, 260, (i * 40, 90, 30)))
+    shard = write_tar(tmp_path / "src" / "00000.tar", members)
+    lake = Lake(tmp_path / "lake")
+    ingest([str(shard)], lake)
+    run_filter(lake)
+    return lake
+
+
+def test_test_model_loads_through_auto_classes(tiny_model):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model)
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+    assert processor.chat_template
+
+
+def test_captions_every_kept_pair_with_provenance(tmp_path, tiny_model):
+    lake = _filtered_lake(tmp_path)
+    result = run_caption(lake, model=str(tiny_model), config=CaptionConfig(batch_size=2), run_id="cap1")
+    assert result.captioned == 5 and result.rejected == {}
+    rows = lake.read(tables.CAPTIONS).to_pylist()
+    assert len({r["uid"] for r in rows}) == 5
+    for r in rows:
+        assert len(r["re_caption"].split()) >= 8  # the test model's min_new_tokens
+        assert "ASSISTANT:" not in r["re_caption"]
+        assert r["model"] == str(tiny_model) and r["prompt"] == PAPER_PROMPT and r["run_id"] == "cap1"
+        gen = json.loads(r["generation"])
+        assert gen["do_sample"] is False and gen["max_new_tokens"] == 128
+
+
+def test_batching_does_not_change_greedy_captions(tmp_path, tiny_model):
+    from PIL import Image
+    import io
+
+    images = [Image.open(io.BytesIO(jpeg(300, 200 + 30 * i, (i * 50, 20, 200)))).convert("RGB") for i in range(3)]
+    captioner = TransformersCaptioner(str(tiny_model), CaptionConfig(max_new_tokens=12))
+    batched = captioner.caption(images)
+    single = [captioner.caption([im])[0] for im in images]
+    assert batched == single  # left padding keeps greedy decoding independent of batch mates
+
+
+def test_rerun_captions_nothing_twice(tmp_path, tiny_model):
+    lake = _filtered_lake(tmp_path, n=3)
+    run_caption(lake, model=str(tiny_model))
+    version = lake.version(tables.CAPTIONS)
+    again = run_caption(lake, model=str(tiny_model))
+    assert again.pending == 0 and lake.version(tables.CAPTIONS) == version
+
+
+def test_vanished_source_is_a_caption_rejection(tmp_path, tiny_model):
+    lake = _filtered_lake(tmp_path, n=2)
+    (tmp_path / "src" / "00000.tar").unlink()
+    result = run_caption(lake, model=str(tiny_model))
+    assert result.captioned == 0 and result.rejected == {"image_unavailable": 2}
+    assert run_caption(lake, model=str(tiny_model)).pending == 0  # rejected rows are settled
+
+
+def test_unloadable_model_is_a_clear_error(tmp_path):
+    with pytest.raises(RecapError, match="cannot load captioning model"):
+        TransformersCaptioner(str(tmp_path / "no-such-model"), CaptionConfig())

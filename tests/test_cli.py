@@ -1,0 +1,78 @@
+"""The `recap` CLI end to end, as users and pods run it (subprocesses, exit codes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from tests.helpers import REPO
+
+from recap_tasks import lake as tables
+from recap_tasks.lake import Lake
+
+
+def recap(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RECAP_QUIET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "recap_tasks", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_stage_by_stage_on_sample_data(tmp_path, sample_shards, tiny_model):
+    lake = str(tmp_path / "lake")
+    out = json.loads(recap("ingest", str(sample_shards), "--lake", lake).stdout)
+    assert out["rows"] == 21 and out["rejected"] == 1
+    assert json.loads(recap("filter", "--lake", lake).stdout)["kept"] == 18
+    assert json.loads(recap("caption", "--lake", lake, "--model", str(tiny_model), "--batch-size", "4").stdout)[
+        "captioned"] == 18
+    assert json.loads(recap("validate", "--lake", lake).stdout)["success"] is True
+    assert json.loads(recap("publish", "--lake", lake).stdout)["inserted"] == 18
+    status = json.loads(recap("status", "--lake", lake, "--json").stdout)
+    assert status["published"] == 18 and status["balanced"]
+    assert status["rejected"]["by_stage"] == {
+        "filter": {"aspect_ratio_too_extreme": 1, "caption_too_few_words": 1, "image_too_small": 1},
+        "ingest": {"image_truncated": 1},
+    }
+    assert status["ingested"] == status["published"] + status["rejected"]["total"]
+    assert "every row accounted for: yes" in recap("status", "--lake", lake).stdout
+
+
+def test_errors_are_one_clear_line_and_nonzero(tmp_path):
+    proc = recap("ingest", str(tmp_path / "missing"), "--lake", str(tmp_path / "lake"), check=False)
+    assert proc.returncode == 2
+    assert "recap ingest: error: source not found" in proc.stderr and "Traceback" not in proc.stderr
+    proc = recap("status", "--lake", str(tmp_path / "nolake"), "--json", check=False)
+    assert proc.returncode == 2 and "no lake at" in proc.stderr
+    bad_config = tmp_path / "c.yaml"
+    bad_config.write_text("filter:\n  min_image_sidez: 3\n")
+    proc = recap("filter", "--lake", str(tmp_path), "--config", str(bad_config), check=False)
+    assert proc.returncode == 2 and "unknown keys ['min_image_sidez']" in proc.stderr
+
+
+def test_make_test_model_writes_a_loadable_model(tmp_path):
+    out = recap("make-test-model", str(tmp_path / "m")).stdout.strip()
+    assert (tmp_path / "m" / "config.json").exists() and out.endswith("m")
+
+
+@pytest.mark.shared_data
+def test_run_on_coco_publishes_every_passing_row(shared_data, tmp_path, tiny_model):
+    lake_dir = tmp_path / "L"
+    proc = recap("run", str(shared_data / "coco-mini-wds"), "--lake", str(lake_dir), "--model", str(tiny_model),
+                 "--batch-size", "16")
+    summary = json.loads(proc.stdout)
+    lake = Lake(lake_dir)
+    pairs = set(lake.uids(tables.PAIRS).to_pylist())
+    published = set(lake.uids(tables.RECAP).to_pylist())
+    rejected = lake.read(tables.REJECTED, ["uid", "stage"]).to_pylist()
+    kept = {r["uid"] for r in lake.read(tables.FILTER_RESULTS).to_pylist() if r["kept"]}
+    assert published == kept and len(published) == summary["publish"]["inserted"] > 200
+    # Every ingested sample is published or rejected, never both, never neither.
+    later = {r["uid"] for r in rejected if r["stage"] != "ingest"}
+    assert published | later == pairs and not published & later
+    assert summary["ingest"]["rows"] + summary["ingest"]["rejected"] == 239
+    assert "published table:" in proc.stderr

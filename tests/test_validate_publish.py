@@ -1,0 +1,94 @@
+"""Validate gates publishing; publish MERGEs by uid exactly once; the table reads back everywhere."""
+
+import json
+
+import pytest
+from tests.helpers import jpeg, sample, write_tar
+from deltalake import DeltaTable
+
+from recap_tasks import lake as tables
+from recap_tasks.batches import all_batches
+from recap_tasks.caption import run_caption
+from recap_tasks.config import ValidateConfig
+from recap_tasks.errors import ValidationFailed
+from recap_tasks.filtering import run_filter
+from recap_tasks.ingest import ingest
+from recap_tasks.lake import Lake
+from recap_tasks.publish import run_publish
+from recap_tasks.validate import run_validate
+
+RELEASED = ["url", "re_caption", "org_caption", "sha256", "key", "re_clip_score", "org_clip_score", "re_length",
+            "org_length"]
+
+
+@pytest.fixture
+def captioned_lake(tmp_path, tiny_model):
+    members = []
+    for i in range(4):
+        members += sample(f"0000000{i:02d}", f"a square of color number {i}", jpeg(320, 240, (60 * i, 10, 90)))
+    shard = write_tar(tmp_path / "src" / "00000.tar", members)
+    lake = Lake(tmp_path / "lake")
+    ingest([str(shard)], lake)
+    run_filter(lake)
+    run_caption(lake, model=str(tiny_model))
+    return lake
+
+
+def test_validated_batch_publishes_released_columns(captioned_lake):
+    lake = captioned_lake
+    v = run_validate(lake, run_id="b1")
+    assert v.batch.success and v.batch.rows == 4
+    assert {r["expectation"] for r in v.results} >= {"expect_column_values_to_be_unique(uid)",
+                                                     "expect_column_values_to_be_between(re_length)"}
+    assert v.batch.report and v.batch.report.endswith(".html")
+    p = run_publish(lake, batch_id="b1", run_id="p1")
+    assert p.inserted == 4
+    table = DeltaTable(lake.path(tables.RECAP)).to_pandas()
+    assert list(table.columns[: len(RELEASED)]) == RELEASED
+    assert table["uid"].is_unique and table["model"].notna().all()
+    row = table.iloc[0]
+    assert row["re_length"] == len(row["re_caption"].split())
+    assert row["org_length"] == len(row["org_caption"].split())
+    assert row["publish_run_id"] == "p1"
+
+
+def test_failing_batch_is_not_published(captioned_lake):
+    lake = captioned_lake
+    with pytest.raises(ValidationFailed, match="re_length"):
+        run_validate(lake, config=ValidateConfig(max_caption_words=3), run_id="bad")
+    assert all_batches(lake)[-1].failed == ["expect_column_values_to_be_between(re_length)"]
+    with pytest.raises(ValidationFailed, match="failed validation"):
+        run_publish(lake, batch_id="bad")
+    assert not lake.exists(tables.RECAP)
+
+
+def test_repeated_publish_adds_no_version_and_no_rows(captioned_lake):
+    lake = captioned_lake
+    run_validate(lake, run_id="b1")
+    first = run_publish(lake, batch_id="b1")
+    again = run_publish(lake, batch_id="b1")
+    assert again.already_published and again.version == first.version
+    # Even if the batch record is lost, the table's app transaction makes the retry a no-op.
+    record = lake.root / "_batches" / "b1.json"
+    raw = json.loads(record.read_text())
+    raw["published"] = False
+    record.write_text(json.dumps(raw))
+    retry = run_publish(lake, batch_id="b1")
+    assert retry.already_published
+    dt = DeltaTable(lake.path(tables.RECAP))
+    assert dt.version() == first.version and len(dt.to_pandas()) == 4
+
+
+def test_published_table_reads_back_with_pyarrow_pandas_polars(captioned_lake):
+    import polars as pl
+    import pyarrow.dataset as ds
+
+    lake = captioned_lake
+    run_validate(lake, run_id="b1")
+    run_publish(lake, batch_id="b1")
+    path = lake.path(tables.RECAP)
+    arrow = DeltaTable(path).to_pyarrow_dataset().to_table(use_threads=False)
+    assert arrow.num_rows == 4
+    assert len(DeltaTable(path).to_pandas()) == 4
+    assert pl.read_delta(path).height == 4
+    assert ds.dataset(DeltaTable(path).file_uris(), format="parquet").count_rows() == 4
