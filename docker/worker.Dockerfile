@@ -1,0 +1,28 @@
+# GPU worker image: recap_tasks with the `gpu` extra on a CUDA runtime, run as a non-root user.
+# Pods run: python -m recap_tasks caption --lake ... --model ...
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    HF_HOME=/models/hf
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv libgomp1 ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/venv \
+ && useradd --create-home --uid 10001 recap
+
+WORKDIR /opt/recap
+COPY pyproject.toml README.md ./
+COPY requirements/constraints.txt requirements/constraints.txt
+COPY recap_tasks recap_tasks
+# torch 2.13.0 from PyPI is the CUDA build; the constraints pin every other package.
+RUN pip install --upgrade pip==25.3 \
+ && pip install -c requirements/constraints.txt ".[gpu]"
+
+USER 10001
+ENTRYPOINT ["python", "-m", "recap_tasks"]
+CMD ["--help"]
