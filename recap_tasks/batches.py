@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from recap_tasks import lake as tables
 from recap_tasks.lake import Lake, not_in
@@ -26,39 +23,28 @@ class Batch:
     published_version: int | None = None
 
     def save(self, lake: Lake) -> None:
-        lake.write_json(_dir(lake) / f"{self.batch_id}.json", asdict(self))
+        lake.write_json(f"{_DIR}/{self.batch_id}.json", asdict(self))
 
     @classmethod
     def load(cls, lake: Lake, batch_id: str) -> "Batch | None":
-        raw = lake.read_json(_dir(lake) / f"{batch_id}.json")
+        raw = lake.read_json(f"{_DIR}/{batch_id}.json")
         return cls(**raw) if raw else None
 
-    def uids_path(self, lake: Lake) -> Path:
-        return _dir(lake) / f"{self.batch_id}.uids.parquet"
 
-
-def _dir(lake: Lake) -> Path:
-    d = lake.root / "_batches"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+_DIR = "_batches"
 
 
 def all_batches(lake: Lake) -> list[Batch]:
-    out = []
-    for p in sorted(_dir(lake).glob("*.json")):
-        out.append(Batch(**json.loads(p.read_text())))
+    out = [Batch(**lake.read_json(rel)) for rel in lake.list(_DIR, ".json")]
     return sorted(out, key=lambda b: b.validated_at)
 
 
 def write_uids(lake: Lake, batch: Batch, uids: pa.Array) -> None:
-    path = batch.uids_path(lake)
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(pa.table({"uid": uids}), tmp)
-    tmp.replace(path)
+    lake.write_parquet(f"{_DIR}/{batch.batch_id}.uids.parquet", pa.table({"uid": uids}))
 
 
 def read_uids(lake: Lake, batch: Batch) -> pa.Array:
-    return pq.read_table(batch.uids_path(lake)).column("uid").combine_chunks()
+    return lake.read_parquet(f"{_DIR}/{batch.batch_id}.uids.parquet").column("uid").combine_chunks()
 
 
 def word_count(texts: pa.Array) -> pa.Array:

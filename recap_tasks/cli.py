@@ -31,8 +31,8 @@ def _config(args: argparse.Namespace) -> RecapConfig:
 
 def _lake(args: argparse.Namespace, *, must_exist: bool = False) -> Lake:
     lake = Lake(args.lake)
-    if must_exist and not lake.root.is_dir():
-        raise RecapError(f"no lake at {lake.root}: run `recap ingest SOURCE --lake {args.lake}` first")
+    if must_exist and not lake.exists():
+        raise RecapError(f"no lake at {lake.uri}: run `recap ingest SOURCE --lake {args.lake}` first")
     return lake
 
 
@@ -90,7 +90,7 @@ def cmd_demo(args):
     print()
     print(f"published table  : {summary['published_table']}")
     print(f"validation report: {summary['report']}")
-    print(f"run summary      : {Path(summary['lake']) / '_runs' / summary['run_id'] / 'summary.json'}")
+    print(f"run summary      : {summary['lake']}/_runs/{summary['run_id']}/summary.json")
     print(f"read it back     : python -c \"from deltalake import DeltaTable; "
           f"print(DeltaTable('{summary['published_table']}').to_pandas().head())\"")
 

@@ -79,7 +79,7 @@ def ingest_shard(path: Path, lake: Lake, *, config: IngestConfig, run_id: str, f
     """One work unit: read a shard, check each sample, write pairs and rejections, mark it done."""
     shard_id = shard_id_for(path)
     stat = path.stat()
-    marker = lake.ledger_dir("ingest") / (hashlib.sha1(shard_id.encode()).hexdigest() + ".json")
+    marker = f"_ledger/ingest/{hashlib.sha1(shard_id.encode()).hexdigest()}.json"
     previous = lake.read_json(marker)
     if previous and not force and previous["size"] == stat.st_size and previous["mtime_ns"] == stat.st_mtime_ns:
         return ShardResult(shard_id, str(path), skipped=True, rows=0, rejected=0,

@@ -11,6 +11,8 @@ from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
@@ -30,30 +32,35 @@ _MERGE_RETRIES = 5
 
 
 class Lake:
-    """A lake root (a local folder) holding the pipeline's Delta tables and run records."""
+    """A lake root (local folder, later object storage) holding Delta tables and small run records.
+
+    Everything but the Delta tables (ledgers, batch records, run summaries, reports) is addressed
+    by a path relative to the root, e.g. `lake.write_json("_runs/r1/summary.json", {...})`.
+    """
 
     def __init__(self, root: str | os.PathLike[str]):
         root = os.fspath(root)
         if "://" in root and not root.startswith("file://"):
             raise RecapError(f"lake {root!r}: only local folders are supported so far (object storage is planned)")
         self.root = Path(root.removeprefix("file://")).expanduser().resolve()
+        self.uri = str(self.root)
+        self.fs = pafs.LocalFileSystem()
 
     def __repr__(self) -> str:
-        return f"Lake({str(self.root)!r})"
+        return f"Lake({self.uri!r})"
 
     def path(self, table: str) -> str:
-        return str(self.root / table)
+        """The URI of a Delta table in this lake."""
+        return f"{self.uri}/{table}"
 
-    def exists(self, table: str) -> bool:
-        return (self.root / table / "_delta_log").is_dir()
+    def exists(self, table: str | None = None) -> bool:
+        """Whether the lake (or one of its Delta tables) exists."""
+        target = self.uri if table is None else f"{self.uri}/{table}/_delta_log"
+        return self.fs.get_file_info(target).type == pafs.FileType.Directory
 
-    def run_dir(self, run_id: str) -> Path:
-        d = self.root / "_runs" / run_id
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-
-    def ledger_dir(self, name: str) -> Path:
-        d = self.root / "_ledger" / name
+    def local_dir(self, rel: str) -> Path:
+        """A folder under the lake for tools that write plain files (Data Docs, HTML reports)."""
+        d = self.root / rel
         d.mkdir(parents=True, exist_ok=True)
         return d
 
@@ -116,42 +123,49 @@ class Lake:
                 time.sleep(0.1 * 2**attempt)
         raise AssertionError("unreachable")
 
-    def upsert(self, table: str, data: pa.Table, *, update_when: str | None = None) -> dict:
-        """MERGE by uid: insert new rows, update matched ones (optionally only when `update_when`)."""
-        data = _conform(data, schemas.TABLES[table])
-        if not self.exists(table):
-            write_deltalake(self.path(table), data, mode="error")
-            return {"num_target_rows_inserted": data.num_rows, "num_target_rows_updated": 0}
-        for attempt in range(_MERGE_RETRIES):
-            try:
-                return (
-                    DeltaTable(self.path(table))
-                    .merge(data, predicate="t.uid = s.uid", source_alias="s", target_alias="t")
-                    .when_matched_update_all(predicate=update_when)
-                    .when_not_matched_insert_all()
-                    .execute()
-                )
-            except CommitFailedError:
-                if attempt == _MERGE_RETRIES - 1:
-                    raise
-                time.sleep(0.1 * 2**attempt)
-        raise AssertionError("unreachable")
+    # Small records beside the tables (ledgers, batches, run summaries) ---------------------
 
-    # Small JSON records (ledgers, run manifests) -------------------------------------------
+    def _abs(self, rel: str) -> str:
+        return f"{self.uri}/{rel.lstrip('/')}"
 
-    def write_json(self, path: Path, payload: dict) -> None:
+    def write_bytes(self, rel: str, data: bytes) -> None:
         """Write atomically: a reader sees the old file or the new one, never half of one."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, path)
+        path = self._abs(rel)
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, path)
 
-    @staticmethod
-    def read_json(path: Path) -> dict | None:
+    def read_bytes(self, rel: str) -> bytes | None:
         try:
-            return json.loads(path.read_text())
+            with self.fs.open_input_stream(self._abs(rel)) as f:
+                return f.read()
         except FileNotFoundError:
             return None
+
+    def write_json(self, rel: str, payload: dict) -> None:
+        self.write_bytes(rel, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, rel: str) -> dict | None:
+        raw = self.read_bytes(rel)
+        return None if raw is None else json.loads(raw)
+
+    def list(self, prefix: str, suffix: str = "") -> list[str]:
+        """Relative paths of the files directly under `prefix` ending in `suffix`, sorted."""
+        selector = pafs.FileSelector(self._abs(prefix), allow_not_found=True)
+        base = len(self.uri) + 1
+        return sorted(info.path[base:] if info.path.startswith(self.uri) else info.path
+                      for info in self.fs.get_file_info(selector)
+                      if info.type == pafs.FileType.File and info.path.endswith(suffix))
+
+    def write_parquet(self, rel: str, table: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.write_bytes(rel, sink.getvalue().to_pybytes())
+
+    def read_parquet(self, rel: str) -> pa.Table:
+        return pq.read_table(self._abs(rel), filesystem=self.fs)
 
 
 def _normalize(data: pa.Table) -> pa.Table:

@@ -23,8 +23,8 @@ def run_pipeline(sources: list[str], lake: Lake, *, model: str, config: RecapCon
     """ingest -> filter -> caption -> validate -> publish; raises ValidationFailed before publishing a bad batch."""
     config = config or RecapConfig()
     run_id = run_id or new_run_id()
-    config.save(lake.run_dir(run_id) / "config.yaml")
-    summary: dict = {"run_id": run_id, "lake": str(lake.root)}
+    lake.write_bytes(f"_runs/{run_id}/config.yaml", config.to_yaml().encode())
+    summary: dict = {"run_id": run_id, "lake": lake.uri}
     summary["ingest"] = ingest(sources, lake, config=config.ingest, run_id=run_id).summary()
     summary["filter"] = run_filter(lake, config=config.filter, run_id=run_id).summary()
     summary["caption"] = run_caption(lake, model=model, config=config.caption, run_id=run_id).summary()
@@ -33,7 +33,7 @@ def run_pipeline(sources: list[str], lake: Lake, *, model: str, config: RecapCon
     summary["status"] = lake_status(lake)
     summary["published_table"] = lake.path("recap")
     summary["report"] = summary["validate"]["report"]
-    lake.write_json(lake.run_dir(run_id) / "summary.json", summary)
+    lake.write_json(f"_runs/{run_id}/summary.json", summary)
     return summary
 
 

@@ -98,11 +98,11 @@ def _pick(lake: Lake, batch_id: str | None) -> Batch:
     if batch_id:
         batch = Batch.load(lake, batch_id)
         if batch is None:
-            raise RecapError(f"no validated batch {batch_id!r} in {lake.root}; run `recap validate` first")
+            raise RecapError(f"no validated batch {batch_id!r} in {lake.uri}; run `recap validate` first")
         return batch
     batches = all_batches(lake)
     if not batches:
-        raise RecapError(f"nothing validated in {lake.root}; run `recap validate` first")
+        raise RecapError(f"nothing validated in {lake.uri}; run `recap validate` first")
     return batches[-1]
 
 

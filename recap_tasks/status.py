@@ -51,12 +51,11 @@ def lake_status(lake: Lake) -> dict:
     in_flight = pending_filter + pending_caption + captioned_unpublished
     quarantined = 0  # row-level quarantine arrives with the data-quality gates
 
-    ledger = [lake.read_json(p) for p in sorted((lake.root / "_ledger" / "ingest").glob("*.json"))] \
-        if (lake.root / "_ledger" / "ingest").is_dir() else []
-    batches = all_batches(lake) if (lake.root / "_batches").is_dir() else []
+    ledger = [lake.read_json(p) for p in lake.list("_ledger/ingest", ".json")]
+    batches = all_batches(lake)
     last = batches[-1] if batches else None
     return {
-        "lake": str(lake.root),
+        "lake": lake.uri,
         "ingested": ingested_ok + rejected_ingest,  # every sample read from a source shard
         "passed_ingest": ingested_ok,
         "rejected": {"total": rejected_ingest + later_unique,

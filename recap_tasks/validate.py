@@ -73,7 +73,7 @@ def _run_suite(df: pd.DataFrame, config: ValidateConfig, lake: Lake, run_id: str
 
         context = gx.get_context(mode="ephemeral")
         context.variables.progress_bars = gx.data_context.types.base.ProgressBarsConfig(globally=False)
-        docs_dir = lake.root / "_reports" / "data_docs"
+        docs_dir = lake.local_dir("_reports/data_docs")
         context.add_data_docs_site(site_name=SITE, site_config={
             "class_name": "SiteBuilder",
             "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},

@@ -69,7 +69,7 @@ def test_repeated_publish_adds_no_version_and_no_rows(captioned_lake):
     again = run_publish(lake, batch_id="b1")
     assert again.already_published and again.version == first.version
     # Even if the batch record is lost, the table's app transaction makes the retry a no-op.
-    record = lake.root / "_batches" / "b1.json"
+    record = lake.root / "_batches" / "b1.json"  # a local lake
     raw = json.loads(record.read_text())
     raw["published"] = False
     record.write_text(json.dumps(raw))
