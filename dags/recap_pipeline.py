@@ -1,77 +1,74 @@
-"""Recaption a set of source shards: ingest -> filter -> caption -> validate -> publish."""
+"""Recaption a set of source shards, triggered from the UI form.
+
+plan (list shards, group them into work units) -> ingest, filter, caption (one mapped task per
+work unit; caption in a GPU pod or a local subprocess) -> validate -> publish -> report.
+With `dry_run` the run stops after `plan`, which logs the shards and the rendered caption pod.
+"""
 
 from __future__ import annotations
 
-import os
-from datetime import timedelta
+from airflow.sdk import Param, dag, task
 
-from airflow.sdk import Param, dag, get_current_context, task
+from recap_airflow.dag_parts import DEFAULT_ARGS, common_params, max_work_units, recaption_stages, run_context
+from recap_airflow.pods import CaptionRunnerFactory
 
-DEFAULT_LAKE = os.environ.get("RECAP_LAKE", os.path.expanduser("~/recap-lake"))
-DEFAULT_MODEL = os.environ.get("RECAP_MODEL", "")
-
-
-def _params() -> tuple[dict, str]:
-    context = get_current_context()
-    from recap_airflow.stages import recap_run_id
-
-    return context["params"], recap_run_id(context["run_id"])
+FACTORY = CaptionRunnerFactory()
 
 
 @dag(
     dag_id="recap_pipeline",
     schedule=None,
     catchup=False,
+    max_active_runs=4,
     tags=["recap"],
     doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1), "execution_timeout": timedelta(hours=6)},
+    default_args=DEFAULT_ARGS,
     params={
-        "source": Param("", type="string", minLength=1,
+        "source": Param("", type="string", minLength=1, title="Source",
                         description="Folder, glob or file(s) of webdataset .tar or .parquet shards (comma-separated)"),
-        "lake": Param(DEFAULT_LAKE, type="string", description="Lake root folder"),
-        "model": Param(DEFAULT_MODEL, type="string", minLength=1, description="Captioning model id or local path"),
-        "batch_size": Param(8, type="integer", minimum=1, maximum=1024, description="Images per generate() call"),
-        "runner": Param("local", enum=["local"], description="Where the caption stage runs"),
+        "shard_limit": Param(0, type="integer", minimum=0, title="Shard limit",
+                             description="Process at most this many shards (0: all)"),
+        **common_params(),
+        "dry_run": Param(False, type="boolean", title="Dry run",
+                         description="Only list the shards and render the caption pod; write nothing"),
     },
 )
 def recap_pipeline():
     @task
-    def ingest() -> dict:
+    def plan() -> list[list[str]]:
+        """The run's work units: shard paths, at most [core] max_map_length groups."""
+        import json
+        import logging
+
         from recap_airflow import stages
+        from recap_airflow.runners import caption_arguments
 
-        params, run_id = _params()
-        return stages.ingest(source=params["source"], lake=params["lake"], run_id=run_id)
+        params, run_id, _ = run_context()
+        chunks = stages.plan(source=params["source"], lake=params["lake"], shard_limit=params["shard_limit"],
+                             max_chunks=max_work_units())
+        if params["dry_run"] and chunks:
+            from recap_tasks.readers import shard_id_for
 
-    @task(task_id="filter")
-    def filter_pairs() -> dict:
-        from recap_airflow import stages
+            arguments = caption_arguments(lake=params["lake"], model=params["model"], run_id=run_id,
+                                          shard_ids=[shard_id_for(p) for p in chunks[0]],
+                                          batch_size=params["batch_size"])
+            log = logging.getLogger(__name__)
+            log.info("work units: %s", json.dumps(chunks, indent=1))
+            if params["runner"] == "kubernetes":
+                log.info("caption pod of the first unit:\n%s", json.dumps(FACTORY.render_pod(arguments),
+                                                                         indent=1, default=str))
+            else:
+                log.info("caption command of the first unit: python -m recap_tasks %s", " ".join(arguments))
+        return chunks
 
-        params, run_id = _params()
-        return stages.filter_pairs(lake=params["lake"], run_id=run_id)
+    @task.short_circuit
+    def proceed() -> bool:
+        params, _, _ = run_context()
+        return not params["dry_run"]
 
-    @task(execution_timeout=timedelta(hours=24))
-    def caption() -> None:
-        from recap_airflow import stages
-
-        params, run_id = _params()
-        stages.caption(lake=params["lake"], model=params["model"], run_id=run_id,
-                       batch_size=params["batch_size"], runner=params["runner"])
-
-    @task(retries=0)  # a failed quality gate is a verdict, not a transient error
-    def validate() -> dict:
-        from recap_airflow import stages
-
-        params, run_id = _params()
-        return stages.validate(lake=params["lake"], run_id=run_id)
-
-    @task
-    def publish() -> dict:
-        from recap_airflow import stages
-
-        params, run_id = _params()
-        return stages.publish(lake=params["lake"], run_id=run_id)
-
-    ingest() >> filter_pairs() >> caption() >> validate() >> publish()
+    chunks = plan()
+    first, _ = recaption_stages(chunks, factory=FACTORY)
+    chunks >> proceed() >> first
 
 
 recap_pipeline()

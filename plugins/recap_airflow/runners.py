@@ -1,5 +1,5 @@
-"""How a GPU stage runs: the same `python -m recap_tasks ...` command, as a local subprocess here
-and (later) as a Kubernetes pod built by the pod factory."""
+"""Where a GPU stage runs: the same `python -m recap_tasks caption ...` argv, either as a local
+subprocess (`runner=local`) or in a Kubernetes pod built by the pod factory (`runner=kubernetes`)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,25 @@ from typing import Literal
 
 log = logging.getLogger(__name__)
 
-Runner = Literal["local"]
+Runner = Literal["kubernetes", "local"]
+RUNNERS: tuple[Runner, ...] = ("kubernetes", "local")
+ENTRYPOINT = ["python", "-m", "recap_tasks"]  # the worker image's entry point (docker/worker.Dockerfile)
 
 
-def caption_command(*, lake: str, model: str, run_id: str, batch_size: int | None = None,
-                    python: str | None = None) -> list[str]:
-    """The exact argv a caption worker runs, wherever it runs."""
-    cmd = [python or sys.executable, "-m", "recap_tasks", "caption", "--lake", lake, "--model", model,
-           "--run-id", run_id]
+def caption_arguments(*, lake: str, model: str, run_id: str, shard_ids: list[str] | None = None,
+                      batch_size: int | None = None) -> list[str]:
+    """The arguments after `python -m recap_tasks` for one caption work unit, wherever it runs."""
+    args = ["caption", "--lake", lake, "--model", model, "--run-id", run_id]
+    for shard_id in shard_ids or ():
+        args += ["--shard", shard_id]
     if batch_size:
-        cmd += ["--batch-size", str(batch_size)]
-    return cmd
+        args += ["--batch-size", str(batch_size)]
+    return args
+
+
+def local_command(arguments: list[str], *, python: str | None = None) -> list[str]:
+    """The pod's command with this interpreter as `python` (the venv Airflow runs in)."""
+    return [python or sys.executable, *ENTRYPOINT[1:], *arguments]
 
 
 def run_local(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float | None = None) -> str:
@@ -36,5 +44,5 @@ def run_local(cmd: list[str], *, env: dict[str, str] | None = None, timeout: flo
         log.info("%s", line.rstrip())
     rc = proc.wait(timeout=timeout)
     if rc != 0:
-        raise RuntimeError(f"{cmd[2:4]} exited with {rc}: {''.join(lines[-20:])}")
+        raise RuntimeError(f"{' '.join(cmd[1:4])} exited with {rc}: {''.join(lines[-20:])}")
     return "".join(lines)

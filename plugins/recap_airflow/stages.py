@@ -1,10 +1,25 @@
-"""Stage callables for DAG tasks: thin wrappers over recap_tasks, imported lazily inside tasks."""
+"""Stage callables for DAG tasks: thin wrappers over recap_tasks, imported lazily inside tasks.
+
+Every function takes plain values (paths, ids) and returns a small JSON-able dict: Airflow passes
+shard ids and paths between tasks, never data.
+"""
 
 from __future__ import annotations
 
+import inspect
+import logging
+import os
 import re
+from typing import Any, Callable
 
-from recap_airflow.runners import caption_command, run_local
+log = logging.getLogger(__name__)
+
+# Named filter settings for the run form; values are FilterConfig fields (recap_tasks/config.py).
+FILTER_PROFILES: dict[str, dict[str, Any]] = {
+    "datacomp-basic": {},  # DataComp's basic rules (the FilterConfig defaults)
+    "strict": {"min_image_side": 256, "min_caption_words": 5, "max_aspect_ratio": 2.0},
+    "lenient": {"min_image_side": 64, "min_caption_words": 1, "min_caption_chars": 1, "max_aspect_ratio": 6.0},
+}
 
 
 def recap_run_id(airflow_run_id: str) -> str:
@@ -12,25 +27,52 @@ def recap_run_id(airflow_run_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", airflow_run_id).strip("-")
 
 
-def ingest(*, source: str, lake: str, run_id: str) -> dict:
+def _on_dask(fn: Callable, *args, **kwargs):
+    """Run a recap_tasks function on the Dask cluster at RECAP_DASK_ADDRESS, or here when unset."""
+    address = os.environ.get("RECAP_DASK_ADDRESS")
+    if not address:
+        return fn(*args, **kwargs)
+    from distributed import Client
+
+    with Client(address, timeout="30s") as client:
+        return client.submit(fn, *args, pure=False, **kwargs).result()
+
+
+def plan(*, source: str, lake: str, shard_limit: int = 0, max_chunks: int, only_new: bool = False) -> list[list[str]]:
+    """Shard paths under `source`, grouped into at most `max_chunks` work units (max_map_length)."""
+    from recap_tasks.lake import Lake
+    from recap_tasks.shards import chunk, list_shards, pending_shards
+
+    limit = shard_limit or None
+    shards = pending_shards(Lake(lake), source, limit=limit) if only_new else list_shards(source, limit=limit)
+    chunks = chunk(shards, max_chunks=max_chunks)
+    log.info("%d shards in %d work units", len(shards), len(chunks))
+    return chunks
+
+
+def ingest(*, shards: list[str], lake: str, run_id: str) -> dict:
+    """Ingest one work unit of shards; returns their shard ids for the next stages."""
     from recap_tasks.ingest import ingest as ingest_sources
     from recap_tasks.lake import Lake
 
-    sources = [s for s in re.split(r"[\s,]+", source) if s]
-    return ingest_sources(sources, Lake(lake), run_id=run_id).summary()
+    result = _on_dask(ingest_sources, shards, Lake(lake), run_id=run_id)
+    return {**result.summary(), "shard_ids": [s.shard_id for s in result.shards]}
 
 
-def filter_pairs(*, lake: str, run_id: str) -> dict:
+def filter_pairs(*, lake: str, run_id: str, shard_ids: list[str] | None = None,
+                 profile: str = "datacomp-basic") -> dict:
+    """Filter the pairs of `shard_ids` (all pending pairs where run_filter has no shard selection)."""
+    from recap_tasks.config import FilterConfig
     from recap_tasks.filtering import run_filter
     from recap_tasks.lake import Lake
 
-    return run_filter(Lake(lake), run_id=run_id).summary()
-
-
-def caption(*, lake: str, model: str, run_id: str, batch_size: int | None, runner: str) -> str:
-    if runner != "local":
-        raise ValueError(f"runner {runner!r} is not available yet (only 'local')")
-    return run_local(caption_command(lake=lake, model=model, run_id=run_id, batch_size=batch_size))
+    if profile not in FILTER_PROFILES:
+        raise ValueError(f"unknown filter profile {profile!r}; known: {sorted(FILTER_PROFILES)}")
+    kwargs: dict[str, Any] = {"config": FilterConfig(**FILTER_PROFILES[profile]), "run_id": run_id}
+    if shard_ids is not None and "shard_ids" in inspect.signature(run_filter).parameters:
+        kwargs["shard_ids"] = shard_ids
+    result = _on_dask(run_filter, Lake(lake), **kwargs)
+    return {**result.summary(), "shard_ids": shard_ids or []}
 
 
 def validate(*, lake: str, run_id: str) -> dict:
@@ -45,3 +87,12 @@ def publish(*, lake: str, run_id: str) -> dict:
     from recap_tasks.publish import run_publish
 
     return run_publish(Lake(lake), batch_id=run_id, run_id=run_id).summary()
+
+
+def report(*, lake: str, run_id: str | None) -> dict:
+    """Build the HTML quality report of a run (or the lake index when run_id is None)."""
+    from recap_tasks.lake import Lake
+    from recap_tasks.report import build_report
+
+    path = build_report(Lake(lake), run_id=run_id)
+    return {"report": str(path), "lake": lake, "run_id": run_id}

@@ -1,0 +1,144 @@
+"""The recaption stages as Airflow tasks, shared by the manual and the incremental DAG.
+
+Call `recaption_stages(chunks)` inside a DAG whose params hold `lake`, `model`, `batch_size`,
+`filter_profile` and `runner`. Task bodies import recap_tasks lazily: parsing a DAG file
+imports only Airflow, this module and the Kubernetes client models.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+from airflow.sdk import Asset, Param, get_current_context, task
+
+from recap_airflow.pods import GPU_POOL, CaptionRunnerFactory
+from recap_airflow.runners import RUNNERS
+from recap_airflow.stages import FILTER_PROFILES
+
+DEFAULT_LAKE = os.environ.get("RECAP_LAKE", os.path.expanduser("~/recap-lake"))
+DEFAULT_MODEL = os.environ.get("RECAP_MODEL", "")
+DEFAULT_RUNNER = os.environ.get("RECAP_RUNNER", "local")
+
+# The published Delta table; its asset events carry {"lake", "run_id", "rows"} in `extra`.
+PUBLISHED = Asset(name="recap_published", uri=f"file://{DEFAULT_LAKE}/recap", group="recap")
+
+DEFAULT_ARGS = {
+    "owner": "recap",
+    "retries": 2,
+    "retry_delay": timedelta(minutes=1),
+    "retry_exponential_backoff": True,
+    "execution_timeout": timedelta(hours=2),
+}
+
+
+def common_params(*, scheduled: bool = False) -> dict[str, Param]:
+    """Form fields every recaption DAG shares (the source field differs per DAG).
+
+    A scheduled DAG needs valid defaults, so there an unset model is checked when a run starts.
+    """
+    runner = DEFAULT_RUNNER if DEFAULT_RUNNER in RUNNERS else "local"
+    return {
+        "lake": Param(DEFAULT_LAKE, type="string", minLength=1, title="Lake",
+                      description="Lake root folder; for runner=kubernetes a path on the shared lake volume"),
+        "model": Param(DEFAULT_MODEL, type="string", minLength=0 if scheduled else 1, title="Captioning model",
+                       description="Model id (e.g. llava-hf/llava-1.5-7b-hf) or a local folder"),
+        "batch_size": Param(8, type="integer", minimum=1, maximum=1024, title="Batch size",
+                            description="Images per generate() call"),
+        "filter_profile": Param("datacomp-basic", enum=sorted(FILTER_PROFILES), title="Filter profile",
+                                description="datacomp-basic: DataComp's basic rules; strict / lenient thresholds"),
+        "runner": Param(runner, enum=list(RUNNERS), title="Runner",
+                        description="kubernetes: one GPU pod per work unit; local: a subprocess on the worker"),
+    }
+
+
+def run_context() -> tuple[dict, str, dict]:
+    """(params, recap run id, context) of the running task."""
+    from recap_airflow.stages import recap_run_id
+
+    context = get_current_context()
+    return context["params"], recap_run_id(context["run_id"]), context
+
+
+def max_work_units() -> int:
+    """How many mapped task instances one stage may have ([core] max_map_length)."""
+    from airflow.configuration import conf
+
+    return conf.getint("core", "max_map_length", fallback=1024)
+
+
+def recaption_stages(chunks, *, factory: CaptionRunnerFactory | None = None):
+    """ingest -> filter -> caption (pods or local) -> validate -> publish -> report, one mapped task
+    instance per work unit (a chunk of shard paths) in the first three stages."""
+    factory = factory or CaptionRunnerFactory()
+
+    @task(max_active_tis_per_dagrun=4)
+    def ingest(shards: list[str]) -> dict:
+        from recap_airflow import stages
+
+        params, run_id, _ = run_context()
+        return stages.ingest(shards=shards, lake=params["lake"], run_id=run_id)
+
+    @task(task_id="filter", max_active_tis_per_dagrun=4)
+    def filter_pairs(ingested: dict) -> dict:
+        from recap_airflow import stages
+
+        params, run_id, _ = run_context()
+        return stages.filter_pairs(lake=params["lake"], run_id=run_id, shard_ids=ingested["shard_ids"],
+                                   profile=params["filter_profile"])
+
+    @task
+    def caption_units(filtered: list[dict]) -> list[list[str]]:
+        """`python -m recap_tasks` arguments for each work unit (one pod or subprocess each)."""
+        from recap_airflow.runners import caption_arguments
+
+        params, run_id, _ = run_context()
+        return [caption_arguments(lake=params["lake"], model=params["model"], run_id=run_id,
+                                  shard_ids=unit["shard_ids"], batch_size=params["batch_size"])
+                for unit in filtered if unit["shard_ids"]]
+
+    @task.branch
+    def choose_runner() -> str:
+        params, _, _ = run_context()
+        return "caption_pod" if params["runner"] == "kubernetes" else "caption_local"
+
+    @task(pool=GPU_POOL, execution_timeout=timedelta(hours=12), retry_delay=timedelta(minutes=2))
+    def caption_local(arguments: list[str]) -> None:
+        factory.run_local(arguments)
+
+    # A failed quality gate is a verdict, not a transient error: no retries.
+    @task(retries=0, trigger_rule="none_failed")
+    def validate() -> dict:
+        from recap_airflow import stages
+
+        params, run_id, _ = run_context()
+        return stages.validate(lake=params["lake"], run_id=run_id)
+
+    @task(outlets=[PUBLISHED])
+    def publish() -> dict:
+        from recap_airflow import stages
+
+        params, run_id, context = run_context()
+        summary = stages.publish(lake=params["lake"], run_id=run_id)
+        context["outlet_events"][PUBLISHED].extra = {"lake": params["lake"], "run_id": run_id,
+                                                     "rows": summary["rows"]}
+        return summary
+
+    @task(retries=1)
+    def report() -> dict:
+        """The run's quality report; the Airflow UI links each run to it (plugin `recap_reports`)."""
+        from recap_airflow import stages
+
+        params, run_id, _ = run_context()
+        return stages.report(lake=params["lake"], run_id=run_id)
+
+    ingested = ingest.expand(shards=chunks)
+    filtered = filter_pairs.expand(ingested=ingested)
+    units = caption_units(filtered)
+    branch = choose_runner()
+    pods = factory.mapped_pod_operator(task_id="caption_pod", arguments=units)
+    local = caption_local.expand(arguments=units)
+    checked = validate()
+    branch >> [pods, local]
+    [pods, local] >> checked >> publish() >> report()
+    return ingested, checked
