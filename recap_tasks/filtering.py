@@ -1,25 +1,49 @@
-"""Filter stage: pairs not yet filtered -> `filter_results` (scores + verdicts) and `rejected`."""
+"""Filter stage: pairs not yet filtered -> `filter_results` (scores + verdicts) and `rejected`.
+
+Row filters run per shard on Dask workers (models loaded once per worker process); corpus filters
+(duplicates, boilerplate captions) then run in the driver over the survivors of the whole run and
+the rows kept by earlier runs. All Delta writes happen in the driver.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from recap_tasks import lake as tables
+from recap_tasks.blur import store_blurred
 from recap_tasks.config import FilterConfig
-from recap_tasks.filters import PairFilter
-from recap_tasks.filters.basic import CaptionLengthFilter, ImageSizeFilter
+from recap_tasks.errors import RecapError
+from recap_tasks.filters import CorpusFilter, ModelLoadError, PairFilter
+from recap_tasks.filters.chain import build_chain, run_corpus, run_rows
 from recap_tasks.lake import Lake, not_in
 from recap_tasks.runs import new_run_id, progress, utcnow
 
 log = logging.getLogger(__name__)
 
+# What a worker needs of a pair: the caption and size for the rules, the pointer for the image.
+_COLUMNS = ["uid", "key", "org_caption", "sha256", "width", "height", "shard_id", "source_uri", "source_format",
+            "image_offset", "image_size", "source_row", "image_column"]
+
 
 def default_chain(config: FilterConfig) -> list[PairFilter]:
-    return [CaptionLengthFilter(config), ImageSizeFilter(config)]
+    return build_chain(config)
+
+
+class ShardsFailed(RecapError):
+    """Some shards could not be filtered; the others' results are written. Rerun to retry them."""
+
+    exit_code = 1
+
+    def __init__(self, result: "FilterResult"):
+        shards = ", ".join(f"{s} ({e.splitlines()[0][:200]})" for s, e in sorted(result.failed_shards.items()))
+        super().__init__(f"filter failed on {len(result.failed_shards)} shard(s): {shards}")
+        self.result = result
 
 
 @dataclass
@@ -28,85 +52,286 @@ class FilterResult:
     rows_in: int = 0
     kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    failed_shards: dict[str, str] = field(default_factory=dict)  # shard id -> error
+    seconds: dict[str, float] = field(default_factory=dict)  # per filter, summed over workers
 
     def summary(self) -> dict:
-        return {"run_id": self.run_id, "rows_in": self.rows_in, "kept": self.kept, "dropped": self.dropped}
+        return {"run_id": self.run_id, "rows_in": self.rows_in, "kept": self.kept, "dropped": self.dropped,
+                "failed_shards": sorted(self.failed_shards)}
 
 
 def run_filter(lake: Lake, *, config: FilterConfig | None = None, run_id: str | None = None,
-               chain: list[PairFilter] | None = None) -> FilterResult:
-    """Filter every ingested pair that has no verdict yet, one shard at a time."""
+               chain: list[PairFilter] | None = None, shard_ids: list[str] | None = None) -> FilterResult:
+    """Filter every ingested pair that has no verdict yet (or only those of `shard_ids`).
+
+    Raises ModelLoadError before judging anything when a model cannot load, and ShardsFailed after
+    writing the other shards' results when some shards failed.
+    """
     config = config or FilterConfig()
     run_id = run_id or new_run_id()
-    chain = chain if chain is not None else default_chain(config)
-    pairs = lake.read(tables.PAIRS, ["uid", "key", "org_caption", "width", "height", "shard_id"])
+    pairs = lake.read(tables.PAIRS, _COLUMNS)
     pending = pairs.filter(not_in(pairs.column("uid"), lake.uids(tables.FILTER_RESULTS)))
+    if shard_ids is not None:
+        pending = pending.filter(pc.is_in(pending.column("shard_id"), value_set=pa.array(shard_ids, pa.string())))
     result = FilterResult(run_id, rows_in=pending.num_rows)
-    shard_ids = sorted(set(pending.column("shard_id").to_pylist()))
-    shard_col = pending.column("shard_id")
-    for shard_id in progress(shard_ids, desc="filter", unit="shard"):
-        batch = pending.filter(pa.compute.equal(shard_col, shard_id))
-        verdicts, rejected = apply_chain(batch, chain, run_id=run_id)
-        for reason in rejected.column("reason").to_pylist():
-            result.dropped[reason] = result.dropped.get(reason, 0) + 1
-        result.kept += int(pa.compute.sum(verdicts.column("kept")).as_py() or 0)
-        # Rejections first: a crash between the writes leaves the row unfiltered, and the rerun
-        # inserts only what is missing.
-        lake.insert_new(tables.REJECTED, rejected, keys=("uid", "stage"))
-        lake.insert_new(tables.FILTER_RESULTS, verdicts)
+    if pending.num_rows == 0:
+        log.info("filter %s: nothing to filter", run_id)
+        return result
+    driver_chain = chain if chain is not None else build_chain(config)
+    for flt in driver_chain:
+        flt.check()
+    shards = {s: pending.filter(pc.equal(pending.column("shard_id"), s))
+              for s in sorted(set(pending.column("shard_id").to_pylist()))}
+    outputs: dict[str, dict] = {}
+    for shard_id, out in _run_shards(shards, config, chain, result):
+        store_blurred(lake, shard_id, run_id, out.pop("images"))
+        outputs[shard_id] = out
+    if not outputs:
+        raise ShardsFailed(result)
+    verdicts, rejected = _decide(lake, pending, outputs, driver_chain, run_id)
+    for reason in rejected.column("reason").to_pylist():
+        result.dropped[reason] = result.dropped.get(reason, 0) + 1
+    result.kept = int(pc.sum(verdicts.column("kept")).as_py() or 0)
+    result.rows_in = verdicts.num_rows
+    # Rejections first: a crash between the writes leaves the row unfiltered, and the rerun
+    # inserts only what is missing.
+    lake.insert_new(tables.REJECTED, rejected, keys=("uid", "stage"))
+    lake.insert_new(tables.FILTER_RESULTS, verdicts)
+    summary = {**result.summary(), "seconds": result.seconds, "shards": sorted(outputs), "chain": config.chain}
+    lake.write_json(f"_runs/{run_id}/filter_summary.json" if shard_ids is None else
+                    f"_runs/{run_id}/filter_summary-{_short_hash(sorted(shard_ids))}.json", summary)
     log.info("filter %s: %s", run_id, result.summary())
+    if result.failed_shards:
+        raise ShardsFailed(result)
     return result
 
 
-def apply_chain(batch: pa.Table, chain: list[PairFilter], *, run_id: str) -> tuple[pa.Table, pa.Table]:
-    """Run filters in order on the survivors; return (filter_results rows, rejected rows)."""
-    n = batch.num_rows
-    alive = np.ones(n, dtype=bool)
-    reason: list[str | None] = [None] * n
-    scores: dict[str, np.ndarray] = {}
-    for flt in chain:
+def _run_shards(shards: dict[str, pa.Table], config: FilterConfig, chain: list[PairFilter] | None,
+                result: FilterResult):
+    """Yield (shard id, output) as shards finish; failures go to result.failed_shards."""
+    bar = progress(desc="filter", total=len(shards), unit="shard")
+    if config.executor == "local":
+        import os
+
+        for shard_id, rows in shards.items():
+            try:
+                out = filter_shard(shard_id, rows, config, threads=os.cpu_count() or 1, chain=chain)
+            except ModelLoadError:
+                raise
+            except Exception as exc:
+                _shard_failed(result, shard_id, exc)
+                continue
+            finally:
+                bar.update(1)
+            _add_seconds(result, out)
+            yield shard_id, out
+        bar.close()
+        return
+    from distributed import as_completed
+
+    from recap_tasks.distributed import dask_client
+
+    with dask_client(config.dask_address, workers=config.workers) as (client, threads):
+        futures = {}
+        for shard_id, rows in shards.items():
+            fut = client.submit(filter_shard, shard_id, rows, config, threads=threads, chain=chain,
+                                key=f"filter-{shard_id}-{id(rows)}", pure=False, retries=0)
+            futures[fut] = shard_id
+        for fut in as_completed(futures):
+            shard_id = futures[fut]
+            bar.update(1)
+            try:
+                out = fut.result()
+            except ModelLoadError:
+                client.cancel(list(futures))
+                raise
+            except Exception as exc:
+                _shard_failed(result, shard_id, exc)
+                continue
+            _add_seconds(result, out)
+            yield shard_id, out
+    bar.close()
+
+
+def _shard_failed(result: FilterResult, shard_id: str, exc: BaseException) -> None:
+    log.error("filter: shard %s failed: %s: %s", shard_id, type(exc).__name__, exc)
+    result.failed_shards[shard_id] = f"{type(exc).__name__}: {exc}"
+
+
+def _add_seconds(result: FilterResult, out: dict) -> None:
+    for name, s in out["seconds"].items():
+        result.seconds[name] = result.seconds.get(name, 0.0) + s
+
+
+# Workers --------------------------------------------------------------------------------
+
+_WORKER_CHAINS: dict[str, list[PairFilter]] = {}
+MODEL_LOADS: Counter = Counter()  # chains built (models loaded) in this process, per config
+
+
+def worker_chain(config: FilterConfig, threads: int) -> list[PairFilter]:
+    """This process's chain for `config`, built and loaded on first use, then reused by every task."""
+    key = repr((config, threads))
+    chain = _WORKER_CHAINS.get(key)
+    if chain is None:
+        chain = build_chain(config, threads=threads)
+        for flt in chain:
+            flt.load()
+        _WORKER_CHAINS[key] = chain
+        MODEL_LOADS[config.chain] += 1
+    return chain
+
+
+def model_loads() -> dict[str, int]:
+    """How many times this process built (and loaded the models of) each chain; for tests."""
+    return dict(MODEL_LOADS)
+
+
+def filter_shard(shard_id: str, rows: pa.Table, config: FilterConfig, *, threads: int = 1,
+                 chain: list[PairFilter] | None = None) -> dict:
+    """One work unit: the row filters over one shard's pending pairs, `config.batch_size` at a time.
+
+    Returns {"table": uid, alive, reason, scores; "images": uid -> blurred bytes; "errors";
+    "seconds" per filter}. Rows are judged independently, so a bad row never fails the shard; an
+    unreadable source shard does (it is reported with the shard id).
+    """
+    import time
+
+    from recap_tasks.images import read_images
+
+    if chain is None:
+        chain = worker_chain(config, threads)
+    else:
+        for flt in chain:
+            flt.load()
+    parts, images, errors, seconds = [], {}, [], {}
+    t_start = time.perf_counter()
+    for start in range(0, rows.num_rows, config.batch_size):
+        batch = rows.slice(start, config.batch_size)
+        v = run_rows(batch, chain, max_side=config.max_decode_side, read_images=read_images)
+        uids = batch.column("uid").to_pylist()
+        columns = {"uid": pa.array(uids, pa.string()), "alive": pa.array(v.alive),
+                   "reason": pa.array(v.reason, pa.string())}
+        for name, values in v.scores.items():
+            columns[name] = _score_array(name, values)
+        errors_by_row = {i: f"{flt}: {err}" for i, flt, err in v.errors}
+        columns["error"] = pa.array([errors_by_row.get(i) for i in range(batch.num_rows)], pa.string())
+        parts.append(pa.table(columns))
+        images.update({uids[i]: data for i, data in v.images.items()})
+        errors += [(uids[i], flt, err) for i, flt, err in v.errors]
+        for name, s in v.seconds.items():
+            seconds[name] = seconds.get(name, 0.0) + s
+    seconds["shard_total"] = time.perf_counter() - t_start
+    table = pa.concat_tables(parts, promote_options="default")
+    return {"table": table, "images": images, "errors": errors, "seconds": seconds}
+
+
+def _score_array(name: str, values: list) -> pa.Array:
+    schema = tables.schemas.FILTER_RESULTS.arrow
+    if name in schema.names:
+        return pa.array(values, schema.field(name).type)
+    return pa.array(values)
+
+
+# Driver: corpus filters and the rows to write ----------------------------------------------
+
+def _history(lake: Lake) -> pa.Table:
+    """Rows kept by earlier runs, with what the corpus filters compare: uid, sha256, phash."""
+    empty = pa.table({"uid": pa.array([], pa.string()), "sha256": pa.array([], pa.string()),
+                      "phash": pa.array([], pa.int64())})
+    if not lake.exists(tables.FILTER_RESULTS):
+        return empty
+    done = lake.read(tables.FILTER_RESULTS)
+    done = done.filter(pc.fill_null(done.column("kept"), False))
+    if done.num_rows == 0:
+        return empty
+    phash = done.column("phash") if "phash" in done.column_names else pa.nulls(done.num_rows, pa.int64())
+    done = pa.table({"uid": done.column("uid"), "phash": phash})
+    pairs = lake.read(tables.PAIRS, ["uid", "sha256"])
+    return done.join(pairs, "uid", join_type="left outer").select(["uid", "sha256", "phash"]).combine_chunks()
+
+
+def _decide(lake: Lake, pending: pa.Table, outputs: dict[str, dict], chain: list[PairFilter],
+            run_id: str) -> tuple[pa.Table, pa.Table]:
+    scored = pa.concat_tables([o["table"] for o in outputs.values()], promote_options="default").combine_chunks()
+    meta = pending.select(["uid", "key", "shard_id", "org_caption", "sha256", "width", "height"])
+    rows = scored.join(meta, "uid", join_type="inner").combine_chunks()
+    rows = rows.take(pc.sort_indices(rows, [("shard_id", "ascending"), ("uid", "ascending")]))
+    alive = rows.column("alive").to_numpy(zero_copy_only=False).astype(bool)
+    reason = rows.column("reason").to_pylist()
+    score_names = [c for c in rows.column_names if c not in {"uid", "alive", "reason", "error", "key", "shard_id",
+                                                              "org_caption", "sha256", "width", "height"}]
+    scores = {name: rows.column(name).to_pylist() for name in score_names}
+    if any(isinstance(f, CorpusFilter) for f in chain):
         idx = np.flatnonzero(alive)
-        if idx.size == 0:
-            break
-        sub = batch.take(pa.array(idx))
-        for decision in flt.decide(sub):
-            for name, values in decision.scores.items():
-                if name not in scores:
-                    scores[name] = np.full(n, np.nan, dtype=np.float64)
-                scores[name][idx] = values
-            dropped = idx[~decision.keep & alive[idx]]
-            for i in dropped:
-                reason[i] = decision.reason
-            alive[dropped] = False
+        if "phash" not in rows.column_names:
+            rows = rows.append_column("phash", pa.nulls(rows.num_rows, pa.int64()))
+        c_alive, c_reason, c_scores = run_corpus(rows.take(pa.array(idx)), chain, _history(lake))
+        for j, i in enumerate(idx):
+            if not c_alive[j]:
+                alive[i], reason[i] = False, c_reason[j]
+        for name, values in c_scores.items():
+            column = scores.setdefault(name, [None] * rows.num_rows)
+            for j, i in enumerate(idx):
+                if values[j] is not None:
+                    column[i] = values[j]
     now = utcnow()
     schema = tables.schemas.FILTER_RESULTS.arrow
-    columns: dict[str, pa.Array] = {
-        "uid": batch.column("uid"),
-        "shard_id": batch.column("shard_id"),
-        "kept": pa.array(alive),
-        "reason": pa.array(reason, pa.string()),
-    }
+    n = rows.num_rows
+    columns = {"uid": rows.column("uid"), "shard_id": rows.column("shard_id"), "kept": pa.array(alive),
+               "reason": pa.array(reason, pa.string())}
     for name, values in scores.items():
         if name in schema.names:
-            columns[name] = pa.array(values, mask=np.isnan(values)).cast(schema.field(name).type)
+            columns[name] = pa.array(values, schema.field(name).type)
     columns["run_id"] = pa.array([run_id] * n, pa.string())
     columns["filtered_at"] = pa.array([now] * n, schema.field("filtered_at").type)
     verdicts = pa.table(columns)
-    dropped_idx = pa.array(np.flatnonzero(~alive))
-    dropped_rows = batch.take(dropped_idx)
+    errors = rows.column("error").to_pylist()
+    dropped = np.flatnonzero(~alive)
     rejected = pa.table({
-        "uid": dropped_rows.column("uid"),
-        "key": dropped_rows.column("key"),
-        "shard_id": dropped_rows.column("shard_id"),
-        "stage": pa.array(["filter"] * len(dropped_idx), pa.string()),
-        "reason": pa.array([reason[i] for i in dropped_idx.to_pylist()], pa.string()),
-        "detail": pa.array([_detail(scores, i) for i in dropped_idx.to_pylist()], pa.string()),
-        "run_id": pa.array([run_id] * len(dropped_idx), pa.string()),
-        "rejected_at": pa.array([now] * len(dropped_idx), tables.schemas.REJECTED.arrow.field("rejected_at").type),
+        "uid": rows.column("uid").take(pa.array(dropped)),
+        "key": rows.column("key").take(pa.array(dropped)),
+        "shard_id": rows.column("shard_id").take(pa.array(dropped)),
+        "stage": pa.array(["filter"] * len(dropped), pa.string()),
+        "reason": pa.array([reason[i] for i in dropped], pa.string()),
+        "detail": pa.array([errors[i] or _detail(scores, i) for i in dropped], pa.string()),
+        "run_id": pa.array([run_id] * len(dropped), pa.string()),
+        "rejected_at": pa.array([now] * len(dropped), tables.schemas.REJECTED.arrow.field("rejected_at").type),
     })
     return verdicts, rejected
 
 
-def _detail(scores: dict[str, np.ndarray], i: int) -> str:
-    parts = [f"{k}={v[i]:.4g}" for k, v in scores.items() if not np.isnan(v[i])]
+def _detail(scores: dict[str, list], i: int) -> str:
+    parts = []
+    for k, values in scores.items():
+        v = values[i]
+        if v is None or k == "face_boxes" or (isinstance(v, float) and np.isnan(v)):
+            continue
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
     return ", ".join(parts)
+
+
+def _short_hash(items: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha1("\n".join(items).encode()).hexdigest()[:12]
+
+
+# The funnel -------------------------------------------------------------------------------
+
+def funnel(lake: Lake) -> dict:
+    """Per filter run: rows in, dropped per reason (most first), rows out; from `filter_results`.
+
+    {run_id: {"rows_in": int, "dropped": {reason: int}, "rows_out": int}}, runs in id (time) order.
+    """
+    verdicts = lake.read(tables.FILTER_RESULTS, ["run_id", "kept", "reason"])
+    out: dict[str, dict] = {}
+    for run_id, kept, reason in zip(verdicts.column("run_id").to_pylist(), verdicts.column("kept").to_pylist(),
+                                    verdicts.column("reason").to_pylist()):
+        run = out.setdefault(run_id, {"rows_in": 0, "dropped": Counter(), "rows_out": 0})
+        run["rows_in"] += 1
+        if kept:
+            run["rows_out"] += 1
+        else:
+            run["dropped"][reason or "unknown"] += 1
+    return {r: {**v, "dropped": dict(v["dropped"].most_common())} for r, v in sorted(out.items())}

@@ -67,8 +67,26 @@ def inspect_image(data: bytes | None, *, max_pixels: int) -> ImageInfo:
     return ImageInfo(width, height, fmt)
 
 
-def read_images(rows: pa.Table) -> list[bytes]:
-    """Image bytes for rows of the pairs table, in row order, opening each source shard once."""
+def read_images(rows: pa.Table, lake=None) -> list[bytes]:
+    """Image bytes for rows of the pairs table, in row order, opening each source shard once.
+
+    With `lake`, images the filter blurred faces in (recap_tasks.blur) come back blurred: rows
+    then need `uid` and `shard_id` too.
+    """
+    out = _read_sources(rows)
+    if lake is not None and rows.num_rows:
+        from recap_tasks.blur import blurred_images
+
+        shard_ids = rows.column("shard_id").to_pylist()
+        by_shard = {s: blurred_images(lake, s) for s in set(shard_ids)}
+        for i, (uid, shard_id) in enumerate(zip(rows.column("uid").to_pylist(), shard_ids)):
+            blurred = by_shard[shard_id].get(uid)
+            if blurred is not None:
+                out[i] = blurred
+    return out
+
+
+def _read_sources(rows: pa.Table) -> list[bytes]:
     out: list[bytes | None] = [None] * rows.num_rows
     by_source: dict[tuple[str, str], list[int]] = defaultdict(list)
     uris = rows.column("source_uri").to_pylist()

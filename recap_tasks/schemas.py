@@ -73,6 +73,15 @@ FILTER_RESULTS = TableSchema(
             pa.field("caption_chars", pa.int32()),
             pa.field("min_side", pa.int32()),
             pa.field("aspect_ratio", pa.float32()),
+            pa.field("english_score", pa.float32()),  # fastText lid.176 probability of English
+            pa.field("nsfw_score", pa.float32()),  # open_nsfw probability
+            pa.field("faces", pa.int32()),  # CenterFace detections (blurred in what captioning reads)
+            pa.field("face_boxes", pa.string()),  # JSON [[x1, y1, x2, y2, score], ...] in source pixels
+            pa.field("phash", pa.int64()),  # 64-bit DCT perceptual hash
+            pa.field("duplicate_of", pa.string()),  # uid of the surviving copy, for duplicates
+            pa.field("phash_distance", pa.int32()),  # Hamming bits to that copy (0 = same sha256)
+            pa.field("caption_repeats", pa.int32()),  # distinct images with the same normalised caption
+            pa.field("clip_score", pa.float32()),  # cosine(image, original caption), filter.clip_model
             pa.field("run_id", pa.string()),
             pa.field("filtered_at", _TS),
         ]

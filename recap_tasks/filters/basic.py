@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from recap_tasks.config import FilterConfig
-from recap_tasks.filters import FilterDecision, PairFilter
+from recap_tasks.filters import FilterDecision, PairFilter, PairImage
 
 
 def word_counts(captions: list[str | None]) -> np.ndarray:
@@ -22,7 +22,7 @@ class CaptionLengthFilter(PairFilter):
         self.min_words = config.min_caption_words
         self.min_chars = config.min_caption_chars
 
-    def decide(self, batch: pa.Table) -> list[FilterDecision]:
+    def decide(self, batch: pa.Table, images: list[PairImage] | None = None) -> list[FilterDecision]:
         captions = batch.column("org_caption").to_pylist()
         words = word_counts(captions)
         chars = np.fromiter((len(c.strip()) if c else 0 for c in captions), dtype=np.int32, count=len(captions))
@@ -42,7 +42,7 @@ class ImageSizeFilter(PairFilter):
         self.min_side = config.min_image_side
         self.max_aspect = config.max_aspect_ratio
 
-    def decide(self, batch: pa.Table) -> list[FilterDecision]:
+    def decide(self, batch: pa.Table, images: list[PairImage] | None = None) -> list[FilterDecision]:
         w = batch.column("width").to_numpy(zero_copy_only=False).astype(np.int32)
         h = batch.column("height").to_numpy(zero_copy_only=False).astype(np.int32)
         short = np.minimum(w, h)
