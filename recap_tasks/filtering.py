@@ -7,6 +7,7 @@ the rows kept by earlier runs. All Delta writes happen in the driver.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -171,7 +172,8 @@ MODEL_LOADS: Counter = Counter()  # chains built (models loaded) in this process
 
 def worker_chain(config: FilterConfig, threads: int) -> list[PairFilter]:
     """This process's chain for `config`, built and loaded on first use, then reused by every task."""
-    key = repr((config, threads))
+    # Where and how a shard runs does not change the models: those fields stay out of the key.
+    key = repr((dataclasses.replace(config, dask_address=None, workers=None, executor="dask", batch_size=1), threads))
     chain = _WORKER_CHAINS.get(key)
     if chain is None:
         chain = build_chain(config, threads=threads)
@@ -248,14 +250,21 @@ def _history(lake: Lake) -> pa.Table:
     phash = done.column("phash") if "phash" in done.column_names else pa.nulls(done.num_rows, pa.int64())
     done = pa.table({"uid": done.column("uid"), "phash": phash})
     pairs = lake.read(tables.PAIRS, ["uid", "sha256"])
-    return done.join(pairs, "uid", join_type="left outer").select(["uid", "sha256", "phash"]).combine_chunks()
+    sha = dict(zip(pairs.column("uid").to_pylist(), pairs.column("sha256").to_pylist()))
+    return done.append_column("sha256", pa.array([sha.get(u) for u in done.column("uid").to_pylist()],
+                                                 pa.string())).select(["uid", "sha256", "phash"])
 
 
 def _decide(lake: Lake, pending: pa.Table, outputs: dict[str, dict], chain: list[PairFilter],
             run_id: str) -> tuple[pa.Table, pa.Table]:
     scored = pa.concat_tables([o["table"] for o in outputs.values()], promote_options="default").combine_chunks()
     meta = pending.select(["uid", "key", "shard_id", "org_caption", "sha256", "width", "height"])
-    rows = scored.join(meta, "uid", join_type="inner").combine_chunks()
+    # A dict join: Acero's hash join warns about the buffers tables arrive with from workers.
+    where = {u: i for i, u in enumerate(meta.column("uid").to_pylist())}
+    meta = meta.take(pa.array([where[u] for u in scored.column("uid").to_pylist()], pa.int64()))
+    rows = scored.drop_columns([c for c in meta.column_names if c != "uid" and c in scored.column_names])
+    for name in meta.column_names[1:]:
+        rows = rows.append_column(name, meta.column(name))
     rows = rows.take(pc.sort_indices(rows, [("shard_id", "ascending"), ("uid", "ascending")]))
     alive = rows.column("alive").to_numpy(zero_copy_only=False).astype(bool)
     reason = rows.column("reason").to_pylist()

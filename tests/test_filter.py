@@ -54,3 +54,34 @@ def test_rerun_filters_nothing_twice(tmp_path):
     again = run_filter(lake)
     assert again.rows_in == 0
     assert (lake.version(tables.FILTER_RESULTS), lake.version(tables.REJECTED)) == versions
+
+
+def test_shard_ids_filter_only_those_shards(tmp_path):
+    lake = _lake(tmp_path)
+    other = write_tar(tmp_path / "src" / "00001.tar", sample("000010001", "a cat asleep on a red sofa", jpeg(400, 300)))
+    ingest([str(other)], lake)
+    result = run_filter(lake, shard_ids=["src/00001.tar"], config=FilterConfig(executor="local"))
+    assert result.rows_in == 1 and result.kept == 1
+    assert {r["shard_id"] for r in lake.read(tables.FILTER_RESULTS).to_pylist()} == {"src/00001.tar"}
+    assert run_filter(lake, config=FilterConfig(executor="local")).rows_in == 5
+
+
+def test_funnel_per_run(tmp_path):
+    from recap_tasks.filtering import funnel
+
+    lake = _lake(tmp_path)
+    run_filter(lake, run_id="r1", config=FilterConfig(executor="local"))
+    assert funnel(lake) == {"r1": {"rows_in": 5, "rows_out": 1, "dropped": {
+        "caption_too_few_words": 1, "caption_too_short": 1, "image_too_small": 1, "aspect_ratio_too_extreme": 1}}}
+    assert lake.read_json("_runs/r1/filter_summary.json")["kept"] == 1
+
+
+def test_bad_filter_settings_are_clear_errors():
+    import pytest
+
+    from recap_tasks.errors import RecapError
+
+    with pytest.raises(RecapError, match="max_phash_distance"):
+        FilterConfig(max_phash_distance=64)
+    with pytest.raises(RecapError, match="executor"):
+        FilterConfig(executor="threads")

@@ -1,0 +1,87 @@
+"""Duplicates: exact copies and resized copies dropped with the right survivor; boilerplate captions."""
+
+from __future__ import annotations
+
+import random
+
+from recap_tasks import lake as tables
+from recap_tasks.config import FilterConfig
+from recap_tasks.filtering import run_filter
+from recap_tasks.filters.chain import decode
+from recap_tasks.filters.dedup import hamming, near_pairs, normalise_caption, phash
+from tests.filters.util import by_key, make_lake, photo
+
+LOCAL = dict(chain="datacomp", executor="local")
+
+
+def test_phash_matches_a_resized_copy_and_separates_different_photos():
+    big = phash(decode(photo("astronaut"), 640).rgb)
+    small = phash(decode(photo("astronaut", (256, 256), quality=70), 640).rgb)
+    assert hamming(big, small) <= 2
+    others = [phash(decode(photo(n), 640).rgb) for n in ("coffee", "chelsea", "rocket")]
+    assert min(hamming(big, o) for o in others) > 16
+
+
+def test_banding_finds_exactly_the_close_pairs():
+    rng = random.Random(0)
+    hashes = [rng.getrandbits(64) - (1 << 63) for _ in range(300)]
+    for i in range(0, 60, 2):  # plant near copies 0..4 bits away
+        h = hashes[i]
+        for bit in rng.sample(range(64), i % 5):
+            h ^= 1 << bit
+        hashes[i + 1] = h - (1 << 64) if h >= 1 << 63 else h
+    brute = {(i, j) for i in range(300) for j in range(i + 1, 300) if hamming(hashes[i], hashes[j]) <= 4}
+    assert set(near_pairs(hashes, 4)) == brute and len(brute) >= 30
+
+
+def test_duplicates_dropped_with_the_right_survivor(tmp_path):
+    original = photo("astronaut")
+    lake = make_lake(tmp_path, {"00000.tar": [
+        ("000000001", "an astronaut holding her helmet in front of a flag", original),
+        ("000000002", "astronaut portrait from the archive, same file", original),  # exact copy
+        ("000000003", "small thumbnail of an astronaut portrait", photo("astronaut", (256, 256), quality=70)),
+        ("000000004", "a cup of coffee on a saucer on a wooden table", photo("coffee")),
+    ]})
+    result = run_filter(lake, config=FilterConfig(**LOCAL))
+    assert result.dropped == {"duplicate_image": 1, "near_duplicate_image": 1}
+    v = by_key(lake, tables.FILTER_RESULTS)
+    uid = {k: r["uid"] for k, r in v.items()}
+    # Same bytes: the smaller uid survives; the resized copy loses to the larger original.
+    survivor, copy = sorted(["000000001", "000000002"], key=lambda k: uid[k])
+    assert v[survivor]["kept"] and v["000000004"]["kept"]
+    assert (v[copy]["reason"], v[copy]["duplicate_of"], v[copy]["phash_distance"]) == \
+        ("duplicate_image", uid[survivor], 0)
+    assert v["000000003"]["reason"] == "near_duplicate_image"
+    assert v["000000003"]["duplicate_of"] == uid[survivor] and v["000000003"]["phash_distance"] <= 2
+    assert all(r["phash"] is not None for r in v.values())
+
+
+def test_a_copy_arriving_later_loses_to_the_row_kept_before(tmp_path):
+    lake = make_lake(tmp_path, {"00000.tar": [("000000001", "a small thumbnail of an astronaut portrait",
+                                               photo("astronaut", (300, 300)))]})
+    run_filter(lake, config=FilterConfig(**LOCAL))
+    later = make_lake(tmp_path, {"00001.tar": [("000010001", "the astronaut portrait at full size",
+                                                photo("astronaut"))]})
+    assert later.uri == lake.uri
+    result = run_filter(lake, config=FilterConfig(**LOCAL))
+    assert result.dropped == {"near_duplicate_image": 1}  # larger, but the earlier row was already kept
+    v = by_key(lake, tables.FILTER_RESULTS)
+    assert v["000000001"]["kept"] and v["000010001"]["duplicate_of"] == v["000000001"]["uid"]
+
+
+def test_normalised_caption_folds_case_punctuation_numbers_accents():
+    assert normalise_caption("Product  Image 12!") == normalise_caption("product image #3") == "product image 0"
+    assert normalise_caption("Café au lait") == normalise_caption("cafe AU LAIT")
+    assert normalise_caption("a dog on a beach") != normalise_caption("a dog on the beach")
+
+
+def test_boilerplate_caption_on_many_images_is_dropped(tmp_path):
+    names = ["astronaut", "coffee", "chelsea", "rocket", "colorwheel"]
+    rows = [(f"00000000{i}", f"Click here to enlarge image {i}!", photo(n)) for i, n in enumerate(names[:4])]
+    rows.append(("000000009", "a colour wheel with every hue around the circle", photo("colorwheel")))
+    lake = make_lake(tmp_path, {"00000.tar": rows})
+    result = run_filter(lake, config=FilterConfig(**LOCAL, max_caption_repeats=3))
+    assert result.dropped == {"caption_boilerplate": 4}
+    v = by_key(lake, tables.FILTER_RESULTS)
+    assert v["000000000"]["caption_repeats"] == 4 and v["000000009"]["caption_repeats"] == 1
+    assert v["000000009"]["kept"]

@@ -1,0 +1,59 @@
+"""The filter chain on a real Dask LocalCluster of 2 workers: models load once per worker, a broken
+shard is reported by id and the other shards' results are written."""
+
+from __future__ import annotations
+
+import pytest
+
+from recap_tasks import lake as tables
+from recap_tasks.config import FilterConfig
+from recap_tasks.filtering import ShardsFailed, funnel, model_loads, run_filter
+from tests.filters.util import by_key, make_lake, photo
+
+NAMES = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c, \
+            Client(c) as client:
+        yield c, client
+
+
+def test_chain_on_two_workers(tmp_path, cluster, monkeypatch):
+    local, client = cluster
+    shards = {f"0000{s}.tar": [(f"0000{s}000{i}", f"photo number {i} of shard {s}: a {n} seen up close", photo(n, (320 + 8 * s, 300)))
+                               for i, n in enumerate(NAMES[s % 2::2])] for s in range(4)}
+    lake = make_lake(tmp_path, shards)
+    (tmp_path / "src" / "00003.tar").unlink()  # its source vanished after ingest
+    config = FilterConfig(chain="datacomp", dask_address=local.scheduler_address, batch_size=2)
+    with pytest.raises(ShardsFailed, match=r"src/00003.tar \(FileNotFoundError") as failed:
+        run_filter(lake, config=config)
+    result = failed.value.result
+    assert result.failed_shards.keys() == {"src/00003.tar"}
+    v = by_key(lake, tables.FILTER_RESULTS)
+    # Shards 0-2 judged: shard 2 repeats shard 0's photos slightly larger, so those win as near
+    # duplicates; shard 3 stays pending for a rerun.
+    assert {k[:5] for k in v} == {"00000", "00001", "00002"} and len(v) == 6
+    assert {k for k, r in v.items() if r["reason"] == "near_duplicate_image"} == {"000000000", "000000001"}
+    assert all(r["faces"] is not None and r["nsfw_score"] is not None for r in v.values() if r["kept"])
+    assert v["000010000"]["faces"] == 0 and v["000020000"]["faces"] == 1  # coffee; astronaut
+
+    loads = client.run(model_loads)
+    assert sorted(loads) == sorted(local.scheduler_info["workers"])
+    assert all(n.get("datacomp", 0) <= 1 for n in loads.values())  # once per worker, 4 tasks
+    assert sum(n.get("datacomp", 0) for n in loads.values()) >= 1
+
+    # The same cluster through the environment; the restored shard is the only work left.
+    shards_again = make_lake(tmp_path, {"00003.tar": shards["00003.tar"]})
+    assert shards_again.uri == lake.uri
+    monkeypatch.setenv("RECAP_DASK_ADDRESS", local.scheduler_address)
+    again = run_filter(lake, config=FilterConfig(chain="datacomp", batch_size=2))
+    assert again.rows_in == 2 and not again.failed_shards
+    assert all(n.get("datacomp", 0) <= 1 for n in client.run(model_loads).values())
+    runs = funnel(lake)
+    assert [r["rows_in"] for r in runs.values()] == [6, 2]
+    first = next(iter(runs.values()))
+    assert first["rows_out"] == 6 - sum(first["dropped"].values())
