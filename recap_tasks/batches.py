@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recap_tasks import lake as tables
+from recap_tasks.hygiene import word_count
 from recap_tasks.lake import Lake, not_in
 
 
@@ -19,6 +20,7 @@ class Batch:
     failed: list[str] = field(default_factory=list)  # names of failed expectations
     validated_at: str = ""
     report: str | None = None  # path of the Data Docs page for this validation
+    quarantined: int = 0  # rows of the batch put in quarantine (not published)
     published: bool = False
     published_version: int | None = None
 
@@ -47,22 +49,26 @@ def read_uids(lake: Lake, batch: Batch) -> pa.Array:
     return lake.read_parquet(f"{_DIR}/{batch.batch_id}.uids.parquet").column("uid").combine_chunks()
 
 
-def word_count(texts: pa.Array) -> pa.Array:
-    """Words as the released table counts them: whitespace-separated tokens."""
-    return pa.array([len(t.split()) if t else 0 for t in texts.to_pylist()], pa.int32())
-
-
 def candidate_rows(lake: Lake, uids: pa.Array | None = None) -> pa.Table:
-    """Rows as they would be published: captions joined with their pairs (unpublished, or `uids`)."""
+    """Rows as they would be published: captions joined with their pairs.
+
+    Without `uids`: every captioned row that is neither published nor quarantined.
+    """
     captions = lake.read(tables.CAPTIONS)
     if uids is not None:
         captions = captions.filter(pc.is_in(captions.column("uid"), value_set=uids))
     else:
-        captions = captions.filter(not_in(captions.column("uid"), lake.uids(tables.RECAP)))
+        settled = pa.concat_arrays([lake.uids(tables.RECAP), lake.uids(tables.QUARANTINE)])
+        captions = captions.filter(not_in(captions.column("uid"), settled))
     pairs = lake.read(tables.PAIRS, ["uid", "key", "url", "org_caption", "sha256", "width", "height"])
-    rows = captions.select(["uid", "shard_id", "re_caption", "model", "prompt", "generation", "run_id"]).join(
-        pairs, "uid", join_type="inner")
+    keep = ["uid", "shard_id", "re_caption", "model", "prompt", "generation", "is_refusal", "prompt_echo",
+            "distinct_ngram_ratio", "re_clip_score", "org_clip_score", "clip_model", "re_clip_truncated", "run_id"]
+    rows = captions.select(keep).join(pairs, "uid", join_type="inner")
     rows = rows.rename_columns({"run_id": "caption_run_id"})
-    rows = rows.append_column("re_length", word_count(rows.column("re_caption")))
-    rows = rows.append_column("org_length", word_count(rows.column("org_caption")))
+    rows = rows.append_column("re_length", _words(rows.column("re_caption")))
+    rows = rows.append_column("org_length", _words(rows.column("org_caption")))
     return rows.sort_by("uid")
+
+
+def _words(texts: pa.ChunkedArray) -> pa.Array:
+    return pa.array([word_count(t) for t in texts.to_pylist()], pa.int32())

@@ -117,13 +117,35 @@ class CaptionConfig:
 
 @dataclass(frozen=True)
 class ValidateConfig:
+    # Row-level checks: a row that fails one is quarantined (never published). Each check also has
+    # a batch-level `mostly`: a batch where more rows fail than allowed is not published at all,
+    # because that many failures point at a broken model or prompt rather than at bad images.
     # Recaption length bounds in words; the paper's recaptions average ~49 words.
-    min_caption_words: int = 1
-    max_caption_words: int = 400
+    min_caption_words: int = 3
+    max_caption_words: int = 300
+    max_refusal_fraction: float = 0.01  # "I'm sorry, I cannot..."
+    max_prompt_echo_fraction: float = 0.01  # the caption repeats the prompt
+    # Degenerate repetition: distinct word-3-grams / all 3-grams below this flags a row.
+    min_distinct_ngram_ratio: float = 0.35
+    max_degenerate_fraction: float = 0.05
+    # English recaptions (fastText lid.176 lite, as DataComp's English filter).
+    require_english: bool = True
+    min_english_score: float = 0.5
+    max_non_english_fraction: float = 0.05
+    # CLIP scores (cosine similarity) must lie in [-1, 1]; the batch mean of the recaption's score
+    # may fall at most this far below the original caption's before the batch is refused.
+    max_clip_drop: float = 0.05
+    # Above this fraction of quarantined rows the batch itself is refused.
+    max_quarantine_fraction: float = 0.10
 
     def __post_init__(self) -> None:
         if self.min_caption_words > self.max_caption_words:
             raise RecapError("validate.min_caption_words must not exceed max_caption_words")
+        for name in ("max_refusal_fraction", "max_prompt_echo_fraction", "max_degenerate_fraction",
+                     "max_non_english_fraction", "max_quarantine_fraction", "min_distinct_ngram_ratio",
+                     "min_english_score"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise RecapError(f"validate.{name} must be within [0, 1]")
 
 
 @dataclass(frozen=True)

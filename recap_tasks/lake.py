@@ -27,6 +27,7 @@ REJECTED = "rejected"
 FILTER_RESULTS = "filter_results"
 CAPTIONS = "captions"
 RECAP = "recap"
+QUARANTINE = "quarantine"
 
 _MERGE_RETRIES = 5
 
@@ -73,9 +74,16 @@ class Lake:
             empty = schema.empty_table()
             return empty.select(columns) if columns else empty
         dt = DeltaTable(self.path(table))
+        present = set(dt.schema().to_arrow().names)
+        wanted = columns or schema.arrow.names
+        stored = [c for c in wanted if c in present]
         # use_threads=False: a threaded scan makes the process abort at exit (delta-rs #2184).
-        data = dt.to_pyarrow_dataset().to_table(columns=columns, use_threads=False)
-        return _normalize(data)
+        data = _normalize(dt.to_pyarrow_dataset().to_table(columns=stored, use_threads=False))
+        # Columns added to the schema after the table was written read as nulls.
+        for name in wanted:
+            if name not in data.column_names:
+                data = data.append_column(schema.arrow.field(name), pa.nulls(data.num_rows, schema.arrow.field(name).type))
+        return data.select(wanted)
 
     def version(self, table: str) -> int | None:
         return DeltaTable(self.path(table)).version() if self.exists(table) else None
@@ -112,7 +120,7 @@ class Lake:
             try:
                 metrics = (
                     DeltaTable(self.path(table))
-                    .merge(data, predicate=predicate, source_alias="s", target_alias="t")
+                    .merge(data, predicate=predicate, source_alias="s", target_alias="t", merge_schema=True)
                     .when_not_matched_insert_all()
                     .execute()
                 )

@@ -55,7 +55,8 @@ def run_publish(lake: Lake, *, batch_id: str | None = None, run_id: str | None =
     now = utcnow()
     rows = rows.append_column("publish_run_id", pa.array([run_id] * rows.num_rows, pa.string()))
     rows = rows.append_column("published_at", pa.array([now] * rows.num_rows, pa.timestamp("us", tz="UTC")))
-    data = _conform(rows, tables.schemas.RECAP)
+    schema = tables.schemas.RECAP.arrow
+    data = _conform(rows.select([c for c in schema.names if c in rows.column_names]), tables.schemas.RECAP)
     commit = CommitProperties(app_transactions=[Transaction(app_id=app_id, version=1)],
                               custom_metadata={"recap.batch_id": batch.batch_id, "recap.run_id": run_id})
     inserted = updated = 0

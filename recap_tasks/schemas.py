@@ -98,6 +98,16 @@ CAPTIONS = TableSchema(
             pa.field("model", pa.string()),
             pa.field("prompt", pa.string()),
             pa.field("generation", pa.string()),  # JSON of the decoding settings
+            # Hygiene flags, checked by the quality gates.
+            pa.field("is_refusal", pa.bool_()),
+            pa.field("prompt_echo", pa.bool_()),
+            pa.field("distinct_ngram_ratio", pa.float32()),
+            # CLIP cosine similarities of the image with each caption (null until scored), and
+            # whether the recaption was cut at the CLIP text encoder's token limit.
+            pa.field("re_clip_score", pa.float32()),
+            pa.field("org_clip_score", pa.float32()),
+            pa.field("clip_model", pa.string()),
+            pa.field("re_clip_truncated", pa.bool_()),
             pa.field("run_id", pa.string()),
             pa.field("captioned_at", _TS),
         ]
@@ -125,6 +135,8 @@ RECAP = TableSchema(
             pa.field("model", pa.string()),
             pa.field("prompt", pa.string()),
             pa.field("generation", pa.string()),
+            pa.field("clip_model", pa.string()),  # which CLIP produced the two scores
+            pa.field("re_clip_truncated", pa.bool_()),  # recaption cut at CLIP's text token limit
             pa.field("caption_run_id", pa.string()),
             pa.field("publish_run_id", pa.string()),
             pa.field("published_at", _TS),
@@ -132,4 +144,22 @@ RECAP = TableSchema(
     ),
 )
 
-TABLES = {t.name: t for t in (PAIRS, REJECTED, FILTER_RESULTS, CAPTIONS, RECAP)}
+# Captioned rows that failed row-level quality checks: kept apart, never published, with the
+# names of the expectations they failed.
+QUARANTINE = TableSchema(
+    "quarantine",
+    pa.schema(
+        [
+            pa.field("uid", pa.string(), nullable=False),
+            pa.field("key", pa.string()),
+            pa.field("shard_id", pa.string()),
+            pa.field("batch_id", pa.string()),
+            pa.field("failed", pa.list_(pa.string())),
+            pa.field("re_caption", pa.string()),
+            pa.field("model", pa.string()),
+            pa.field("quarantined_at", _TS),
+        ]
+    ),
+)
+
+TABLES = {t.name: t for t in (PAIRS, REJECTED, FILTER_RESULTS, CAPTIONS, RECAP, QUARANTINE)}

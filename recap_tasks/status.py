@@ -19,6 +19,7 @@ def lake_status(lake: Lake) -> dict:
     verdicts = lake.read(tables.FILTER_RESULTS, ["uid", "kept"])
     captioned = lake.uids(tables.CAPTIONS)
     published = lake.uids(tables.RECAP)
+    quarantined_uids = lake.uids(tables.QUARANTINE)
 
     by_stage: dict[str, dict[str, int]] = {}
     for stage, reason in zip(rejected.column("stage").to_pylist(), rejected.column("reason").to_pylist()):
@@ -40,7 +41,8 @@ def lake_status(lake: Lake) -> dict:
         "pending_filter": pairs.filter(not_in(pairs, verdicts.column("uid").combine_chunks())),
         "pending_caption": kept_uids.filter(not_in(kept_uids, pa.concat_arrays(
             [captioned, later.combine_chunks().cast(pa.string())]))),
-        "captioned_unpublished": captioned.filter(not_in(captioned, published)),
+        "quarantined": quarantined_uids,
+        "captioned_unpublished": captioned.filter(not_in(captioned, pa.concat_arrays([published, quarantined_uids]))),
     }
     everywhere = pa.concat_arrays([a.cast(pa.string()) for a in places.values()])
     balanced = len(everywhere) == ingested_ok and len(pc.unique(everywhere)) == ingested_ok and \
@@ -49,7 +51,7 @@ def lake_status(lake: Lake) -> dict:
     pending_caption = len(places["pending_caption"])
     captioned_unpublished = len(places["captioned_unpublished"])
     in_flight = pending_filter + pending_caption + captioned_unpublished
-    quarantined = 0  # row-level quarantine arrives with the data-quality gates
+    quarantined = len(quarantined_uids)
 
     ledger = [lake.read_json(p) for p in lake.list("_ledger/ingest", ".json")]
     batches = all_batches(lake)
@@ -71,6 +73,7 @@ def lake_status(lake: Lake) -> dict:
         "shards": {"ingested": len(ledger), "truncated": [e["shard_id"] for e in ledger if e and e.get("truncated")]},
         "last_batch": None if last is None else {"batch_id": last.batch_id, "rows": last.rows,
                                                  "success": last.success, "failed": last.failed,
+                                                 "quarantined": last.quarantined,
                                                  "published": last.published, "report": last.report},
         "table_versions": {t: lake.version(t) for t in tables.schemas.TABLES},
     }
@@ -95,6 +98,8 @@ def format_status(status: dict) -> str:
     if status["last_batch"]:
         b = status["last_batch"]
         state = "published" if b["published"] else ("valid, unpublished" if b["success"] else "FAILED validation")
-        lines.append(f"  last batch {b['batch_id']}: {b['rows']} rows, {state}")
+        lines.append(f"  last batch {b['batch_id']}: {b['rows']} rows, {b['quarantined']} quarantined, {state}")
+        if b["failed"]:
+            lines.append(f"    failed: {', '.join(b['failed'])}")
     lines.append(f"  every row accounted for: {'yes' if status['balanced'] else 'NO'}")
     return "\n".join(lines)

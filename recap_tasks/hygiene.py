@@ -1,0 +1,57 @@
+"""Caption hygiene: clean model output and flag what the quality gates check.
+
+Pure functions on strings, shared by the caption stage (which stores the flags) and validation
+(which recomputes them for rows captioned before the flags existed).
+"""
+
+from __future__ import annotations
+
+import re
+
+# Openings of refusals and non-answers seen from instruction-tuned captioners.
+_REFUSAL = re.compile(
+    r"^\s*(i'?m sorry|i am sorry|sorry,|i cannot|i can'?t|i can not|i'?m unable|i am unable|i'?m not able|"
+    r"as an ai|unfortunately,? i|i do not have|i don'?t have the ability)",
+    re.IGNORECASE,
+)
+# Chat-template debris that a decode with skip_special_tokens can leave behind.
+_TEMPLATE_DEBRIS = re.compile(
+    r"(<\|[^|>]{1,40}\|>|</?s>|<image>|\[/?INST\]|^\s*(ASSISTANT|assistant|Assistant)\s*:\s*|"
+    r"^\s*(USER|user|User)\s*:.*?(ASSISTANT|assistant)\s*:\s*)",
+    re.DOTALL,
+)
+
+
+def clean_caption(text: str, prompt: str) -> str:
+    """Strip chat-template leftovers and an echoed prompt; normalise white space."""
+    text = _TEMPLATE_DEBRIS.sub(" ", text)
+    stripped = text.strip()
+    if prompt and stripped.lower().startswith(prompt.strip().lower()):
+        stripped = stripped[len(prompt.strip()):]
+    return " ".join(stripped.split())
+
+
+def is_refusal(text: str) -> bool:
+    return bool(_REFUSAL.match(text or ""))
+
+
+def echoes_prompt(text: str, prompt: str) -> bool:
+    """The caption repeats (most of) the prompt instead of describing the image."""
+    if not text or not prompt:
+        return False
+    norm = " ".join(prompt.lower().split())
+    return norm in " ".join(text.lower().split()) or "detailed caption of this image" in text.lower()
+
+
+def distinct_ngram_ratio(text: str, n: int = 3) -> float:
+    """Distinct n-grams / all n-grams of the words; near 0 for degenerate loops ("a dog a dog a dog")."""
+    words = (text or "").lower().split()
+    if len(words) < n + 1:
+        return 1.0
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams)
+
+
+def word_count(text: str | None) -> int:
+    """Words as the released table counts them: whitespace-separated tokens."""
+    return len(text.split()) if text else 0
