@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 
 from recap_tasks import lake as tables
 from recap_tasks.captioning import Captioner
-from recap_tasks.config import CaptionConfig
+from recap_tasks.config import CaptionConfig, RecapConfig
 from recap_tasks.images import open_rgb, read_images
 from recap_tasks.lake import Lake, not_in
 from recap_tasks.runs import new_run_id, progress, utcnow
@@ -53,7 +53,7 @@ def run_caption(lake: Lake, *, model: str | None = None, captioner: Captioner | 
                 config: CaptionConfig | None = None, run_id: str | None = None,
                 shard_ids: list[str] | None = None) -> CaptionResult:
     """Caption every pending pair (or those of `shard_ids`); each finished shard is committed."""
-    config = config or CaptionConfig()
+    config = config or RecapConfig.load().caption
     run_id = run_id or new_run_id()
     pending = pending_pairs(lake, shard_ids)
     result = CaptionResult(run_id, pending=pending.num_rows)

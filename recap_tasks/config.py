@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -157,8 +158,13 @@ class RecapConfig:
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: dict[str, Any]) -> "RecapConfig":
-        """Defaults, then the YAML file's sections, then per-section overrides (e.g. from the CLI)."""
+        """Defaults, then the YAML file's sections, then per-section overrides (e.g. from the CLI).
+
+        Without a path, the file named by the RECAP_CONFIG environment variable is used if set
+        (how pods and Airflow workers get one config for every stage).
+        """
         raw: dict[str, Any] = {}
+        path = path or os.environ.get("RECAP_CONFIG") or None
         if path is not None:
             try:
                 raw = yaml.safe_load(Path(path).read_text()) or {}

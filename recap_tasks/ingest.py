@@ -12,7 +12,7 @@ from typing import NamedTuple
 import pyarrow as pa
 
 from recap_tasks import lake as tables
-from recap_tasks.config import IngestConfig
+from recap_tasks.config import IngestConfig, RecapConfig
 from recap_tasks.errors import RecapError
 from recap_tasks.images import ImageInfo, ImageRejected, inspect_image
 from recap_tasks.lake import Lake
@@ -63,7 +63,7 @@ class IngestResult:
 def ingest(sources: list[str], lake: Lake, *, config: IngestConfig | None = None, run_id: str | None = None,
            force: bool = False) -> IngestResult:
     """Ingest every shard under `sources`; shards already ingested unchanged are skipped."""
-    config = config or IngestConfig()
+    config = config or RecapConfig.load().ingest
     run_id = run_id or new_run_id()
     shards = expand_sources(sources)
     _check_unique_shard_ids(shards)

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from recap_tasks import lake as tables
 from recap_tasks.batches import Batch, candidate_rows, write_uids
-from recap_tasks.config import ValidateConfig
+from recap_tasks.config import RecapConfig, ValidateConfig
 from recap_tasks.errors import ValidationFailed
 from recap_tasks.hygiene import distinct_ngram_ratio, echoes_prompt, is_refusal
 from recap_tasks.lake import Lake
@@ -125,7 +125,7 @@ ROW_LEVEL = {"re_caption", "re_length", "is_refusal", "prompt_echo", "distinct_n
 def run_validate(lake: Lake, *, config: ValidateConfig | None = None, run_id: str | None = None,
                  raise_on_failure: bool = True) -> ValidateResult:
     """Check every captioned row not yet published or quarantined; record the batch and its verdict."""
-    config = config or ValidateConfig()
+    config = config or RecapConfig.load().validate
     run_id = run_id or new_run_id()
     rows = candidate_rows(lake)
     batch = Batch(batch_id=run_id, rows=rows.num_rows, success=True, validated_at=utcnow().isoformat())

@@ -12,6 +12,7 @@ from tests.helpers import SHARED_DATA
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RECAP_QUIET", "1")
+os.environ.setdefault("RECAP_CONFIG", str(Path(__file__).with_name("tiny-model.yaml")))
 
 
 def pytest_collection_modifyitems(config, items):
