@@ -21,6 +21,7 @@ class Batch:
     validated_at: str = ""
     report: str | None = None  # path of the Data Docs page for this validation
     quarantined: int = 0  # rows of the batch put in quarantine (not published)
+    results: list[dict] = field(default_factory=list)  # one entry per expectation, for reports
     published: bool = False
     published_version: int | None = None
 

@@ -76,9 +76,9 @@ def cmd_run(args):
     from recap_tasks.pipeline import run_pipeline
 
     summary = run_pipeline(args.sources, _lake(args), model=args.model, config=_config(args), run_id=args.run_id)
-    _print({k: summary[k] for k in ("run_id", "ingest", "filter", "caption", "validate", "publish")})
+    _print({k: summary[k] for k in ("run_id", "ingest", "filter", "caption", "validate", "publish", "report")})
     print(f"published table: {summary['published_table']}", file=sys.stderr)
-    print(f"validation report: {summary['report']}", file=sys.stderr)
+    print(f"quality report : {summary['report']}", file=sys.stderr)
 
 
 def cmd_demo(args):
@@ -89,7 +89,8 @@ def cmd_demo(args):
     print(format_status(summary["status"]))
     print()
     print(f"published table  : {summary['published_table']}")
-    print(f"validation report: {summary['report']}")
+    print(f"quality report   : {summary['report']}")
+    print(f"GX Data Docs     : {summary['data_docs']}")
     print(f"run summary      : {summary['lake']}/_runs/{summary['run_id']}/summary.json")
     print(f"read it back     : python -c \"from deltalake import DeltaTable; "
           f"print(DeltaTable('{summary['published_table']}').to_pandas().head())\"")
@@ -103,6 +104,12 @@ def cmd_status(args):
         _print(status)
     else:
         print(format_status(status))
+
+
+def cmd_report(args):
+    from recap_tasks.report import build_report
+
+    print(build_report(_lake(args, must_exist=True), run_id=args.run_id))
 
 
 def cmd_make_test_model(args):
@@ -160,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption_options(p)
     p = stage("status", cmd_status, "counts for the lake: ingested, rejected by stage and reason, published")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    stage("report", cmd_report, "write the HTML quality report of --run-id (default: the latest validated) and the index")
     p = stage("make-test-model", cmd_make_test_model, "write a tiny random LLaVA captioner for tests and demos",
               lake=False)
     p.add_argument("dir")

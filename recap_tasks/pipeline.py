@@ -10,7 +10,9 @@ from recap_tasks.config import RecapConfig
 from recap_tasks.filtering import run_filter
 from recap_tasks.ingest import ingest
 from recap_tasks.lake import Lake
+from recap_tasks.errors import ValidationFailed
 from recap_tasks.publish import run_publish
+from recap_tasks.report import build_report
 from recap_tasks.runs import new_run_id
 from recap_tasks.status import lake_status
 from recap_tasks.validate import run_validate
@@ -20,7 +22,11 @@ log = logging.getLogger(__name__)
 
 def run_pipeline(sources: list[str], lake: Lake, *, model: str, config: RecapConfig | None = None,
                  run_id: str | None = None) -> dict:
-    """ingest -> filter -> caption -> validate -> publish; raises ValidationFailed before publishing a bad batch."""
+    """ingest -> filter -> caption -> validate -> publish -> report.
+
+    A batch that fails validation is not published; its report is still written, then
+    ValidationFailed is raised.
+    """
     config = config or RecapConfig.load()
     run_id = run_id or new_run_id()
     lake.write_bytes(f"_runs/{run_id}/config.yaml", config.to_yaml().encode())
@@ -28,12 +34,18 @@ def run_pipeline(sources: list[str], lake: Lake, *, model: str, config: RecapCon
     summary["ingest"] = ingest(sources, lake, config=config.ingest, run_id=run_id).summary()
     summary["filter"] = run_filter(lake, config=config.filter, run_id=run_id).summary()
     summary["caption"] = run_caption(lake, model=model, config=config.caption, run_id=run_id).summary()
-    summary["validate"] = run_validate(lake, config=config.validate, run_id=run_id).summary()
-    summary["publish"] = run_publish(lake, batch_id=run_id, run_id=run_id).summary()
+    validated = run_validate(lake, config=config.validate, run_id=run_id, raise_on_failure=False)
+    summary["validate"] = validated.summary()
+    if validated.batch.success:
+        summary["publish"] = run_publish(lake, batch_id=run_id, run_id=run_id).summary()
+    summary["report"] = build_report(lake, run_id=run_id)
+    summary["data_docs"] = summary["validate"]["report"]
     summary["status"] = lake_status(lake)
     summary["published_table"] = lake.path("recap")
-    summary["report"] = summary["validate"]["report"]
     lake.write_json(f"_runs/{run_id}/summary.json", summary)
+    if not validated.batch.success:
+        raise ValidationFailed(f"batch {run_id} failed validation ({', '.join(validated.batch.failed)}); "
+                               f"nothing published. Report: {summary['report']}")
     return summary
 
 

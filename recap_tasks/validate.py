@@ -138,6 +138,7 @@ def run_validate(lake: Lake, *, config: ValidateConfig | None = None, run_id: st
         reconciliation = _reconcile(lake, rows.num_rows, len(quarantine))
         results.append(reconciliation)
         batch.failed = [r["expectation"] for r in results if not r["success"]]
+        batch.results = results
         batch.success = not batch.failed
         batch.report = report
     batch.quarantined = len(quarantine)
