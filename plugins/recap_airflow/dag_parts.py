@@ -45,8 +45,9 @@ def common_params(*, scheduled: bool = False) -> dict[str, Param]:
                        description="Model id (e.g. llava-hf/llava-1.5-7b-hf) or a local folder"),
         "batch_size": Param(8, type="integer", minimum=1, maximum=1024, title="Batch size",
                             description="Images per generate() call"),
-        "filter_profile": Param("datacomp-basic", enum=sorted(FILTER_PROFILES), title="Filter profile",
-                                description="datacomp-basic: DataComp's basic rules; strict / lenient thresholds"),
+        "filter_profile": Param("basic", enum=list(FILTER_PROFILES), title="Filter profile",
+                                description="basic: DataComp's basic rules; datacomp: + language, NSFW, faces, "
+                                            "dedup, boilerplate (recap_tasks/configs/)"),
         "runner": Param(runner, enum=list(RUNNERS), title="Runner",
                         description="kubernetes: one GPU pod per work unit; local: a subprocess on the worker"),
     }

@@ -6,36 +6,19 @@ shard ids and paths between tasks, never data.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import re
-from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
-# Named filter settings for the run form; values are FilterConfig fields (recap_tasks/config.py).
-FILTER_PROFILES: dict[str, dict[str, Any]] = {
-    "datacomp-basic": {},  # DataComp's basic rules (the FilterConfig defaults)
-    "strict": {"min_image_side": 256, "min_caption_words": 5, "max_aspect_ratio": 2.0},
-    "lenient": {"min_image_side": 64, "min_caption_words": 1, "min_caption_chars": 1, "max_aspect_ratio": 6.0},
-}
+# Filter chains the run form offers: profiles in recap_tasks/configs/ (FilterConfig.chain).
+FILTER_PROFILES = ("basic", "datacomp")
 
 
 def recap_run_id(airflow_run_id: str) -> str:
     """Airflow's run id (`manual__2026-11-27T03:00:00+00:00`) as a file-name-safe recap run id."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", airflow_run_id).strip("-")
-
-
-def _on_dask(fn: Callable, *args, **kwargs):
-    """Run a recap_tasks function on the Dask cluster at RECAP_DASK_ADDRESS, or here when unset."""
-    address = os.environ.get("RECAP_DASK_ADDRESS")
-    if not address:
-        return fn(*args, **kwargs)
-    from distributed import Client
-
-    with Client(address, timeout="30s") as client:
-        return client.submit(fn, *args, pure=False, **kwargs).result()
 
 
 def plan(*, source: str, lake: str, shard_limit: int = 0, max_chunks: int, only_new: bool = False) -> list[list[str]]:
@@ -55,23 +38,25 @@ def ingest(*, shards: list[str], lake: str, run_id: str) -> dict:
     from recap_tasks.ingest import ingest as ingest_sources
     from recap_tasks.lake import Lake
 
-    result = _on_dask(ingest_sources, shards, Lake(lake), run_id=run_id)
+    result = ingest_sources(shards, Lake(lake), run_id=run_id)
     return {**result.summary(), "shard_ids": [s.shard_id for s in result.shards]}
 
 
-def filter_pairs(*, lake: str, run_id: str, shard_ids: list[str] | None = None,
-                 profile: str = "datacomp-basic") -> dict:
-    """Filter the pairs of `shard_ids` (all pending pairs where run_filter has no shard selection)."""
+def filter_pairs(*, lake: str, run_id: str, shard_ids: list[str] | None = None, profile: str = "basic") -> dict:
+    """Filter the pairs of `shard_ids` with a filter chain profile.
+
+    Row filters run on the Dask cluster at RECAP_DASK_ADDRESS, or on a local cluster when unset
+    (RECAP_FILTER_EXECUTOR=local runs them in the task's process).
+    """
     from recap_tasks.config import FilterConfig
     from recap_tasks.filtering import run_filter
     from recap_tasks.lake import Lake
 
     if profile not in FILTER_PROFILES:
-        raise ValueError(f"unknown filter profile {profile!r}; known: {sorted(FILTER_PROFILES)}")
-    kwargs: dict[str, Any] = {"config": FilterConfig(**FILTER_PROFILES[profile]), "run_id": run_id}
-    if shard_ids is not None and "shard_ids" in inspect.signature(run_filter).parameters:
-        kwargs["shard_ids"] = shard_ids
-    result = _on_dask(run_filter, Lake(lake), **kwargs)
+        raise ValueError(f"unknown filter profile {profile!r}; known: {list(FILTER_PROFILES)}")
+    config = FilterConfig(chain=profile, dask_address=os.environ.get("RECAP_DASK_ADDRESS") or None,
+                          executor=os.environ.get("RECAP_FILTER_EXECUTOR", "dask"))
+    result = run_filter(Lake(lake), config=config, run_id=run_id, shard_ids=shard_ids)
     return {**result.summary(), "shard_ids": shard_ids or []}
 
 
