@@ -1,9 +1,10 @@
 # GPU worker image: recap_tasks with the `gpu` extra on a CUDA runtime, run as a non-root user.
-# Pods run: python -m recap_tasks caption --lake ... --model ...
+# Pods built by plugins/recap_airflow/pods.py run: python -m recap_tasks caption --lake ... --model ...
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
@@ -13,7 +14,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv libgomp1 ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/venv \
- && useradd --create-home --uid 10001 recap
+ && useradd --create-home --uid 10001 --user-group recap
 
 WORKDIR /opt/recap
 COPY pyproject.toml README.md ./
@@ -23,6 +24,8 @@ COPY recap_tasks recap_tasks
 RUN pip install --upgrade pip==25.3 \
  && pip install -c requirements/constraints.txt ".[gpu]"
 
-USER 10001
+# The pod security context runs as 10001 with a read-only root filesystem: /tmp, /dev/shm, the
+# lake and the model cache are volumes.
+USER 10001:10001
 ENTRYPOINT ["python", "-m", "recap_tasks"]
 CMD ["--help"]
