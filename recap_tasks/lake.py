@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,37 +35,78 @@ _MERGE_RETRIES = 5
 
 
 class Lake:
-    """A lake root (local folder, later object storage) holding Delta tables and small run records.
+    """A lake root, a local folder or an S3 URI, holding Delta tables and small run records.
 
     Everything but the Delta tables (ledgers, batch records, run summaries, reports) is addressed
     by a path relative to the root, e.g. `lake.write_json("_runs/r1/summary.json", {...})`.
+    S3 credentials, region and endpoint come from the standard AWS_* environment variables (never
+    from code or config files); `AWS_ENDPOINT_URL` points at an S3-compatible store.
     """
 
     def __init__(self, root: str | os.PathLike[str]):
         root = os.fspath(root)
-        if "://" in root and not root.startswith("file://"):
-            raise RecapError(f"lake {root!r}: only local folders are supported so far (object storage is planned)")
-        self.root = Path(root.removeprefix("file://")).expanduser().resolve()
-        self.uri = str(self.root)
-        self.fs = pafs.LocalFileSystem()
+        scheme = root.split("://", 1)[0].lower() if "://" in root else "file"
+        self.storage_options: dict[str, str] = {}
+        if scheme in ("s3", "s3a"):
+            bucket_and_prefix = root.split("://", 1)[1].strip("/")
+            if not bucket_and_prefix:
+                raise RecapError(f"lake {root!r}: name a bucket, e.g. s3://bucket/lake")
+            self.uri = f"s3://{bucket_and_prefix}"
+            self.fs, self._fs_root = _s3_filesystem(), bucket_and_prefix
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+            if endpoint.startswith("http://"):
+                self.storage_options["AWS_ALLOW_HTTP"] = "true"
+            self.is_local = False
+        elif scheme == "file":
+            local = Path(root.removeprefix("file://")).expanduser().resolve()
+            self.uri = self._fs_root = str(local)
+            self.fs = pafs.LocalFileSystem()
+            self.is_local = True
+        else:
+            raise RecapError(f"lake {root!r}: supported lakes are local folders and s3:// URIs")
 
     def __repr__(self) -> str:
         return f"Lake({self.uri!r})"
+
+    @property
+    def root(self) -> Path:
+        """The lake's folder (local lakes only)."""
+        if not self.is_local:
+            raise RecapError(f"lake {self.uri} is in object storage; it has no local folder")
+        return Path(self.uri)
 
     def path(self, table: str) -> str:
         """The URI of a Delta table in this lake."""
         return f"{self.uri}/{table}"
 
+    def delta(self, table: str, version: int | str | None = None) -> DeltaTable:
+        """The Delta table `table` (optionally at an earlier version: time travel)."""
+        dt = DeltaTable(self.path(table), storage_options=self.storage_options or None)
+        if version is not None:
+            dt.load_as_version(version)
+        return dt
+
+    def write_delta(self, table: str, data: pa.Table, **kwargs) -> None:
+        write_deltalake(self.path(table), data, storage_options=self.storage_options or None, **kwargs)
+
     def exists(self, table: str | None = None) -> bool:
         """Whether the lake (or one of its Delta tables) exists."""
-        target = self.uri if table is None else f"{self.uri}/{table}/_delta_log"
+        target = self._fs_root if table is None else f"{self._fs_root}/{table}/_delta_log"
         return self.fs.get_file_info(target).type == pafs.FileType.Directory
 
-    def local_dir(self, rel: str) -> Path:
-        """A folder under the lake for tools that write plain files (Data Docs, HTML reports)."""
-        d = self.root / rel
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+    @contextlib.contextmanager
+    def staged_dir(self, rel: str) -> Iterator[Path]:
+        """A local folder for tools that write plain files (GX Data Docs); uploaded on exit for S3."""
+        if self.is_local:
+            d = self.root / rel
+            d.mkdir(parents=True, exist_ok=True)
+            yield d
+            return
+        with tempfile.TemporaryDirectory(prefix="recap-stage-") as tmp:
+            yield Path(tmp)
+            for f in Path(tmp).rglob("*"):
+                if f.is_file():
+                    self.write_bytes(f"{rel}/{f.relative_to(tmp).as_posix()}", f.read_bytes())
 
     # Reading -----------------------------------------------------------------------------
 
@@ -73,7 +116,7 @@ class Lake:
         if not self.exists(table):
             empty = schema.empty_table()
             return empty.select(columns) if columns else empty
-        dt = DeltaTable(self.path(table))
+        dt = self.delta(table)
         present = set(dt.schema().to_arrow().names)
         wanted = columns or schema.arrow.names
         stored = [c for c in wanted if c in present]
@@ -86,7 +129,7 @@ class Lake:
         return data.select(wanted)
 
     def version(self, table: str) -> int | None:
-        return DeltaTable(self.path(table)).version() if self.exists(table) else None
+        return self.delta(table).version() if self.exists(table) else None
 
     def uids(self, table: str) -> pa.Array:
         return self.read(table, ["uid"]).column("uid").combine_chunks()
@@ -97,7 +140,7 @@ class Lake:
         if data.num_rows == 0:
             return
         data = _conform(data, schemas.TABLES[table])
-        write_deltalake(self.path(table), data, mode="append", schema_mode="merge")
+        self.write_delta(table, data, mode="append", schema_mode="merge")
 
     def insert_new(self, table: str, data: pa.Table, keys: Iterable[str] = ("uid",)) -> int:
         """Insert rows whose keys are not in the table yet (MERGE ... WHEN NOT MATCHED INSERT).
@@ -109,7 +152,7 @@ class Lake:
         data = _conform(data, schemas.TABLES[table])
         if not self.exists(table):
             try:
-                write_deltalake(self.path(table), data, mode="error")
+                self.write_delta(table, data, mode="error")
                 return data.num_rows
             except Exception as exc:  # another writer created it first: fall through to MERGE
                 if not self.exists(table):
@@ -119,7 +162,7 @@ class Lake:
         for attempt in range(_MERGE_RETRIES):
             try:
                 metrics = (
-                    DeltaTable(self.path(table))
+                    self.delta(table)
                     .merge(data, predicate=predicate, source_alias="s", target_alias="t", merge_schema=True)
                     .when_not_matched_insert_all()
                     .execute()
@@ -134,11 +177,15 @@ class Lake:
     # Small records beside the tables (ledgers, batches, run summaries) ---------------------
 
     def _abs(self, rel: str) -> str:
-        return f"{self.uri}/{rel.lstrip('/')}"
+        return f"{self._fs_root}/{rel.lstrip('/')}"
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write atomically: a reader sees the old file or the new one, never half of one."""
         path = self._abs(rel)
+        if not self.is_local:  # an S3 PUT is atomic already
+            with self.fs.open_output_stream(path) as f:
+                f.write(data)
+            return
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         tmp = f"{path}.tmp{os.getpid()}"
         with self.fs.open_output_stream(tmp) as f:
@@ -162,9 +209,8 @@ class Lake:
     def list(self, prefix: str, suffix: str = "") -> list[str]:
         """Relative paths of the files directly under `prefix` ending in `suffix`, sorted."""
         selector = pafs.FileSelector(self._abs(prefix), allow_not_found=True)
-        base = len(self.uri) + 1
-        return sorted(info.path[base:] if info.path.startswith(self.uri) else info.path
-                      for info in self.fs.get_file_info(selector)
+        base = len(self._fs_root) + 1
+        return sorted(info.path[base:] for info in self.fs.get_file_info(selector)
                       if info.type == pafs.FileType.File and info.path.endswith(suffix))
 
     def write_parquet(self, rel: str, table: pa.Table) -> None:
@@ -174,6 +220,19 @@ class Lake:
 
     def read_parquet(self, rel: str) -> pa.Table:
         return pq.read_table(self._abs(rel), filesystem=self.fs)
+
+
+def _s3_filesystem() -> pafs.S3FileSystem:
+    """pyarrow's S3 client configured from the same AWS_* variables delta-rs reads."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
 
 
 def _normalize(data: pa.Table) -> pa.Table:

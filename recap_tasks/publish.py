@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 import pyarrow as pa
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake import CommitProperties, Transaction
 from deltalake.exceptions import CommitFailedError
 
 from recap_tasks import lake as tables
@@ -43,11 +43,11 @@ def run_publish(lake: Lake, *, batch_id: str | None = None, run_id: str | None =
         raise ValidationFailed(f"batch {batch.batch_id} failed validation ({', '.join(batch.failed)}); "
                                f"not published. Fix the cause and run validate again.")
     app_id = APP_ID_PREFIX + batch.batch_id
-    path = lake.path(tables.RECAP)
-    if lake.exists(tables.RECAP) and DeltaTable(path).transaction_version(app_id) is not None:
+    if lake.exists(tables.RECAP) and lake.delta(tables.RECAP).transaction_version(app_id) is not None:
         # The table already records this batch's commit: a retry after a crash, or a repeat.
-        _mark(lake, batch, DeltaTable(path).version())
-        return PublishResult(batch.batch_id, batch.rows, 0, 0, DeltaTable(path).version(), already_published=True)
+        version = lake.version(tables.RECAP)
+        _mark(lake, batch, version)
+        return PublishResult(batch.batch_id, batch.rows, 0, 0, version, already_published=True)
     rows = candidate_rows(lake, read_uids(lake, batch))
     if rows.num_rows == 0:
         _mark(lake, batch, lake.version(tables.RECAP))
@@ -63,10 +63,10 @@ def run_publish(lake: Lake, *, batch_id: str | None = None, run_id: str | None =
     for attempt in range(8):
         try:
             if not lake.exists(tables.RECAP):
-                write_deltalake(path, data, mode="error", commit_properties=commit)
+                lake.write_delta(tables.RECAP, data, mode="error", commit_properties=commit)
                 inserted = data.num_rows
             else:
-                dt = DeltaTable(path)
+                dt = lake.delta(tables.RECAP)
                 if dt.transaction_version(app_id) is not None:
                     break  # a concurrent publisher of the same batch won
                 metrics = (
@@ -88,7 +88,7 @@ def run_publish(lake: Lake, *, batch_id: str | None = None, run_id: str | None =
             raise
     else:
         raise RecapError(f"publishing batch {batch.batch_id}: too many concurrent commit conflicts")
-    version = DeltaTable(path).version()
+    version = lake.version(tables.RECAP)
     _mark(lake, batch, version)
     out = PublishResult(batch.batch_id, data.num_rows, inserted, updated, version)
     log.info("publish %s: %s", run_id, out.summary())

@@ -133,8 +133,10 @@ def run_validate(lake: Lake, *, config: ValidateConfig | None = None, run_id: st
     quarantine: dict[str, list[str]] = {}
     if rows.num_rows:
         df = row_checks(rows.to_pandas(), config)
-        results, quarantine, report = check_frame(df, config, name=run_id,
-                                                  docs_dir=lake.local_dir("_reports/data_docs"))
+        with lake.staged_dir("_reports/data_docs") as docs_dir:
+            results, quarantine, page = check_frame(df, config, name=run_id, docs_dir=docs_dir)
+        report = page if lake.is_local or page is None else \
+            f"{lake.uri}/_reports/data_docs/{Path(page).relative_to(docs_dir).as_posix()}"
         reconciliation = _reconcile(lake, rows.num_rows, len(quarantine))
         results.append(reconciliation)
         batch.failed = [r["expectation"] for r in results if not r["success"]]
