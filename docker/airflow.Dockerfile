@@ -16,7 +16,7 @@ COPY --chown=50000:0 pyproject.toml README.md ./
 COPY --chown=50000:0 requirements/constraints.txt requirements/constraints.txt
 COPY --chown=50000:0 recap_tasks recap_tasks
 RUN pip install --no-cache-dir -c requirements/constraints.txt "." \
-      "apache-airflow-providers-cncf-kubernetes>=10.20,<11" "psycopg2-binary>=2.9.9,<3"
+      "apache-airflow-providers-cncf-kubernetes>=10.20,<11" "psycopg2-binary>=2.9.9,<3" "asyncpg>=0.30,<1"
 
 COPY --chown=50000:0 dags /opt/airflow/dags
 COPY --chown=50000:0 plugins /opt/airflow/plugins
