@@ -112,6 +112,39 @@ def cmd_report(args):
     print(build_report(_lake(args, must_exist=True), run_id=args.run_id))
 
 
+def cmd_maintain(args):
+    from recap_tasks.maintenance import maintain
+
+    _print(maintain(_lake(args, must_exist=True), tables=args.table or None, retention_hours=args.retention_hours,
+                    dry_run=args.dry_run, allow_short_retention=args.allow_short_retention))
+
+
+def cmd_history(args):
+    from recap_tasks.maintenance import history
+
+    _print({"table": args.table, "versions": history(_lake(args, must_exist=True), args.table, args.limit)})
+
+
+def cmd_snapshot(args):
+    import pyarrow.parquet as pq
+
+    from recap_tasks.maintenance import snapshot
+
+    if args.version is None and args.as_of is None:
+        raise RecapError("name a --version or an --as-of timestamp")
+    data = snapshot(_lake(args, must_exist=True), args.table, version=args.version, as_of=args.as_of)
+    pq.write_table(data, args.out)
+    _print({"table": args.table, "version": args.version, "as_of": args.as_of, "rows": data.num_rows,
+            "out": args.out})
+
+
+def cmd_export(args):
+    from recap_tasks.export import export_webdataset
+
+    _print(export_webdataset(_lake(args, must_exist=True), args.out, shard_size=args.shard_size,
+                             version=args.version, p_original=args.p_original))
+
+
 def cmd_make_test_model(args):
     from recap_tasks.captioning.test_model import make_test_model
 
@@ -168,6 +201,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("status", cmd_status, "counts for the lake: ingested, rejected by stage and reason, published")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     stage("report", cmd_report, "write the HTML quality report of --run-id (default: the latest validated) and the index")
+    p = stage("maintain", cmd_maintain, "compact small files, checkpoint and vacuum old files of the lake's tables")
+    p.add_argument("--table", action="append", help="only this table (repeatable); default: all")
+    p.add_argument("--retention-hours", type=int, default=168, help="vacuum files unreferenced for longer (>=168)")
+    p.add_argument("--dry-run", action="store_true", help="list what vacuum would delete; change nothing")
+    p.add_argument("--allow-short-retention", action="store_true",
+                   help="permit retention below 168 h (breaks readers on older versions)")
+    p = stage("history", cmd_history, "versions of a table: operation, time, rows, batch id")
+    p.add_argument("--table", default="recap")
+    p.add_argument("--limit", type=int, default=20)
+    p = stage("snapshot", cmd_snapshot, "time travel: write a table as of a version or timestamp to parquet")
+    p.add_argument("--table", default="recap")
+    p.add_argument("--version", type=int)
+    p.add_argument("--as-of", help="ISO 8601 timestamp, e.g. 2026-11-27T03:00:00Z")
+    p.add_argument("--out", required=True, help="parquet file to write")
+    p = stage("export", cmd_export, "write published rows as webdataset shards (image + both captions) for training")
+    p.add_argument("--out", required=True, help="output folder for the .tar shards")
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--version", type=int, help="export the table as of this version (default: latest)")
+    p.add_argument("--p-original", type=float, default=0.8,
+                   help="recorded in the manifest: probability a loader picks the original caption")
     p = stage("make-test-model", cmd_make_test_model, "write a tiny random LLaVA captioner for tests and demos",
               lake=False)
     p.add_argument("dir")
