@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -136,7 +137,7 @@ def _run_shards(shards: dict[str, pa.Table], config: FilterConfig, chain: list[P
         futures = {}
         for shard_id, rows in shards.items():
             fut = client.submit(filter_shard, shard_id, rows, config, threads=threads, chain=chain,
-                                key=f"filter-{shard_id}-{id(rows)}", pure=False, retries=0)
+                                key=f"filter-{shard_id}-{uuid.uuid4().hex[:12]}", retries=0)
             futures[fut] = shard_id
         for fut in as_completed(futures):
             shard_id = futures[fut]

@@ -57,3 +57,17 @@ def test_chain_on_two_workers(tmp_path, cluster, monkeypatch):
     assert [r["rows_in"] for r in runs.values()] == [6, 2]
     first = next(iter(runs.values()))
     assert first["rows_out"] == 6 - sum(first["dropped"].values())
+
+
+def test_a_model_that_fails_to_load_on_a_worker_stops_the_run(tmp_path, cluster):
+    from recap_tasks.filters import ModelLoadError
+
+    local, _ = cluster
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"not an onnx model")
+    lake = make_lake(tmp_path, {"00000.tar": [("000000001", "a cup of coffee on a saucer", photo("coffee"))],
+                                "00001.tar": [("000010001", "a cat lying on a red chair", photo("chelsea"))]})
+    with pytest.raises(ModelLoadError, match=rf"filter 'nsfw': cannot load model {bad}"):
+        run_filter(lake, config=FilterConfig(chain="datacomp", dask_address=local.scheduler_address,
+                                             nsfw_model=str(bad)))
+    assert lake.read(tables.FILTER_RESULTS).num_rows == 0

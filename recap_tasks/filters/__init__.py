@@ -45,6 +45,10 @@ class ModelLoadError(RecapError):
         super().__init__(f"filter {filter_name!r}: cannot load model {path}: {cause}")
         self.filter_name = filter_name
         self.model_path = path
+        self._cause = str(cause)
+
+    def __reduce__(self):  # raised on a Dask worker, re-raised in the driver
+        return (type(self), (self.filter_name, self.model_path, self._cause))
 
 
 class PairFilter(ABC):
