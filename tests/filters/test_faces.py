@@ -95,3 +95,34 @@ def test_faces_on_coco_photos_of_people(shared_data):
         box = max(json.loads(decision.scores["face_boxes"][i]), key=lambda b: b[4])
         inside, outside = _face_change(people[i], blurred, box)
         assert inside > 3 * outside
+
+
+class PixelCaptioner:
+    """A deterministic captioner that describes each image by its size and keeps what it was given."""
+
+    def __init__(self):
+        self.seen: list[Image.Image] = []
+
+    def caption(self, images):
+        self.seen += images
+        return [f"an image of {im.size[0]} by {im.size[1]} pixels" for im in images]
+
+    def provenance(self):
+        return {"model": "pixel-captioner", "prompt": "-", "generation": "{}"}
+
+
+def test_captioning_sees_the_blurred_face(tmp_path):
+    from recap_tasks.caption import run_caption
+    from recap_tasks.captioning import Captioner
+
+    Captioner.register(PixelCaptioner)
+    original = photo("astronaut")
+    lake = make_lake(tmp_path, {"00000.tar": [("000000001", "an astronaut in her orange suit with a flag", original)]})
+    run_filter(lake, config=FilterConfig(chain="datacomp", executor="local"))
+    captioner = PixelCaptioner()
+    assert run_caption(lake, captioner=captioner).captioned == 1
+    box = json.loads(by_key(lake, tables.FILTER_RESULTS)["000000001"]["face_boxes"])[0]
+    seen = io.BytesIO()
+    captioner.seen[0].save(seen, format="PNG")
+    inside, outside = _face_change(original, seen.getvalue(), box)
+    assert inside > 8 * outside
