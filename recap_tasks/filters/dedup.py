@@ -77,9 +77,9 @@ def near_pairs(hashes: list[int], max_distance: int):
                         yield i, j
 
 
-def _survivors(keys: list, n_hist: int, rank: list, link) -> tuple[np.ndarray, list[str | None], list[int]]:
-    """Group rows (history first) by `link`; keep the best row of each group that has no history row."""
-    n = len(keys)
+def _survivors(n: int, n_hist: int, rank: list, link) -> tuple[np.ndarray, list[int]]:
+    """Group n rows (the first n_hist from history) by `link`; in each group keep a history row if
+    there is one, else the best-ranked row. Returns the keep mask and each row's survivor."""
     groups = _Groups(n)
     link(groups)
     members: dict[int, list[int]] = defaultdict(list)
@@ -96,7 +96,7 @@ def _survivors(keys: list, n_hist: int, rank: list, link) -> tuple[np.ndarray, l
             if i != best and i >= n_hist:
                 keep[i] = False
                 survivor[i] = best
-    return keep, survivor, list(range(n))
+    return keep, survivor
 
 
 class ImageDedupFilter(CorpusFilter):
@@ -127,7 +127,7 @@ class ImageDedupFilter(CorpusFilter):
                 if s is not None:
                     groups.union(first.setdefault(s, i), i)
 
-        keep_exact, surv_exact, _ = _survivors(uids, n_hist, rank, by_sha)
+        keep_exact, surv_exact = _survivors(len(uids), n_hist, rank, by_sha)
         # Near duplicates among what the exact pass kept (and all history rows).
         live = [i for i in range(len(uids)) if keep_exact[i] and hashes[i] is not None]
         live_hashes = [hashes[i] for i in live]
@@ -137,8 +137,7 @@ class ImageDedupFilter(CorpusFilter):
                 groups.union(a, b)
 
         n_hist_live = sum(1 for i in live if i < n_hist)
-        keep_near_live, surv_near_live, _ = _survivors([uids[i] for i in live], n_hist_live,
-                                                       [rank[i] for i in live], by_phash)
+        keep_near_live, surv_near_live = _survivors(len(live), n_hist_live, [rank[i] for i in live], by_phash)
         keep_near = np.ones(len(uids), dtype=bool)
         duplicate_of: list[str | None] = [None] * len(uids)
         distance: list[int | None] = [None] * len(uids)
