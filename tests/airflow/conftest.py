@@ -13,3 +13,20 @@ if str(REPO / "plugins") not in sys.path:
     sys.path.insert(0, str(REPO / "plugins"))
 
 from tests.dags.conftest import airflow_env  # noqa: E402,F401  (fixture)
+
+
+@pytest.fixture(scope="session")
+def airflow_services(tmp_path_factory, tiny_model):
+    """api-server + scheduler + dag-processor on a fresh PostgreSQL database (LocalExecutor)."""
+    from tests.airflow.services import AirflowServices, postgres_available
+
+    reason = postgres_available()
+    if reason:
+        pytest.skip(reason)
+    home = tmp_path_factory.mktemp("airflow-services")
+    lake = home / "lake"
+    extra = {"RECAP_LAKE": str(lake), "RECAP_MODEL": str(tiny_model), "RECAP_RUNNER": "local",
+             "RECAP_FILTER_EXECUTOR": "local", "RECAP_INCREMENTAL_SCHEDULE": "none"}
+    with AirflowServices(home, extra) as services:
+        services.lake = lake
+        yield services
