@@ -1,23 +1,34 @@
-"""Caption stage: kept pairs without a caption -> `captions`, one shard (work unit) at a time."""
+"""Caption stage: kept pairs without a caption -> `captions`, shard by shard, committed in parts.
+
+Images are read and preprocessed in background threads a few batches ahead of generation. A CUDA
+out-of-memory error halves the batch and retries instead of failing. Captions are committed every
+`commit_every` rows, so a killed run resumes from its last part: pending rows are always "kept and
+not yet captioned", and a finished shard has none.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from recap_tasks import lake as tables
 from recap_tasks.captioning import Captioner
 from recap_tasks.config import CaptionConfig, RecapConfig
+from recap_tasks.errors import RecapError
+from recap_tasks.hygiene import clean_caption, distinct_ngram_ratio, echoes_prompt, is_refusal
 from recap_tasks.images import open_rgb, read_images
 from recap_tasks.lake import Lake, not_in
 from recap_tasks.runs import new_run_id, progress, utcnow
 
 log = logging.getLogger(__name__)
 
-_POINTER = ["uid", "key", "shard_id", "source_uri", "source_format", "image_offset", "image_size",
+_POINTER = ["uid", "key", "org_caption", "shard_id", "source_uri", "source_format", "image_offset", "image_size",
             "source_row", "image_column"]
 
 
@@ -26,12 +37,14 @@ class CaptionResult:
     run_id: str
     pending: int = 0
     captioned: int = 0
+    parts: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     shards: list[str] = field(default_factory=list)
+    oom_splits: int = 0
 
     def summary(self) -> dict:
-        return {"run_id": self.run_id, "pending": self.pending, "captioned": self.captioned,
-                "rejected": self.rejected, "shards": len(self.shards)}
+        return {"run_id": self.run_id, "pending": self.pending, "captioned": self.captioned, "parts": self.parts,
+                "rejected": self.rejected, "shards": len(self.shards), "oom_splits": self.oom_splits}
 
 
 def pending_pairs(lake: Lake, shard_ids: list[str] | None = None) -> pa.Table:
@@ -46,13 +59,22 @@ def pending_pairs(lake: Lake, shard_ids: list[str] | None = None) -> pa.Table:
     pairs = pairs.filter(not_in(pairs.column("uid"), caption_rejects.combine_chunks()))
     if shard_ids is not None:
         pairs = pairs.filter(pc.is_in(pairs.column("shard_id"), value_set=pa.array(shard_ids, pa.string())))
-    return pairs
+    return pairs.sort_by([("shard_id", "ascending"), ("uid", "ascending")])
+
+
+@dataclass
+class _Batch:
+    rows: pa.Table
+    images: list  # PIL images of the rows that decoded
+    ok: list[int]  # their row indices
+    rejects: list[dict]
+    prepared: object | None = None
 
 
 def run_caption(lake: Lake, *, model: str | None = None, captioner: Captioner | None = None,
                 config: CaptionConfig | None = None, run_id: str | None = None,
                 shard_ids: list[str] | None = None) -> CaptionResult:
-    """Caption every pending pair (or those of `shard_ids`); each finished shard is committed."""
+    """Caption every pending pair (or those of `shard_ids`), committing every `commit_every` rows."""
     config = config or RecapConfig.load().caption
     run_id = run_id or new_run_id()
     pending = pending_pairs(lake, shard_ids)
@@ -66,53 +88,145 @@ def run_caption(lake: Lake, *, model: str | None = None, captioner: Captioner | 
         from recap_tasks.captioning.transformers_backend import TransformersCaptioner
 
         captioner = TransformersCaptioner(model, config)
+    scorer = None
+    if config.clip_model:
+        from recap_tasks.captioning.clip_scorer import ClipScorer
+
+        scorer = ClipScorer(config.clip_model, device=config.device)
     prov = captioner.provenance()
-    shard_col = pending.column("shard_id")
+    backoff = _Backoff(captioner, config.batch_size)
     bar = progress(desc="caption", total=pending.num_rows, unit="img")
-    for shard_id in sorted(set(shard_col.to_pylist())):
-        rows = pending.filter(pc.equal(shard_col, shard_id))
-        captions, rejects = [], []
-        for start in range(0, rows.num_rows, config.batch_size):
-            batch = rows.slice(start, config.batch_size)
-            images, ok = _load(batch, rejects, run_id, lake)
-            texts = captioner.caption(images) if images else []
-            now = utcnow()
-            for i, text in zip(ok, texts):
-                captions.append({"uid": batch.column("uid")[i].as_py(), "shard_id": shard_id, "re_caption": text,
-                                 "model": prov["model"], "prompt": prov["prompt"], "generation": prov["generation"],
-                                 "run_id": run_id, "captioned_at": now})
-            bar.update(batch.num_rows)
-        lake.insert_new(tables.REJECTED, pa.Table.from_pylist(rejects, schema=tables.schemas.REJECTED.arrow),
-                        keys=("uid", "stage"))
-        result.captioned += lake.insert_new(
-            tables.CAPTIONS, pa.Table.from_pylist(captions, schema=tables.schemas.CAPTIONS.arrow))
-        for r in rejects:
-            result.rejected[r["reason"]] = result.rejected.get(r["reason"], 0) + 1
-        result.shards.append(shard_id)
+    with ThreadPoolExecutor(max_workers=config.decode_workers, thread_name_prefix="recap-decode") as pool:
+        for shard_id in sorted(set(pending.column("shard_id").to_pylist())):
+            rows = pending.filter(pc.equal(pending.column("shard_id"), shard_id))
+            part: list[dict] = []
+            rejects: list[dict] = []
+            for batch in _prefetch(pool, rows, lake, captioner, config, run_id):
+                rejects += batch.rejects
+                texts = backoff.caption(batch.images, batch.prepared) if batch.images else []
+                part += _rows(batch, texts, scorer, prov, config, shard_id, run_id)
+                bar.update(batch.rows.num_rows)
+                if len(part) >= config.commit_every:
+                    result.captioned += _commit(lake, part, rejects, result)
+                    part, rejects = [], []
+            result.captioned += _commit(lake, part, rejects, result)
+            result.shards.append(shard_id)
     bar.close()
+    result.oom_splits = backoff.splits
     log.info("caption %s: %s", run_id, result.summary())
     return result
 
 
-def _load(batch: pa.Table, rejects: list[dict], run_id: str, lake: Lake | None = None):
+def _prefetch(pool: ThreadPoolExecutor, rows: pa.Table, lake: Lake, captioner: Captioner, config: CaptionConfig,
+              run_id: str) -> Iterator[_Batch]:
+    """Batches in order, each read, decoded and prepared in the pool, up to `prefetch_batches` ahead."""
+    starts = list(range(0, rows.num_rows, config.batch_size))
+    futures = []
+    for start in starts:
+        futures.append(pool.submit(_load, rows.slice(start, config.batch_size), lake, captioner, run_id))
+        if len(futures) > config.prefetch_batches:
+            yield futures.pop(0).result()
+    for f in futures:
+        yield f.result()
+
+
+def _load(rows: pa.Table, lake: Lake, captioner: Captioner, run_id: str) -> _Batch:
     """Decode a batch's images; a source that vanished or changed is a caption-stage rejection."""
-    images, ok = [], []
+    batch = _Batch(rows, [], [], [])
     try:
-        blobs = read_images(batch, lake=lake)  # face-blurred copies where the filter made them
-    except OSError as exc:
-        blobs = [None] * batch.num_rows
-        error = f"{type(exc).__name__}: {exc}"
-    else:
+        blobs = read_images(rows, lake)
         error = "image bytes could not be read back from the source shard"
+    except OSError as exc:
+        blobs = [None] * rows.num_rows
+        error = f"{type(exc).__name__}: {exc}"
     for i, blob in enumerate(blobs):
         try:
             if blob is None:
                 raise OSError(error)
-            images.append(open_rgb(blob))
-            ok.append(i)
+            batch.images.append(open_rgb(blob))
+            batch.ok.append(i)
         except Exception as exc:  # a shard rewritten since ingest can hold anything at the pointer
-            rejects.append({"uid": batch.column("uid")[i].as_py(), "key": batch.column("key")[i].as_py(),
-                            "shard_id": batch.column("shard_id")[i].as_py(), "stage": "caption",
-                            "reason": "image_unavailable", "detail": str(exc)[:1000], "run_id": run_id,
-                            "rejected_at": utcnow()})
-    return images, ok
+            batch.rejects.append({"uid": rows.column("uid")[i].as_py(), "key": rows.column("key")[i].as_py(),
+                                  "shard_id": rows.column("shard_id")[i].as_py(), "stage": "caption",
+                                  "reason": "image_unavailable", "detail": str(exc)[:1000], "run_id": run_id,
+                                  "rejected_at": utcnow()})
+    if batch.images:
+        batch.prepared = captioner.prepare(batch.images)
+    return batch
+
+
+class _Backoff:
+    """Generate with the largest batch that fits: halve and retry on CUDA out-of-memory."""
+
+    def __init__(self, captioner: Captioner, batch_size: int):
+        self.captioner = captioner
+        self.limit = batch_size
+        self.splits = 0
+
+    def caption(self, images: list, prepared=None) -> list[str]:
+        if len(images) > self.limit:
+            size = self.limit  # fixed for this split, even if a chunk lowers the limit further
+            return [t for i in range(0, len(images), size) for t in self.caption(images[i:i + size])]
+        try:
+            return self.captioner.generate(prepared if prepared is not None else self.captioner.prepare(images))
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self.captioner.free_memory()
+            if len(images) == 1:
+                raise RecapError("out of memory captioning a single image: use a smaller model, a lower "
+                                 "precision (caption.dtype) or a larger accelerator") from exc
+            self.limit = max(1, len(images) // 2)
+            self.splits += 1
+            log.warning("out of memory at batch %d; retrying with batches of %d", len(images), self.limit)
+            return self.caption(images)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except ImportError:
+        pass
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _rows(batch: _Batch, texts: list[str], scorer, prov: dict, config: CaptionConfig, shard_id: str,
+          run_id: str) -> list[dict]:
+    cleaned = [clean_caption(t, config.prompt) for t in texts]
+    org = [batch.rows.column("org_caption")[i].as_py() for i in batch.ok]
+    if scorer is not None and cleaned:
+        re_scores, org_scores, truncated = scorer.score_pairs(batch.images, org, cleaned)
+    else:
+        re_scores = org_scores = np.full(len(cleaned), np.nan)
+        truncated = [None] * len(cleaned)
+    now = utcnow()
+    out = []
+    for j, (i, raw, text) in enumerate(zip(batch.ok, texts, cleaned)):
+        out.append({
+            "uid": batch.rows.column("uid")[i].as_py(), "shard_id": shard_id, "re_caption": text,
+            "model": prov["model"], "prompt": prov["prompt"], "generation": prov["generation"],
+            "is_refusal": is_refusal(text), "prompt_echo": echoes_prompt(raw, config.prompt),
+            "distinct_ngram_ratio": distinct_ngram_ratio(text),
+            "re_clip_score": None if np.isnan(re_scores[j]) else float(re_scores[j]),
+            "org_clip_score": None if np.isnan(org_scores[j]) else float(org_scores[j]),
+            "clip_model": scorer.model_id if scorer is not None else None,
+            "re_clip_truncated": None if truncated[j] is None else bool(truncated[j]),
+            "run_id": run_id, "captioned_at": now,
+        })
+    return out
+
+
+def _commit(lake: Lake, part: list[dict], rejects: list[dict], result: CaptionResult) -> int:
+    """One part: rejections, then captions (MERGE insert-if-absent, so a replayed part adds nothing)."""
+    if rejects:
+        lake.insert_new(tables.REJECTED, pa.Table.from_pylist(rejects, schema=tables.schemas.REJECTED.arrow),
+                        keys=("uid", "stage"))
+        for r in rejects:
+            result.rejected[r["reason"]] = result.rejected.get(r["reason"], 0) + 1
+    if not part:
+        return 0
+    result.parts += 1
+    return lake.insert_new(tables.CAPTIONS, pa.Table.from_pylist(part, schema=tables.schemas.CAPTIONS.arrow))

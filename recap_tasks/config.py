@@ -109,9 +109,19 @@ class CaptionConfig:
     batch_size: int = 8
     device: str = "auto"  # "auto" picks cuda when available, else cpu
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # A Jinja chat template that replaces the model's own (for models shipped without one).
+    chat_template: str | None = None
+    # Captions are committed every this many rows: a killed run loses at most one part.
+    commit_every: int = 256
+    # Image reading, decoding and preprocessing run in background threads, this many batches
+    # ahead, so the accelerator does not wait for the CPU.
+    decode_workers: int = 4
+    prefetch_batches: int = 2
+    # CLIP model id or path for re_clip_score / org_clip_score; None leaves them null.
+    clip_model: str | None = None
 
     def __post_init__(self) -> None:
-        _positive(self, "max_new_tokens", "batch_size")
+        _positive(self, "max_new_tokens", "batch_size", "commit_every", "decode_workers", "prefetch_batches")
         if not self.prompt.strip():
             raise RecapError("caption.prompt must not be empty")
 

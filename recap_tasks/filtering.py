@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from recap_tasks import lake as tables
 from recap_tasks.blur import store_blurred
-from recap_tasks.config import FilterConfig
+from recap_tasks.config import FilterConfig, RecapConfig
 from recap_tasks.errors import RecapError
 from recap_tasks.filters import CorpusFilter, ModelLoadError, PairFilter
 from recap_tasks.filters.chain import build_chain, run_corpus, run_rows
@@ -69,7 +69,7 @@ def run_filter(lake: Lake, *, config: FilterConfig | None = None, run_id: str | 
     Raises ModelLoadError before judging anything when a model cannot load, and ShardsFailed after
     writing the other shards' results when some shards failed.
     """
-    config = config or FilterConfig()
+    config = config or RecapConfig.load().filter
     run_id = run_id or new_run_id()
     pairs = lake.read(tables.PAIRS, _COLUMNS)
     pending = pairs.filter(not_in(pairs.column("uid"), lake.uids(tables.FILTER_RESULTS)))

@@ -15,16 +15,18 @@ _REFUSAL = re.compile(
     re.IGNORECASE,
 )
 # Chat-template debris that a decode with skip_special_tokens can leave behind.
-_TEMPLATE_DEBRIS = re.compile(
-    r"(<\|[^|>]{1,40}\|>|</?s>|<image>|\[/?INST\]|^\s*(ASSISTANT|assistant|Assistant)\s*:\s*|"
-    r"^\s*(USER|user|User)\s*:.*?(ASSISTANT|assistant)\s*:\s*)",
-    re.DOTALL,
-)
+_SPECIAL = re.compile(r"<\|[^|>]{1,40}\|>|</?s>|<image>|\[/?INST\]")
+_ROLE_TURN = re.compile(r"^\s*(?:USER|user|User)\s*:.*?(?:ASSISTANT|assistant|Assistant)\s*:\s*", re.DOTALL)
+_ROLE = re.compile(r"^\s*(?:ASSISTANT|assistant|Assistant)\s*:\s*")
+_BARE_ROLE = re.compile(r"^\s*(?:assistant|ASSISTANT)\s+")  # "<|im_start|>assistant ..." once tokens are gone
 
 
 def clean_caption(text: str, prompt: str) -> str:
     """Strip chat-template leftovers and an echoed prompt; normalise white space."""
-    text = _TEMPLATE_DEBRIS.sub(" ", text)
+    had_special = bool(_SPECIAL.search(text))
+    text = _ROLE.sub("", _ROLE_TURN.sub("", _SPECIAL.sub(" ", text)))
+    if had_special:
+        text = _BARE_ROLE.sub("", text)
     stripped = text.strip()
     if prompt and stripped.lower().startswith(prompt.strip().lower()):
         stripped = stripped[len(prompt.strip()):]

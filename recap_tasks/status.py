@@ -9,6 +9,7 @@ import pyarrow.compute as pc
 
 from recap_tasks import lake as tables
 from recap_tasks.batches import all_batches
+from recap_tasks.filtering import funnel
 from recap_tasks.lake import Lake, not_in
 
 
@@ -75,6 +76,7 @@ def lake_status(lake: Lake) -> dict:
                                                  "success": last.success, "failed": last.failed,
                                                  "quarantined": last.quarantined,
                                                  "published": last.published, "report": last.report},
+        "filter_funnel": funnel(lake),  # per run: rows in, dropped per reason, rows out
         "table_versions": {t: lake.version(t) for t in tables.schemas.TABLES},
     }
 

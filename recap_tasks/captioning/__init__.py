@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 from PIL import Image
 
 
 class Captioner(ABC):
-    """Loads a model once, then captions batches of RGB images."""
+    """Loads a model once, then captions batches of RGB images.
+
+    `prepare` (CPU: resize, normalise, tokenise) is split from `generate` (the accelerator) so a
+    loader can prepare the next batch while the current one generates.
+    """
 
     @abstractmethod
+    def prepare(self, images: list[Image.Image]) -> Any:
+        """Model inputs for a batch of images."""
+
+    @abstractmethod
+    def generate(self, prepared: Any) -> list[str]:
+        """Raw decoded output, one string per image, in order."""
+
     def caption(self, images: list[Image.Image]) -> list[str]:
-        """One caption per image, in order."""
+        return self.generate(self.prepare(images))
+
+    def free_memory(self) -> None:
+        """Release cached accelerator memory (after an out-of-memory error)."""
 
     @abstractmethod
     def provenance(self) -> dict:

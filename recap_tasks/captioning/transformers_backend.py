@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 class TransformersCaptioner(Captioner):
     """Any LLaVA-style image-text-to-text model by hub id or local path; the same path for 8B and tiny."""
 
-    def __init__(self, model: str, config: CaptionConfig):
+    def __init__(self, model: str, config: CaptionConfig, *, loaded: tuple | None = None):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -26,13 +26,19 @@ class TransformersCaptioner(Captioner):
         self.config = config
         self.device = _pick_device(config.device)
         dtype = _pick_dtype(config.dtype, self.device)
-        try:
-            self.processor = AutoProcessor.from_pretrained(model)
-            self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, attn_implementation="sdpa")
-        except (OSError, ValueError, KeyError) as exc:
-            hint = "" if Path(model).exists() else " (not a local folder; model hubs may be unreachable offline)"
-            raise RecapError(f"cannot load captioning model {model!r}{hint}: {exc}") from exc
+        if loaded is not None:  # a model built in memory (benchmarks): same code path from here on
+            self.model, self.processor = loaded
+        else:
+            try:
+                self.processor = AutoProcessor.from_pretrained(model)
+                self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype,
+                                                                         attn_implementation="sdpa")
+            except (OSError, ValueError, KeyError) as exc:
+                hint = "" if Path(model).exists() else " (not a local folder; model hubs may be unreachable offline)"
+                raise RecapError(f"cannot load captioning model {model!r}{hint}: {exc}") from exc
         self.model.to(self.device).eval()
+        if config.chat_template:
+            self.processor.chat_template = config.chat_template
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.padding_side = "left"  # decoder-only generation needs prompts flush right
@@ -54,18 +60,26 @@ class TransformersCaptioner(Captioner):
             kwargs["min_new_tokens"] = self.config.min_new_tokens
         return kwargs
 
-    def caption(self, images: list[Image.Image]) -> list[str]:
-        torch = self._torch
+    def prepare(self, images: list[Image.Image]):
         inputs = self.processor(images=images, text=[self.prompt_text] * len(images), return_tensors="pt",
                                 padding=True)
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        if "pixel_values" in inputs and self.model.dtype != inputs["pixel_values"].dtype:
+        if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        if self.device.startswith("cuda"):  # pinned host memory makes the copy asynchronous
+            inputs = {k: v.pin_memory() for k, v in inputs.items()}
+        return dict(inputs)
+
+    def generate(self, prepared) -> list[str]:
+        torch = self._torch
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in prepared.items()}
         with torch.inference_mode():
             out = self.model.generate(**inputs, **self.generation_kwargs())
         new_tokens = out[:, inputs["input_ids"].shape[1]:]
-        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
-        return [" ".join(t.split()) for t in texts]
+        return self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+
+    def free_memory(self) -> None:
+        if self.device.startswith("cuda"):
+            self._torch.cuda.empty_cache()
 
     def provenance(self) -> dict:
         return {

@@ -1,0 +1,58 @@
+"""CLIP scores of (image, original caption) and (image, recaption) in one forward pass.
+
+The released Recap-DataComp-1B table carries both scores. CLIP's text encoder reads a fixed number
+of tokens (77 for OpenAI CLIP): a longer recaption is cut, and the row records that it was. A
+long-context CLIP (a model id whose text encoder has more positions) reads more of it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from recap_tasks.errors import RecapError
+
+log = logging.getLogger(__name__)
+
+
+class ClipScorer:
+    """Any transformers `CLIPModel` id or local path; cosine similarities in [-1, 1]."""
+
+    def __init__(self, model_id: str, *, device: str = "auto"):
+        import torch
+        from transformers import AutoProcessor, CLIPModel
+
+        self.model_id = model_id
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        try:
+            self.model = CLIPModel.from_pretrained(model_id).to(self.device).eval()
+            self.processor = AutoProcessor.from_pretrained(model_id)
+        except (OSError, ValueError, KeyError) as exc:
+            hint = "" if Path(model_id).exists() else " (not a local folder; model hubs may be unreachable offline)"
+            raise RecapError(f"cannot load CLIP model {model_id!r}{hint}: {exc}") from exc
+        self.max_tokens = int(self.model.config.text_config.max_position_embeddings)
+        self._torch = torch
+
+    def token_counts(self, texts: list[str]) -> np.ndarray:
+        ids = self.processor.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        return np.array([len(i) for i in ids])
+
+    def score_pairs(self, images: list[Image.Image], org: list[str], re_: list[str]):
+        """(re scores, org scores, re truncated) for aligned lists of images and captions."""
+        torch = self._torch
+        texts = [t or "" for t in org] + [t or "" for t in re_]
+        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True, truncation=True,
+                                max_length=self.max_tokens)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        with torch.inference_mode():
+            out = self.model(**inputs)
+            img = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
+            txt = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
+        n = len(images)
+        org_scores = (img * txt[:n]).sum(-1).cpu().numpy().astype(np.float32)
+        re_scores = (img * txt[n:]).sum(-1).cpu().numpy().astype(np.float32)
+        truncated = self.token_counts([t or "" for t in re_]) > self.max_tokens
+        return re_scores, org_scores, truncated
