@@ -1,0 +1,31 @@
+"""Benchmarks run as smoke tests: their code paths stay working where CI has no GPU."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+
+@pytest.mark.shared_data
+def test_caption_gpu_benchmark_smoke_on_cpu(shared_data):
+    proc = subprocess.run([sys.executable, "benchmarks/caption_gpu.py", "--tiny", "--images", "8"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {line.split(":", 1)[0]: line for line in proc.stdout.splitlines() if ":" in line}
+    assert "CPU (tiny model smoke test)" in lines["device"]
+    images_per_s = float(lines["end-to-end"].split()[1])
+    assert images_per_s > 0 and "tokens/s" in lines["decode-only"]
+
+
+@pytest.mark.gpu
+def test_caption_on_gpu_in_bf16(tmp_path, tiny_model):
+    from recap_tasks.captioning.transformers_backend import TransformersCaptioner
+    from recap_tasks.config import CaptionConfig
+    from PIL import Image
+
+    captioner = TransformersCaptioner(str(tiny_model), CaptionConfig(device="cuda"))
+    assert str(captioner.model.dtype) == "torch.bfloat16"
+    texts = captioner.caption([Image.new("RGB", (320, 240), "red")] * 4)
+    assert len(texts) == 4 and all(t.strip() for t in texts)
