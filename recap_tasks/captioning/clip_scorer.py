@@ -40,10 +40,14 @@ class ClipScorer:
         ids = self.processor.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
         return np.array([len(i) for i in ids])
 
-    def score_pairs(self, images: list[Image.Image], org: list[str], re_: list[str]):
-        """(re scores, org scores, re truncated) for aligned lists of images and captions."""
+    def score(self, images: list[Image.Image], *captions: list[str]) -> list[np.ndarray]:
+        """Cosine similarity of each image with its caption, for each aligned list of captions.
+
+        One forward pass: the images are embedded once, all captions together.
+        """
         torch = self._torch
-        texts = [t or "" for t in org] + [t or "" for t in re_]
+        n = len(images)
+        texts = [t or "" for caps in captions for t in caps]
         inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True, truncation=True,
                                 max_length=self.max_tokens)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
@@ -51,8 +55,11 @@ class ClipScorer:
             out = self.model(**inputs)
             img = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
             txt = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
-        n = len(images)
-        org_scores = (img * txt[:n]).sum(-1).cpu().numpy().astype(np.float32)
-        re_scores = (img * txt[n:]).sum(-1).cpu().numpy().astype(np.float32)
+        return [(img * txt[k * n:(k + 1) * n]).sum(-1).cpu().numpy().astype(np.float32)
+                for k in range(len(captions))]
+
+    def score_pairs(self, images: list[Image.Image], org: list[str], re_: list[str]):
+        """(re scores, org scores, re truncated) for aligned lists of images and captions."""
+        org_scores, re_scores = self.score(images, org, re_)
         truncated = self.token_counts([t or "" for t in re_]) > self.max_tokens
         return re_scores, org_scores, truncated

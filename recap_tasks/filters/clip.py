@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from recap_tasks.config import FilterConfig
@@ -27,8 +26,7 @@ class ClipScoreFilter(PairFilter):
         self.min_score = config.min_clip_score
         self.device = config.clip_device
         self.threads = threads
-        self._model = None
-        self._processor = None
+        self._scorer = None
 
     def check(self) -> None:
         if self.model_id is None:
@@ -38,36 +36,24 @@ class ClipScoreFilter(PairFilter):
             raise ModelLoadError(self.name, self.model_id, "no such file or directory")
 
     def load(self) -> None:
-        if self._model is not None:
+        if self._scorer is not None:
             return
         self.check()
         try:
             import torch
-            from transformers import AutoProcessor, CLIPModel
+
+            from recap_tasks.captioning.clip_scorer import ClipScorer
 
             if self.device == "cpu":
                 torch.set_num_threads(self.threads)
-            device = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-            model = CLIPModel.from_pretrained(self.model_id).to(device).eval()
-            processor = AutoProcessor.from_pretrained(self.model_id)
+            self._scorer = ClipScorer(self.model_id, device=self.device)
         except Exception as exc:
             raise ModelLoadError(self.name, self.model_id, f"{type(exc).__name__}: {exc}") from exc
-        self._model, self._processor, self._device = model, processor, device
 
     def decide(self, batch: pa.Table, images: list[PairImage] | None = None) -> list[FilterDecision]:
-        import torch
-
         self.load()
         captions = [c or "" for c in batch.column("org_caption").to_pylist()]
-        inputs = self._processor(text=captions, images=[im.rgb for im in images], return_tensors="pt",
-                                 padding=True, truncation=True,
-                                 max_length=self._model.config.text_config.max_position_embeddings)
-        inputs = {k: v.to(self._device) for k, v in inputs.items()}
-        with torch.inference_mode():
-            out = self._model(**inputs)
-            img = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
-            txt = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
-            score = (img * txt).sum(-1).cpu().numpy().astype(np.float32)
+        (score,) = self._scorer.score([im.rgb for im in images], captions)
         return [FilterDecision(score >= self.min_score, "low_clip_score", {"clip_score": score})]
 
 
