@@ -147,8 +147,12 @@ def cmd_export(args):
 
 def cmd_make_test_model(args):
     from recap_tasks.captioning.test_model import make_test_model
+    from recap_tasks.filters.clip import make_test_clip_model
 
-    print(make_test_model(args.dir, seed=args.seed))
+    captioner = make_test_model(args.dir, seed=args.seed)
+    clip = make_test_clip_model(Path(args.dir) / "clip", seed=args.seed)
+    print(captioner)
+    print(f"tiny CLIP scorer: {clip}  (use as caption.clip_model / filter.clip_model)", file=sys.stderr)
 
 
 def cmd_make_sample_data(args):
@@ -221,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, help="export the table as of this version (default: latest)")
     p.add_argument("--p-original", type=float, default=0.8,
                    help="recorded in the manifest: probability a loader picks the original caption")
-    p = stage("make-test-model", cmd_make_test_model, "write a tiny random LLaVA captioner for tests and demos",
+    p = stage("make-test-model", cmd_make_test_model,
+              "write a tiny random LLaVA captioner (DIR) and CLIP scorer (DIR/clip) for tests and demos",
               lake=False)
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)

@@ -57,6 +57,10 @@ def test_errors_are_one_clear_line_and_nonzero(tmp_path):
 def test_make_test_model_writes_a_loadable_model(tmp_path):
     out = recap("make-test-model", str(tmp_path / "m")).stdout.strip()
     assert (tmp_path / "m" / "config.json").exists() and out.endswith("m")
+    from transformers import AutoModelForImageTextToText, CLIPModel
+
+    assert type(AutoModelForImageTextToText.from_pretrained(out)).__name__ == "LlavaForConditionalGeneration"
+    assert CLIPModel.from_pretrained(tmp_path / "m" / "clip").config.text_config.max_position_embeddings > 0
 
 
 @pytest.mark.shared_data
