@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from recap_tasks import lake as tables
+from recap_tasks.captioning import Captioner
 from recap_tasks.config import FilterConfig
 from recap_tasks.filtering import run_filter
 from recap_tasks.filters.chain import decode
@@ -97,15 +98,18 @@ def test_faces_on_coco_photos_of_people(shared_data):
         assert inside > 3 * outside
 
 
-class PixelCaptioner:
+class PixelCaptioner(Captioner):
     """A deterministic captioner that describes each image by its size and keeps what it was given."""
 
     def __init__(self):
         self.seen: list[Image.Image] = []
 
-    def caption(self, images):
-        self.seen += images
-        return [f"an image of {im.size[0]} by {im.size[1]} pixels" for im in images]
+    def prepare(self, images):
+        return list(images)
+
+    def generate(self, prepared):
+        self.seen += prepared
+        return [f"an image of {im.size[0]} by {im.size[1]} pixels" for im in prepared]
 
     def provenance(self):
         return {"model": "pixel-captioner", "prompt": "-", "generation": "{}"}
@@ -113,9 +117,7 @@ class PixelCaptioner:
 
 def test_captioning_sees_the_blurred_face(tmp_path):
     from recap_tasks.caption import run_caption
-    from recap_tasks.captioning import Captioner
 
-    Captioner.register(PixelCaptioner)
     original = photo("astronaut")
     lake = make_lake(tmp_path, {"00000.tar": [("000000001", "an astronaut in her orange suit with a flag", original)]})
     run_filter(lake, config=FilterConfig(chain="datacomp", executor="local"))
