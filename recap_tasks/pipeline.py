@@ -52,6 +52,8 @@ def run_pipeline(sources: list[str], lake: Lake, *, model: str, config: RecapCon
 # The tiny random model writes random English words; fastText's English score on them is noise,
 # so the demo runs with the language gate off. Everything else is the production default.
 DEMO_CONFIG = """\
+caption:
+  clip_model: {clip}
 validate:
   require_english: false
 """
@@ -67,6 +69,11 @@ def run_demo(workdir: str | Path) -> dict:
     model = work / "tiny-llava"
     if not (model / "config.json").exists():
         make_test_model(model)
+    clip = model / "clip"
+    if not (clip / "config.json").exists():
+        from recap_tasks.filters.clip import make_test_clip_model
+
+        make_test_clip_model(clip)
     config_file = work / "demo-config.yaml"
-    config_file.write_text(DEMO_CONFIG)
+    config_file.write_text(DEMO_CONFIG.format(clip=clip))
     return run_pipeline([str(data)], Lake(work / "lake"), model=str(model), config=RecapConfig.load(config_file))

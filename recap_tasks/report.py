@@ -165,7 +165,8 @@ def _plot_top_words(words: Counter, title: str) -> str:
 def _plot_clip(org: np.ndarray, re_: np.ndarray) -> str:
     plt, fig, ax = _figure()
     if len(org) or len(re_):
-        bins = np.linspace(-0.1, 0.6, 36)
+        both = np.concatenate([org, re_])
+        bins = np.linspace(min(-0.1, both.min() - 0.02), max(0.6, both.max() + 0.02), 36)
         ax.hist(org, bins=bins, alpha=0.6, label=f"original (mean {org.mean() if len(org) else float('nan'):.3f})")
         ax.hist(re_, bins=bins, alpha=0.6, label=f"recaption (mean {re_.mean() if len(re_) else float('nan'):.3f})")
         ax.legend()
