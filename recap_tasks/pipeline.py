@@ -52,6 +52,10 @@ def run_pipeline(sources: list[str], lake: Lake, *, model: str, config: RecapCon
 # The tiny random model writes random English words; fastText's English score on them is noise,
 # so the demo runs with the language gate off. Everything else is the production default.
 DEMO_CONFIG = """\
+filter:
+  chain: datacomp
+  clip_model: {clip}
+  min_clip_score: -1.0
 caption:
   clip_model: {clip}
 validate:
