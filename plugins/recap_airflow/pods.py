@@ -80,6 +80,7 @@ class PodSettings:
             models_claim=env.get("RECAP_MODELS_PVC", d.models_claim),
             object_store_secret=env.get("RECAP_OBJECT_STORE_SECRET", d.object_store_secret),
             hf_token_secret=env.get("RECAP_HF_TOKEN_SECRET", d.hf_token_secret),
+            startup_timeout_s=int(env.get("RECAP_POD_STARTUP_TIMEOUT", d.startup_timeout_s)),
             extra_env=json.loads(env["RECAP_POD_ENV"]) if env.get("RECAP_POD_ENV") else {},
         )
 

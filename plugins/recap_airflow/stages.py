@@ -6,6 +6,7 @@ shard ids and paths between tasks, never data.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -46,16 +47,20 @@ def filter_pairs(*, lake: str, run_id: str, shard_ids: list[str] | None = None, 
     """Filter the pairs of `shard_ids` with a filter chain profile.
 
     Row filters run on the Dask cluster at RECAP_DASK_ADDRESS, or on a local cluster when unset
-    (RECAP_FILTER_EXECUTOR=local runs them in the task's process).
+    (RECAP_FILTER_EXECUTOR=local runs them in the task's process). Other settings: RECAP_CONFIG.
     """
-    from recap_tasks.config import FilterConfig
+    from recap_tasks.config import RecapConfig
     from recap_tasks.filtering import run_filter
     from recap_tasks.lake import Lake
 
     if profile not in FILTER_PROFILES:
         raise ValueError(f"unknown filter profile {profile!r}; known: {list(FILTER_PROFILES)}")
-    config = FilterConfig(chain=profile, dask_address=os.environ.get("RECAP_DASK_ADDRESS") or None,
-                          executor=os.environ.get("RECAP_FILTER_EXECUTOR", "dask"))
+    # The filter section of RECAP_CONFIG (if set), with the form's chain and this deployment's Dask.
+    config = dataclasses.replace(RecapConfig.load().filter, chain=profile)
+    if os.environ.get("RECAP_DASK_ADDRESS"):
+        config = dataclasses.replace(config, dask_address=os.environ["RECAP_DASK_ADDRESS"])
+    if os.environ.get("RECAP_FILTER_EXECUTOR"):
+        config = dataclasses.replace(config, executor=os.environ["RECAP_FILTER_EXECUTOR"])
     result = run_filter(Lake(lake), config=config, run_id=run_id, shard_ids=shard_ids)
     return {**result.summary(), "shard_ids": shard_ids or []}
 

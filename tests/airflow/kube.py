@@ -24,6 +24,25 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _matches(labels: dict[str, str], selector: str) -> bool:
+    """Equality-based label selectors: `a=b`, `a==b`, `a!=b`, `a`, `!a`, comma-separated."""
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            if labels.get(key) == value:
+                return False
+        elif "=" in term:
+            key, value = term.replace("==", "=").split("=", 1)
+            if labels.get(key) != value:
+                return False
+        elif term.startswith("!"):
+            if term[1:] in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
 class KubeEmulator:
     """Start with `with KubeEmulator(bin_dir) as kube:`; `kube.kubeconfig` points clients at it."""
 
@@ -34,6 +53,7 @@ class KubeEmulator:
         self.logs: dict[tuple[str, str], bytes] = {}
         self.created: list[dict] = []  # every pod as the API received it
         self.runs: list[dict] = []  # what the kubelet executed: pod name, argv, env, exit code
+        self.errors: list[str] = []  # kubelet failures (the pod is marked Failed with the message)
         self.url = ""
         self.kubeconfig = workdir / "kubeconfig"
         self._ready = threading.Event()
@@ -70,6 +90,12 @@ class KubeEmulator:
         return [obj.raw for (res, _, _), obj in list(self.emulator.objects.items())
                 if res.plural == "pods" and not obj.deleted]
 
+    def _list_pods(self, request) -> dict:
+        selector = request.params.get("labelSelector") or ""
+        items = [p for p in self.pods() if (request.namespace is None or p["metadata"].get("namespace") ==
+                                            request.namespace) and _matches(p["metadata"].get("labels") or {}, selector)]
+        return {"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": items}
+
     def add_secret(self, namespace: str, name: str, data: dict[str, str]) -> None:
         async def create():
             async with aiohttp.ClientSession() as s:
@@ -98,6 +124,8 @@ class KubeEmulator:
             self.url = f"http://{server.host}:{server.port}"
             emulator[kmock.subresource("log")] << (lambda request: self.logs.get(
                 (request.namespace, request.name), b""))
+            # kmock lists ignore labelSelector; the operator finds its own pod by labels.
+            emulator[kmock.action.LIST, kmock.resource("v1/pods")] << self._list_pods
             self._ready.set()
             seen: set[tuple[str, str]] = set()
             tasks = []
@@ -109,7 +137,7 @@ class KubeEmulator:
                         if key not in seen and not pod.get("status", {}).get("phase"):
                             seen.add(key)
                             self.created.append(pod)
-                            tasks.append(asyncio.create_task(self._kubelet(session, pod)))
+                            tasks.append(asyncio.create_task(self._run_pod(session, pod)))
                     try:
                         await asyncio.wait_for(self._stop.wait(), 0.2)
                     except TimeoutError:
@@ -149,6 +177,15 @@ class KubeEmulator:
                 elif not ref.get("optional"):
                     raise RuntimeError(f"secret key {ref['name']}/{ref['key']} not found")
         return env
+
+    async def _run_pod(self, session: aiohttp.ClientSession, pod: dict) -> None:
+        try:
+            await self._kubelet(session, pod)
+        except Exception as exc:  # report it as the pod's failure instead of leaving it pending forever
+            meta = pod["metadata"]
+            self.errors.append(f"{meta['name']}: {type(exc).__name__}: {exc}")
+            await self._set_status(session, meta["namespace"], meta["name"], {
+                "phase": "Failed", "message": f"kubelet: {type(exc).__name__}: {exc}"})
 
     async def _kubelet(self, session: aiohttp.ClientSession, pod: dict) -> None:
         meta, spec = pod["metadata"], pod["spec"]

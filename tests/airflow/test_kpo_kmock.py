@@ -5,8 +5,6 @@ creates pods through the provider's client on a kmock API server on 127.0.0.1, w
 executes each pod's container command and env here (tests/airflow/kube.py).
 """
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,15 +17,8 @@ from recap_tasks.status import lake_status
 pytest.importorskip("kmock", reason="kmock is not installed (extra: dev)")
 
 from tests.airflow.kube import KubeEmulator  # noqa: E402
+from tests.dags.conftest import dag_test  # noqa: E402
 
-RUN = """
-import json, sys
-from airflow.dag_processing.dagbag import DagBag
-dag = DagBag().get_dag("recap_pipeline")
-run = dag.test(run_conf=json.loads(sys.argv[1]))
-states = {f"{ti.task_id}[{ti.map_index}]": str(ti.state) for ti in run.get_task_instances()}
-print(json.dumps({"state": str(run.state), "run_id": run.run_id, "tasks": states}))
-"""
 
 
 def test_caption_pods_run_through_kubernetes_api(airflow_env, tmp_path, sample_shards, tiny_model):
@@ -36,17 +27,15 @@ def test_caption_pods_run_through_kubernetes_api(airflow_env, tmp_path, sample_s
                       extra_env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}) as kube:
         kube.add_secret("recap", "recap-object-store", {"AWS_ACCESS_KEY_ID": "AKIAEMULATED"})
         env = {**airflow_env, "KUBECONFIG": str(kube.kubeconfig), "RECAP_FILTER_EXECUTOR": "local",
-               "RECAP_WORKER_IMAGE": "recap-worker:test"}
+               "RECAP_WORKER_IMAGE": "recap-worker:test", "RECAP_POD_STARTUP_TIMEOUT": "120"}
         conf = {"source": str(sample_shards), "lake": str(lake), "model": str(tiny_model), "batch_size": 4,
                 "runner": "kubernetes"}
-        proc = subprocess.run([sys.executable, "-c", RUN, json.dumps(conf)], env=env, capture_output=True,
-                              text=True, timeout=900)
+        result, logs = dag_test("recap_pipeline", conf, env, timeout=600)
         remaining = kube.pods()
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert kube.errors == [], kube.errors
     assert result["tasks"]["caption_pod[0]"] == result["tasks"]["caption_pod[1]"] == "success", result
     assert result["tasks"]["caption_local[-1]"] == "skipped"
-    assert result["state"].endswith("success"), result
+    assert result["state"].endswith("success"), (result, logs[-3000:])
 
     # One pod per work unit (one shard each here), made by the pod factory, run with its own argv and env.
     assert len(kube.created) == 2 and len(kube.runs) == 2

@@ -35,3 +35,23 @@ def airflow_env(tmp_path_factory) -> dict[str, str]:
 def run_python(code: str, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
+
+
+DAG_TEST = """
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+dag = DagBag().get_dag(sys.argv[1])
+run = dag.test(run_conf=json.loads(sys.argv[2]))
+states = {f"{ti.task_id}[{ti.map_index}]": str(ti.state) for ti in run.get_task_instances()}
+print(json.dumps({"state": str(run.state), "run_id": run.run_id, "tasks": states}))
+"""
+
+
+def dag_test(dag_id: str, conf: dict, env: dict[str, str], timeout: int = 900) -> tuple[dict, str]:
+    """Run a DAG in-process with `dag.test()` in a subprocess: (run state and task states, its log)."""
+    import json
+
+    proc = subprocess.run([sys.executable, "-c", DAG_TEST, dag_id, json.dumps(conf)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout + proc.stderr
