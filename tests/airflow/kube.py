@@ -24,6 +24,16 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class _Emulator(kmock.KubernetesEmulator):
+    """A real API server gives every new pod `status.phase: Pending` at once; so does this one."""
+
+    async def _handle(self, request):
+        if (request.action == kmock.action.CREATE and request.resource is not None
+                and request.resource.plural == "pods" and isinstance(request.data, dict)):
+            request.data.setdefault("status", {"phase": "Pending"})
+        return await super()._handle(request)
+
+
 def _matches(labels: dict[str, str], selector: str) -> bool:
     """Equality-based label selectors: `a=b`, `a==b`, `a!=b`, `a`, `!a`, comma-separated."""
     for term in filter(None, (t.strip() for t in selector.split(","))):
@@ -118,7 +128,7 @@ class KubeEmulator:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
+        async with _Emulator() as emulator, kmock.Server(emulator) as server:
             emulator.resources.load_bundled()  # discovery + list of pods/secrets before any exists
             self.emulator = emulator
             self.url = f"http://{server.host}:{server.port}"
@@ -134,7 +144,7 @@ class KubeEmulator:
                     for pod in self.pods():
                         meta = pod.get("metadata", {})
                         key = (meta.get("namespace"), meta.get("name"))
-                        if key not in seen and not pod.get("status", {}).get("phase"):
+                        if key not in seen:
                             seen.add(key)
                             self.created.append(pod)
                             tasks.append(asyncio.create_task(self._run_pod(session, pod)))
