@@ -116,7 +116,3 @@ def _read_sources(rows: pa.Table) -> list[bytes]:
 def open_rgb(data: bytes) -> Image.Image:
     im = Image.open(io.BytesIO(data))
     return im.convert("RGB")
-
-
-def source_exists(uri: str) -> bool:
-    return Path(uri).is_file()

@@ -136,12 +136,6 @@ class Lake:
 
     # Writing -----------------------------------------------------------------------------
 
-    def append(self, table: str, data: pa.Table) -> None:
-        if data.num_rows == 0:
-            return
-        data = _conform(data, schemas.TABLES[table])
-        self.write_delta(table, data, mode="append", schema_mode="merge")
-
     def insert_new(self, table: str, data: pa.Table, keys: Iterable[str] = ("uid",)) -> int:
         """Insert rows whose keys are not in the table yet (MERGE ... WHEN NOT MATCHED INSERT).
 
