@@ -18,11 +18,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recap_tasks import lake as tables
+from recap_tasks import progress as shard_progress
 from recap_tasks.blur import store_blurred
 from recap_tasks.config import FilterConfig, RecapConfig
 from recap_tasks.errors import RecapError
 from recap_tasks.filters import CorpusFilter, ModelLoadError, PairFilter
+from recap_tasks.filters import dedup_index
 from recap_tasks.filters.chain import build_chain, run_corpus, run_rows
+from recap_tasks.filters.dedup import ImageDedupFilter
 from recap_tasks.lake import Lake, not_in
 from recap_tasks.runs import new_run_id, progress, utcnow
 
@@ -64,19 +67,22 @@ class FilterResult:
 
 def run_filter(lake: Lake, *, config: FilterConfig | None = None, run_id: str | None = None,
                chain: list[PairFilter] | None = None, shard_ids: list[str] | None = None) -> FilterResult:
-    """Filter every ingested pair that has no verdict yet (or only those of `shard_ids`).
+    """Filter the pairs of `shard_ids` that have no verdict yet (default: every shard the progress
+    records show pending). Reads only those shards' partitions and the dedup index entries their
+    images fall on.
 
     Raises ModelLoadError before judging anything when a model cannot load, and ShardsFailed after
     writing the other shards' results when some shards failed.
     """
     config = config or RecapConfig.load().filter
     run_id = run_id or new_run_id()
-    pairs = lake.read(tables.PAIRS, _COLUMNS)
-    pending = pairs.filter(not_in(pairs.column("uid"), lake.uids(tables.FILTER_RESULTS)))
-    if shard_ids is not None:
-        pending = pending.filter(pc.is_in(pending.column("shard_id"), value_set=pa.array(shard_ids, pa.string())))
+    targets = sorted(set(shard_ids)) if shard_ids is not None else shard_progress.pending_shards(lake, "filter")
+    pairs = lake.read(tables.PAIRS, _COLUMNS, shards=targets)
+    pending = pairs.filter(not_in(pairs.column("uid"), lake.uids(tables.FILTER_RESULTS, shards=targets)))
     result = FilterResult(run_id, rows_in=pending.num_rows)
     if pending.num_rows == 0:
+        # Verdicts may have been committed by a run that died before recording them.
+        shard_progress.record(lake, "filter", targets, run_id=run_id)
         log.info("filter %s: nothing to filter", run_id)
         return result
     driver_chain = chain if chain is not None else build_chain(config)
@@ -90,15 +96,22 @@ def run_filter(lake: Lake, *, config: FilterConfig | None = None, run_id: str | 
         outputs[shard_id] = out
     if not outputs:
         raise ShardsFailed(result)
-    verdicts, rejected = _decide(lake, pending, outputs, driver_chain, run_id)
+    verdicts, rejected = _decide(lake, pending, outputs, driver_chain, run_id, config)
     for reason in rejected.column("reason").to_pylist():
         result.dropped[reason] = result.dropped.get(reason, 0) + 1
     result.kept = int(pc.sum(verdicts.column("kept")).as_py() or 0)
     result.rows_in = verdicts.num_rows
     # Rejections first: a crash between the writes leaves the row unfiltered, and the rerun
-    # inserts only what is missing.
+    # inserts only what is missing. Then the index entries of the kept rows, then the records.
     lake.insert_new(tables.REJECTED, rejected, keys=("uid", "stage"))
     lake.insert_new(tables.FILTER_RESULTS, verdicts)
+    kept = verdicts.filter(verdicts.column("kept"))
+    sha = dict(zip(pending.column("uid").to_pylist(), pending.column("sha256").to_pylist()))
+    dedup_index.add(lake, pa.table({"uid": kept.column("uid"),
+                                    "sha256": pa.array([sha[u] for u in kept.column("uid").to_pylist()], pa.string()),
+                                    "phash": kept.column("phash") if "phash" in kept.column_names
+                                    else pa.nulls(kept.num_rows, pa.int64())}), config.max_phash_distance)
+    shard_progress.record(lake, "filter", [s for s in targets if s not in result.failed_shards], run_id=run_id)
     summary = {**result.summary(), "seconds": result.seconds, "shards": sorted(outputs), "chain": config.chain}
     lake.write_json(f"_runs/{run_id}/filter_summary.json" if shard_ids is None else
                     f"_runs/{run_id}/filter_summary-{_short_hash(sorted(shard_ids))}.json", summary)
@@ -238,26 +251,8 @@ def _score_array(name: str, values: list) -> pa.Array:
 
 # Driver: corpus filters and the rows to write ----------------------------------------------
 
-def _history(lake: Lake) -> pa.Table:
-    """Rows kept by earlier runs, with what the corpus filters compare: uid, sha256, phash."""
-    empty = pa.table({"uid": pa.array([], pa.string()), "sha256": pa.array([], pa.string()),
-                      "phash": pa.array([], pa.int64())})
-    if not lake.exists(tables.FILTER_RESULTS):
-        return empty
-    done = lake.read(tables.FILTER_RESULTS)
-    done = done.filter(pc.fill_null(done.column("kept"), False))
-    if done.num_rows == 0:
-        return empty
-    phash = done.column("phash") if "phash" in done.column_names else pa.nulls(done.num_rows, pa.int64())
-    done = pa.table({"uid": done.column("uid"), "phash": phash})
-    pairs = lake.read(tables.PAIRS, ["uid", "sha256"])
-    sha = dict(zip(pairs.column("uid").to_pylist(), pairs.column("sha256").to_pylist()))
-    return done.append_column("sha256", pa.array([sha.get(u) for u in done.column("uid").to_pylist()],
-                                                 pa.string())).select(["uid", "sha256", "phash"])
-
-
 def _decide(lake: Lake, pending: pa.Table, outputs: dict[str, dict], chain: list[PairFilter],
-            run_id: str) -> tuple[pa.Table, pa.Table]:
+            run_id: str, config: FilterConfig) -> tuple[pa.Table, pa.Table]:
     scored = pa.concat_tables([o["table"] for o in outputs.values()], promote_options="default").combine_chunks()
     meta = pending.select(["uid", "key", "shard_id", "org_caption", "sha256", "width", "height"])
     # A dict join: Acero's hash join warns about the buffers tables arrive with from workers.
@@ -276,7 +271,12 @@ def _decide(lake: Lake, pending: pa.Table, outputs: dict[str, dict], chain: list
         idx = np.flatnonzero(alive)
         if "phash" not in rows.column_names:
             rows = rows.append_column("phash", pa.nulls(rows.num_rows, pa.int64()))
-        c_alive, c_reason, c_scores = run_corpus(rows.take(pa.array(idx)), chain, _history(lake))
+        survivors = rows.take(pa.array(idx))
+        # Earlier kept images these may duplicate: index lookups by their own keys only.
+        needs_history = any(isinstance(f, ImageDedupFilter) for f in chain)
+        history = dedup_index.history(lake, survivors.select(["uid", "sha256", "phash"]), config.max_phash_distance) \
+            if needs_history else dedup_index.EMPTY_HISTORY
+        c_alive, c_reason, c_scores = run_corpus(survivors, chain, history)
         for j, i in enumerate(idx):
             if not c_alive[j]:
                 alive[i], reason[i] = False, c_reason[j]
@@ -330,18 +330,20 @@ def _short_hash(items: list[str]) -> str:
 # The funnel -------------------------------------------------------------------------------
 
 def funnel(lake: Lake) -> dict:
-    """Per filter run: rows in, dropped per reason (most first), rows out; from `filter_results`.
+    """Per filter run: rows in, dropped per reason (most first), rows out; from the runs' summaries.
 
     {run_id: {"rows_in": int, "dropped": {reason: int}, "rows_out": int}}, runs in id (time) order.
+    Each filter call writes `_runs/<run id>/filter_summary-<shards>.json`; this sums them per run.
     """
-    verdicts = lake.read(tables.FILTER_RESULTS, ["run_id", "kept", "reason"])
     out: dict[str, dict] = {}
-    for run_id, kept, reason in zip(verdicts.column("run_id").to_pylist(), verdicts.column("kept").to_pylist(),
-                                    verdicts.column("reason").to_pylist()):
-        run = out.setdefault(run_id, {"rows_in": 0, "dropped": Counter(), "rows_out": 0})
-        run["rows_in"] += 1
-        if kept:
-            run["rows_out"] += 1
-        else:
-            run["dropped"][reason or "unknown"] += 1
-    return {r: {**v, "dropped": dict(v["dropped"].most_common())} for r, v in sorted(out.items())}
+    for run_dir in lake.list_dirs("_runs"):
+        for rel in lake.list(run_dir, ".json"):
+            if not rel.rsplit("/", 1)[-1].startswith("filter_summary"):
+                continue
+            s = lake.read_json(rel) or {}
+            run = out.setdefault(s.get("run_id", run_dir.rsplit("/", 1)[-1]),
+                                 {"rows_in": 0, "dropped": Counter(), "rows_out": 0})
+            run["rows_in"] += int(s.get("rows_in", 0))
+            run["rows_out"] += int(s.get("kept", 0))
+            run["dropped"].update(s.get("dropped", {}))
+    return {r: {**v, "dropped": dict(v["dropped"].most_common())} for r, v in sorted(out.items()) if v["rows_in"]}

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import pyarrow as pa
 
 from recap_tasks import lake as tables
+from recap_tasks import progress as shard_progress
 from recap_tasks.config import IngestConfig, RecapConfig
 from recap_tasks.errors import RecapError
 from recap_tasks.images import ImageInfo, ImageRejected, inspect_image
@@ -67,20 +68,25 @@ def ingest(sources: list[str], lake: Lake, *, config: IngestConfig | None = None
     run_id = run_id or new_run_id()
     shards = expand_sources(sources)
     _check_unique_shard_ids(shards)
+    # One read of the small progress table for the whole call, not one per shard.
+    done = shard_progress.by_shard(lake, shard_ids=[shard_id_for(p) for p in shards], stages=("ingest",))
     results = []
     for path in progress(shards, desc="ingest", unit="shard"):
-        results.append(ingest_shard(path, lake, config=config, run_id=run_id, force=force))
+        previous = done.get(shard_id_for(path), {}).get("ingest")
+        results.append(ingest_shard(path, lake, config=config, run_id=run_id, force=force, previous=previous))
     out = IngestResult(run_id, results)
     log.info("ingest %s: %s", run_id, out.summary())
     return out
 
 
-def ingest_shard(path: Path, lake: Lake, *, config: IngestConfig, run_id: str, force: bool = False) -> ShardResult:
-    """One work unit: read a shard, check each sample, write pairs and rejections, mark it done."""
+def ingest_shard(path: Path, lake: Lake, *, config: IngestConfig, run_id: str, force: bool = False,
+                 previous: dict | None = None) -> ShardResult:
+    """One work unit: read a shard, check each sample, write pairs and rejections, mark it done.
+
+    `previous` is the shard's latest ingest progress record, if any (progress.by_shard).
+    """
     shard_id = shard_id_for(path)
     stat = path.stat()
-    marker = f"_ledger/ingest/{hashlib.sha1(shard_id.encode()).hexdigest()}.json"
-    previous = lake.read_json(marker)
     if previous and not force and previous["size"] == stat.st_size and previous["mtime_ns"] == stat.st_mtime_ns:
         return ShardResult(shard_id, str(path), skipped=True, rows=0, rejected=0,
                            truncated=previous.get("truncated", False), detail=previous.get("detail"))
@@ -142,11 +148,10 @@ def ingest_shard(path: Path, lake: Lake, *, config: IngestConfig, run_id: str, f
     schema_pairs = tables.schemas.PAIRS.arrow
     result.rows = lake.insert_new(tables.PAIRS, pa.Table.from_pylist(good, schema=schema_pairs))
     result.rejected = lake.insert_new(tables.REJECTED, pa.Table.from_pylist(bad, schema=tables.schemas.REJECTED.arrow))
-    # Written last: a shard is done only once both tables hold its rows.
-    lake.write_json(marker, {"shard_id": shard_id, "source_uri": str(path), "size": stat.st_size,
-                             "mtime_ns": stat.st_mtime_ns, "rows": len(good), "rejected": len(bad),
-                             "reasons": result.reasons, "truncated": report.truncated, "detail": report.detail,
-                             "run_id": run_id, "at": now.isoformat()})
+    # Recorded last: a shard is done only once both tables hold its rows.
+    shard_progress.record(lake, "ingest", [shard_id], run_id=run_id, sources={shard_id: {
+        "source_uri": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+        "truncated": report.truncated, "detail": report.detail}})
     return result
 
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from recap_tasks import schemas
 from recap_tasks.errors import RecapError
+from recap_tasks.readers import shard_key
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,10 @@ CAPTIONS = "captions"
 RECAP = "recap"
 QUARANTINE = "quarantine"
 
-_MERGE_RETRIES = 5
+PROGRESS = "progress"
+DEDUP_INDEX = "dedup_index"
+
+_MERGE_RETRIES = 8
 
 
 class Lake:
@@ -64,6 +69,8 @@ class Lake:
             self.is_local = True
         else:
             raise RecapError(f"lake {root!r}: supported lakes are local folders and s3:// URIs")
+        self._known: set[str] = set()  # tables known to exist
+        self._checked: set[str] = set()  # tables whose partition layout was checked
 
     def __repr__(self) -> str:
         return f"Lake({self.uri!r})"
@@ -108,20 +115,61 @@ class Lake:
                 if f.is_file():
                     self.write_bytes(f"{rel}/{f.relative_to(tmp).as_posix()}", f.read_bytes())
 
+    # Tables --------------------------------------------------------------------------------
+
+    def ensure(self, table: str) -> None:
+        """Create `table` empty, with its schema and partitioning, if it does not exist yet.
+
+        Tables are created empty and then only MERGEd into or appended to: concurrent first
+        writers cannot race a data-carrying create (delta-rs commits a losing `mode="error"`
+        write as a plain append); at worst a second empty create commits an empty version.
+        """
+        if table in self._known or self.exists(table):
+            self._known.add(table)
+            return
+        schema = schemas.TABLES[table]
+        try:
+            DeltaTable.create(self.path(table), schema.arrow, mode="ignore", partition_by=list(schema.partition_by) or None,
+                              storage_options=self.storage_options or None)
+        except Exception as exc:  # another process created it between the check and the create
+            if not self.exists(table):
+                raise
+            log.debug("table %s appeared concurrently (%s)", table, exc)
+        self._known.add(table)
+
+    def check_layout(self, table: str, dt: DeltaTable | None = None) -> None:
+        """A table written by an older Recap (no shard partitions) must be migrated first."""
+        if table in self._checked:
+            return
+        want = list(schemas.TABLES[table].partition_by)
+        have = list((dt or self.delta(table)).metadata().partition_columns)
+        if have != want:
+            raise RecapError(f"table {self.path(table)} is partitioned by {have or 'nothing'}, this Recap expects "
+                             f"{want}: migrate the lake once with `recap maintain --migrate --lake {self.uri}`")
+        self._checked.add(table)
+
     # Reading -----------------------------------------------------------------------------
 
-    def read(self, table: str, columns: list[str] | None = None) -> pa.Table:
-        """Read a whole table (or the named columns); an absent table reads as empty."""
+    def read(self, table: str, columns: list[str] | None = None, *, shards: Iterable[str] | None = None) -> pa.Table:
+        """Read a table (or the named columns); an absent table reads as empty.
+
+        With `shards` (shard ids), only those shards' partitions are opened: the cost follows the
+        shards asked for, not the size of the table.
+        """
         schema = schemas.TABLES[table]
-        if not self.exists(table):
-            empty = schema.empty_table()
-            return empty.select(columns) if columns else empty
-        dt = self.delta(table)
-        present = set(dt.schema().to_arrow().names)
         wanted = columns or schema.arrow.names
+        keys = None if shards is None else sorted({shard_key(s) for s in shards})
+        if not self.exists(table) or keys == []:
+            return schema.empty_table().select(wanted)
+        dt = self.delta(table)
+        if keys is not None:
+            self.check_layout(table, dt)
+        present = set(dt.schema().to_arrow().names)
         stored = [c for c in wanted if c in present]
+        pruning = None if keys is None else [(schemas.SHARD_KEY, "in", keys)]
         # use_threads=False: a threaded scan makes the process abort at exit (delta-rs #2184).
-        data = _normalize(dt.to_pyarrow_dataset().to_table(columns=stored, use_threads=False))
+        data = _normalize(dt.to_pyarrow_dataset(file_pruning_predicate=pruning)
+                          .to_table(columns=stored, use_threads=False))
         # Columns added to the schema after the table was written read as nulls.
         for name in wanted:
             if name not in data.column_names:
@@ -131,42 +179,54 @@ class Lake:
     def version(self, table: str) -> int | None:
         return self.delta(table).version() if self.exists(table) else None
 
-    def uids(self, table: str) -> pa.Array:
-        return self.read(table, ["uid"]).column("uid").combine_chunks()
+    def uids(self, table: str, *, shards: Iterable[str] | None = None) -> pa.Array:
+        return self.read(table, ["uid"], shards=shards).column("uid").combine_chunks()
 
     # Writing -----------------------------------------------------------------------------
 
     def insert_new(self, table: str, data: pa.Table, keys: Iterable[str] = ("uid",)) -> int:
         """Insert rows whose keys are not in the table yet (MERGE ... WHEN NOT MATCHED INSERT).
 
-        Returns the number of rows inserted. Retries on concurrent-commit conflicts.
+        The MERGE reads only the partitions of the shards in `data`. Returns the number of rows
+        inserted. Retries on concurrent-commit conflicts.
         """
         if data.num_rows == 0:
             return 0
-        data = _conform(data, schemas.TABLES[table])
-        if not self.exists(table):
-            try:
-                self.write_delta(table, data, mode="error")
-                return data.num_rows
-            except Exception as exc:  # another writer created it first: fall through to MERGE
-                if not self.exists(table):
-                    raise
-                log.debug("table %s appeared concurrently (%s); merging", table, exc)
+        schema = schemas.TABLES[table]
+        data = _conform(data, schema)
+        self.ensure(table)
         predicate = " AND ".join(f"t.{k} = s.{k}" for k in keys)
+        for column in schema.partition_by:
+            values = pc.unique(data.column(column)).to_pylist()
+            listed = ", ".join(_sql_string(v) for v in values)
+            predicate = f"t.{column} = s.{column} AND t.{column} IN ({listed}) AND {predicate}"
+        metrics = self.merge(table, data, predicate, insert_only=True)
+        return int(metrics.get("num_target_rows_inserted", 0))
+
+    def merge(self, table: str, data: pa.Table, predicate: str, *, insert_only: bool = False,
+              update_when: str | None = None, commit_properties=None) -> dict:
+        """MERGE `data` (alias s) into `table` (alias t); retried on concurrent-commit conflicts."""
         for attempt in range(_MERGE_RETRIES):
+            dt = self.delta(table)
+            self.check_layout(table, dt)
             try:
-                metrics = (
-                    self.delta(table)
-                    .merge(data, predicate=predicate, source_alias="s", target_alias="t", merge_schema=True)
-                    .when_not_matched_insert_all()
-                    .execute()
-                )
-                return int(metrics.get("num_target_rows_inserted", 0))
+                merger = dt.merge(data, predicate=predicate, source_alias="s", target_alias="t", merge_schema=True,
+                                  commit_properties=commit_properties)
+                if not insert_only:
+                    merger = merger.when_matched_update_all(predicate=update_when)
+                return merger.when_not_matched_insert_all().execute()
             except CommitFailedError:
                 if attempt == _MERGE_RETRIES - 1:
                     raise
-                time.sleep(0.1 * 2**attempt)
+                time.sleep(0.05 * 2**attempt * (1 + random.random()))
         raise AssertionError("unreachable")
+
+    def append(self, table: str, data: pa.Table, **kwargs) -> None:
+        """Append rows (concurrent appends always commit)."""
+        if data.num_rows == 0:
+            return
+        self.ensure(table)
+        self.write_delta(table, _conform(data, schemas.TABLES[table]), mode="append", **kwargs)
 
     # Small records beside the tables (ledgers, batches, run summaries) ---------------------
 
@@ -207,6 +267,13 @@ class Lake:
         return sorted(info.path[base:] for info in self.fs.get_file_info(selector)
                       if info.type == pafs.FileType.File and info.path.endswith(suffix))
 
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Relative paths of the folders directly under `prefix`, sorted."""
+        selector = pafs.FileSelector(self._abs(prefix), allow_not_found=True)
+        base = len(self._fs_root) + 1
+        return sorted(info.path[base:] for info in self.fs.get_file_info(selector)
+                      if info.type == pafs.FileType.Directory)
+
     def write_parquet(self, rel: str, table: pa.Table) -> None:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
@@ -244,10 +311,17 @@ def _normalize(data: pa.Table) -> pa.Table:
 
 
 def _conform(data: pa.Table, schema: schemas.TableSchema) -> pa.Table:
-    """Order and cast columns to the table's declared schema; unknown columns are an error."""
+    """Order and cast columns to the table's declared schema; unknown columns are an error.
+
+    A shard table's partition column is always derived from `shard_id`.
+    """
     extra = set(data.column_names) - set(schema.arrow.names)
     if extra:
         raise ValueError(f"columns {sorted(extra)} are not in the {schema.name} table schema")
+    if schemas.SHARD_KEY in schema.partition_by:
+        keys = pa.array([shard_key(s) for s in data.column("shard_id").to_pylist()], pa.string())
+        data = data.drop_columns([c for c in data.column_names if c == schemas.SHARD_KEY])
+        data = data.append_column(schemas.SHARD_KEY, keys)
     columns = []
     for field in schema.arrow:
         if field.name in data.column_names:
@@ -255,6 +329,10 @@ def _conform(data: pa.Table, schema: schemas.TableSchema) -> pa.Table:
         else:
             columns.append(pa.nulls(data.num_rows, field.type))
     return pa.Table.from_arrays(columns, schema=schema.arrow)
+
+
+def _sql_string(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 def not_in(values: pa.Array, existing: pa.Array) -> pa.Array:

@@ -9,10 +9,16 @@ import pyarrow as pa
 _TS = pa.timestamp("us", tz="UTC")
 
 
+# Every table of per-shard rows is partitioned by the shard's key (readers.shard_key): a stage
+# called for some shards reads and MERGEs into only their partitions, whatever the lake's size.
+SHARD_KEY = "shard_key"
+
+
 @dataclass(frozen=True)
 class TableSchema:
     name: str
     arrow: pa.Schema
+    partition_by: tuple[str, ...] = (SHARD_KEY,)
 
     def empty_table(self) -> pa.Table:
         return self.arrow.empty_table()
@@ -38,6 +44,7 @@ PAIRS = TableSchema(
             pa.field("source_row", pa.int64()),  # parquet: row index in the file
             pa.field("image_column", pa.string()),  # parquet: column holding the bytes
             pa.field("shard_id", pa.string()),  # "<folder>/<file>": the work unit
+            pa.field(SHARD_KEY, pa.string()),  # partition: readers.shard_key(shard_id)
             pa.field("run_id", pa.string()),
             pa.field("ingested_at", _TS),
         ]
@@ -51,6 +58,7 @@ REJECTED = TableSchema(
             pa.field("uid", pa.string(), nullable=False),
             pa.field("key", pa.string()),
             pa.field("shard_id", pa.string()),
+            pa.field(SHARD_KEY, pa.string()),
             pa.field("stage", pa.string()),  # ingest | filter | caption | validate
             pa.field("reason", pa.string()),  # short snake_case, doubles as a statistics key
             pa.field("detail", pa.string()),  # human-readable context (exception text, values)
@@ -66,6 +74,7 @@ FILTER_RESULTS = TableSchema(
         [
             pa.field("uid", pa.string(), nullable=False),
             pa.field("shard_id", pa.string()),
+            pa.field(SHARD_KEY, pa.string()),
             pa.field("kept", pa.bool_()),
             pa.field("reason", pa.string()),  # null when kept
             # Scores are kept beside the verdict so thresholds can change without recomputing.
@@ -94,6 +103,7 @@ CAPTIONS = TableSchema(
         [
             pa.field("uid", pa.string(), nullable=False),
             pa.field("shard_id", pa.string()),
+            pa.field(SHARD_KEY, pa.string()),
             pa.field("re_caption", pa.string()),
             pa.field("model", pa.string()),
             pa.field("prompt", pa.string()),
@@ -132,6 +142,7 @@ RECAP = TableSchema(
             pa.field("width", pa.int32()),
             pa.field("height", pa.int32()),
             pa.field("shard_id", pa.string()),
+            pa.field(SHARD_KEY, pa.string()),
             pa.field("model", pa.string()),
             pa.field("prompt", pa.string()),
             pa.field("generation", pa.string()),
@@ -153,6 +164,7 @@ QUARANTINE = TableSchema(
             pa.field("uid", pa.string(), nullable=False),
             pa.field("key", pa.string()),
             pa.field("shard_id", pa.string()),
+            pa.field(SHARD_KEY, pa.string()),
             pa.field("batch_id", pa.string()),
             pa.field("failed", pa.list_(pa.string())),
             pa.field("re_caption", pa.string()),
@@ -162,4 +174,51 @@ QUARANTINE = TableSchema(
     ),
 )
 
-TABLES = {t.name: t for t in (PAIRS, REJECTED, FILTER_RESULTS, CAPTIONS, RECAP, QUARANTINE)}
+# One record per (shard, stage) each time a stage finishes a shard: the shard's absolute counts at
+# that stage, recomputed from the shard's partitions (so a rerun after a crash rewrites it right).
+# The latest record per (shard, stage) wins. `recap status`, pending-work lookups and the Airflow
+# planner read this small table instead of the row tables.
+PROGRESS = TableSchema(
+    "progress",
+    pa.schema(
+        [
+            pa.field("shard_id", pa.string(), nullable=False),
+            pa.field("stage", pa.string(), nullable=False),  # ingest | filter | caption | publish
+            pa.field("rows_in", pa.int64()),  # rows the stage has for the shard
+            pa.field("rows_out", pa.int64()),  # passed / kept / captioned / published
+            pa.field("rejected", pa.int64()),  # rejected at this stage (publish: quarantined)
+            pa.field("reasons", pa.string()),  # JSON {reason: rows}
+            # ingest only: the source file as read, to tell a changed shard from a finished one
+            pa.field("source_uri", pa.string()),
+            pa.field("size", pa.int64()),
+            pa.field("mtime_ns", pa.int64()),
+            pa.field("truncated", pa.bool_()),
+            pa.field("detail", pa.string()),
+            pa.field("run_id", pa.string()),
+            pa.field("recorded_at", _TS),
+        ]
+    ),
+    partition_by=("stage",),
+)
+
+# Corpus-dedup lookups against history: one entry per kept image and kind, partitioned by kind.
+# kind "sha": key = first 64 bits of the sha256; kind "b<bands>-<i>": key = band i of the pHash
+# (pigeonhole banding: images within d bits share at least one of d+1 bands exactly). Files are
+# sorted by key with small row groups, so a lookup reads only the row groups its keys fall in.
+DEDUP_INDEX = TableSchema(
+    "dedup_index",
+    pa.schema(
+        [
+            pa.field("kind", pa.string(), nullable=False),
+            pa.field("key", pa.int64(), nullable=False),
+            pa.field("phash", pa.int64()),
+            pa.field("sha256", pa.string()),
+            pa.field("uid", pa.string(), nullable=False),
+        ]
+    ),
+    partition_by=("kind",),
+)
+
+TABLES = {t.name: t for t in (PAIRS, REJECTED, FILTER_RESULTS, CAPTIONS, RECAP, QUARANTINE, PROGRESS, DEDUP_INDEX)}
+# Tables whose rows belong to one source shard each (partitioned by shard_key).
+SHARD_TABLES = tuple(t.name for t in TABLES.values() if t.partition_by == (SHARD_KEY,))

@@ -1,8 +1,7 @@
-"""Which source shards a run should work on: listing, ledger lookups and chunking for fan-out."""
+"""Which source shards a run should work on: listing, ingest-record lookups and chunking for fan-out."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -23,24 +22,27 @@ def list_shards(source: str | list[str], *, limit: int | None = None) -> list[st
     return shards[:limit] if limit else shards
 
 
-def ledger_entry(lake: Lake, path: str | os.PathLike[str]) -> dict | None:
-    """The ingest ledger record of a shard (written by ingest when the shard is done), if any."""
-    shard_id = shard_id_for(path)
-    return lake.read_json(f"_ledger/ingest/{hashlib.sha1(shard_id.encode()).hexdigest()}.json")
+def ingest_records(lake: Lake, paths: list[str]) -> dict[str, dict]:
+    """shard id -> the latest ingest progress record, for the shards at `paths` (one small read)."""
+    from recap_tasks.progress import by_shard
+
+    records = by_shard(lake, shard_ids=[shard_id_for(p) for p in paths], stages=("ingest",))
+    return {s: r["ingest"] for s, r in records.items()}
 
 
-def is_ingested(lake: Lake, path: str | os.PathLike[str]) -> bool:
-    """Whether the shard is in the ledger unchanged (same size and mtime), as ingest decides it."""
-    entry = ledger_entry(lake, path)
-    if entry is None:
+def is_ingested(record: dict | None, path: str | os.PathLike[str]) -> bool:
+    """Whether a shard's ingest record matches the file (same size and mtime), as ingest decides it."""
+    if record is None:
         return False
     stat = Path(path).stat()
-    return entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns
+    return record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns
 
 
 def pending_shards(lake: Lake, source: str | list[str], *, limit: int | None = None) -> list[str]:
-    """Shards under `source` that the ledger does not hold yet (new, or changed since ingest)."""
-    pending = [p for p in list_shards(source) if not is_ingested(lake, p)]
+    """Shards under `source` that the lake has not ingested yet (new, or changed since ingest)."""
+    shards = list_shards(source)
+    records = ingest_records(lake, shards)
+    pending = [p for p in shards if not is_ingested(records.get(shard_id_for(p)), p)]
     return pending[:limit] if limit else pending
 
 

@@ -1,90 +1,90 @@
-"""`recap status`: where every input row of the lake is, and whether the counts add up."""
+"""`recap status`: where every input row of the lake is, and whether the counts add up.
+
+The lake-wide view sums the per-shard progress records (recap_tasks.progress): its cost follows
+the number of shards, never the number of rows. `reconcile` checks the same invariant exactly, uid
+by uid, on a set of shards (what validation does for each batch, and `recap status --verify`).
+"""
 
 from __future__ import annotations
-
-from collections import Counter
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recap_tasks import lake as tables
+from recap_tasks import progress, schemas
 from recap_tasks.batches import all_batches
 from recap_tasks.filtering import funnel
 from recap_tasks.lake import Lake, not_in
 
 
 def lake_status(lake: Lake) -> dict:
-    """Counts by stage; `balanced` is true when every ingested row is in exactly one place."""
-    pairs = lake.uids(tables.PAIRS)
-    rejected = lake.read(tables.REJECTED, ["uid", "stage", "reason"])
-    verdicts = lake.read(tables.FILTER_RESULTS, ["uid", "kept"])
-    captioned = lake.uids(tables.CAPTIONS)
-    published = lake.uids(tables.RECAP)
-    quarantined_uids = lake.uids(tables.QUARANTINE)
-
-    by_stage: dict[str, dict[str, int]] = {}
-    for stage, reason in zip(rejected.column("stage").to_pylist(), rejected.column("reason").to_pylist()):
-        by_stage.setdefault(stage, Counter())[reason] += 1
-    rejected_ingest = sum(by_stage.get("ingest", {}).values())
-    # Rows past ingest that were rejected later (filter, caption...) are counted once each.
-    later = rejected.filter(pc.not_equal(rejected.column("stage"), "ingest")).column("uid")
-    later_unique = len(pc.unique(later)) if len(later) else 0
-    kept = int(pc.sum(verdicts.column("kept")).as_py() or 0) if verdicts.num_rows else 0
-
-    ingested_ok = len(pairs)
-    # Each row that passed ingest must be in exactly one place: published, rejected later, or
-    # waiting at one stage. Computed from the uid sets, not from the counts above.
-    kept_uids = verdicts.filter(verdicts.column("kept")).column("uid").combine_chunks() if verdicts.num_rows \
-        else pa.array([], pa.string())
-    places = {
-        "published": published,
-        "rejected": pc.unique(later.combine_chunks()) if len(later) else pa.array([], pa.string()),
-        "pending_filter": pairs.filter(not_in(pairs, verdicts.column("uid").combine_chunks())),
-        "pending_caption": kept_uids.filter(not_in(kept_uids, pa.concat_arrays(
-            [captioned, later.combine_chunks().cast(pa.string())]))),
-        "quarantined": quarantined_uids,
-        "captioned_unpublished": captioned.filter(not_in(captioned, pa.concat_arrays([published, quarantined_uids]))),
-    }
-    everywhere = pa.concat_arrays([a.cast(pa.string()) for a in places.values()])
-    balanced = len(everywhere) == ingested_ok and len(pc.unique(everywhere)) == ingested_ok and \
-        bool(pc.all(pc.is_in(everywhere, value_set=pairs)).as_py() if len(everywhere) else True)
-    pending_filter = len(places["pending_filter"])
-    pending_caption = len(places["pending_caption"])
-    captioned_unpublished = len(places["captioned_unpublished"])
-    in_flight = pending_filter + pending_caption + captioned_unpublished
-    quarantined = len(quarantined_uids)
-
-    ledger = [lake.read_json(p) for p in lake.list("_ledger/ingest", ".json")]
+    """Counts by stage; `balanced` is true when every shard's counts add up at every stage."""
+    s = progress.summary(lake)
+    by_stage = s["rejected_by_stage"]
+    rejected_total = sum(sum(r.values()) for r in by_stage.values())
+    in_flight = s["pending_filter"] + s["pending_caption"] + s["captioned_unpublished"]
     batches = all_batches(lake)
     last = batches[-1] if batches else None
     return {
         "lake": lake.uri,
-        "ingested": ingested_ok + rejected_ingest,  # every sample read from a source shard
-        "passed_ingest": ingested_ok,
-        "rejected": {"total": rejected_ingest + later_unique,
-                     "by_stage": {stage: dict(sorted(c.items())) for stage, c in sorted(by_stage.items())}},
-        "filtered": {"kept": kept, "dropped": verdicts.num_rows - kept, "pending": pending_filter},
-        "captioned": len(captioned),
-        "pending_caption": pending_caption,
-        "captioned_unpublished": captioned_unpublished,
-        "quarantined": quarantined,
-        "published": len(published),
+        "ingested": s["ingested"],  # every sample read from a source shard
+        "passed_ingest": s["passed_ingest"],
+        "rejected": {"total": rejected_total, "by_stage": by_stage},
+        "filtered": {"kept": s["kept"], "dropped": s["dropped"], "pending": s["pending_filter"]},
+        "captioned": s["captioned"],
+        "pending_caption": s["pending_caption"],
+        "captioned_unpublished": s["captioned_unpublished"],
+        "quarantined": s["quarantined"],
+        "published": s["published"],
         "in_flight": in_flight,
-        "balanced": balanced,
-        "shards": {"ingested": len(ledger), "truncated": [e["shard_id"] for e in ledger if e and e.get("truncated")]},
+        # ingested = published + rejected + quarantined + in flight, shard by shard
+        "balanced": not s["unbalanced_shards"] and
+        s["ingested"] == s["published"] + rejected_total + s["quarantined"] + in_flight,
+        "unbalanced_shards": s["unbalanced_shards"][:20],
+        "shards": {"ingested": s["shards"], "truncated": s["truncated_shards"]},
         "last_batch": None if last is None else {"batch_id": last.batch_id, "rows": last.rows,
                                                  "success": last.success, "failed": last.failed,
                                                  "quarantined": last.quarantined,
                                                  "published": last.published, "report": last.report},
         "filter_funnel": funnel(lake),  # per run: rows in, dropped per reason, rows out
-        "table_versions": {t: lake.version(t) for t in tables.schemas.TABLES},
+        "table_versions": {t: lake.version(t) for t in schemas.TABLES},
     }
+
+
+def reconcile(lake: Lake, shard_ids: list[str]) -> dict:
+    """Uid by uid, on `shard_ids` only: every pair is in exactly one place.
+
+    Places: published, rejected after ingest, quarantined, or in flight (no verdict yet, kept and
+    not captioned, captioned and not yet published). Returns the counts and `balanced`.
+    """
+    pairs = lake.uids("pairs", shards=shard_ids)
+    rejected = lake.read("rejected", ["uid", "stage"], shards=shard_ids)
+    later = pc.unique(rejected.filter(pc.not_equal(rejected.column("stage"), "ingest")).column("uid").combine_chunks())
+    verdicts = lake.read("filter_results", ["uid", "kept"], shards=shard_ids)
+    kept = verdicts.filter(pc.fill_null(verdicts.column("kept"), False)).column("uid").combine_chunks()
+    captioned = lake.uids("captions", shards=shard_ids)
+    published = lake.uids("recap", shards=shard_ids)
+    quarantined = lake.uids("quarantine", shards=shard_ids)
+    places = {
+        "published": published,
+        "rejected": later,
+        "quarantined": quarantined,
+        "pending_filter": pairs.filter(not_in(pairs, verdicts.column("uid").combine_chunks())),
+        "pending_caption": kept.filter(not_in(kept, pa.concat_arrays([captioned, later]))),
+        "captioned_unpublished": captioned.filter(not_in(captioned, pa.concat_arrays([published, quarantined]))),
+    }
+    everywhere = pa.concat_arrays([a.cast(pa.string()) for a in places.values()])
+    n = len(pairs)
+    balanced = len(everywhere) == n and len(pc.unique(everywhere)) == n and \
+        bool(pc.all(pc.is_in(everywhere, value_set=pairs)).as_py() if len(everywhere) else True)
+    return {"shards": len(shard_ids), "passed_ingest": n, **{k: len(v) for k, v in places.items()},
+            "balanced": balanced}
 
 
 def format_status(status: dict) -> str:
     lines = [f"lake {status['lake']}",
              f"  ingested        {status['ingested']:>9}  (passed {status['passed_ingest']}, "
-             f"rejected {sum(status['rejected']['by_stage'].get('ingest', {}).values())})",
+             f"rejected {sum(status['rejected']['by_stage'].get('ingest', {}).values())}; "
+             f"{status['shards']['ingested']} shards)",
              f"  filter          kept {status['filtered']['kept']}, dropped {status['filtered']['dropped']}, "
              f"pending {status['filtered']['pending']}",
              f"  captioned       {status['captioned']:>9}  (pending {status['pending_caption']})",
@@ -103,5 +103,7 @@ def format_status(status: dict) -> str:
         lines.append(f"  last batch {b['batch_id']}: {b['rows']} rows, {b['quarantined']} quarantined, {state}")
         if b["failed"]:
             lines.append(f"    failed: {', '.join(b['failed'])}")
+    if status.get("unbalanced_shards"):
+        lines.append(f"  shards whose counts do not add up: {', '.join(status['unbalanced_shards'])}")
     lines.append(f"  every row accounted for: {'yes' if status['balanced'] else 'NO'}")
     return "\n".join(lines)

@@ -50,6 +50,15 @@ def shard_id_for(path: str | os.PathLike[str]) -> str:
     return f"{p.parent.name}/{p.name}"
 
 
+def shard_key(shard_id: str) -> str:
+    """The partition value of a shard in every lake table: 16 hex digits of sha1(shard id).
+
+    Shard ids hold `/` and any character a file name may; a fixed-width hex key is safe as a folder
+    name on every filesystem and object store, and spreads shards evenly.
+    """
+    return hashlib.sha1(shard_id.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
 def make_uid(shard_id: str, key: str, occurrence: int = 0) -> str:
     """The same input (shard, key, occurrence of the key) always gives the same uid."""
     raw = f"{shard_id}\x1f{key}\x1f{occurrence}".encode("utf-8", "surrogateescape")

@@ -1,0 +1,203 @@
+"""Per-shard progress records: what each stage holds for each shard, as a small table.
+
+When a stage finishes a shard it appends one record to the `progress` table: the shard's absolute
+counts at that stage (rows in, rows out, rejected per reason), recomputed from the shard's own
+partitions. The latest record per (shard, stage) wins, so a rerun after a crash simply records
+again. "Which shards are pending for stage X", `recap status`, the report funnel and the Airflow
+planner sum these records; none of them reads the row tables. (datatrove's completion markers and
+img2dataset's `_stats.json` are the model.)
+
+| stage   | rows_in                      | rows_out           | rejected                     |
+|---------|------------------------------|--------------------|------------------------------|
+| ingest  | samples read from the source | pairs              | ingest rejections            |
+| filter  | pairs with a verdict         | kept               | dropped by the filter        |
+| caption | kept pairs settled           | captioned          | caption rejections           |
+| publish | captioned pairs settled      | published          | quarantined                  |
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recap_tasks import schemas
+from recap_tasks.lake import PROGRESS, Lake
+from recap_tasks.runs import utcnow
+
+STAGES = ("ingest", "filter", "caption", "publish")
+# Each stage's input is the previous stage's output: a shard is pending for `stage` while the
+# previous stage's rows_out exceeds this stage's rows_in.
+UPSTREAM = {"filter": "ingest", "caption": "filter", "publish": "caption"}
+
+_COUNTS = ["shard_id", "stage", "rows_in", "rows_out", "rejected", "reasons", "truncated", "size", "mtime_ns",
+           "source_uri", "detail", "run_id", "recorded_at"]
+
+
+def latest(lake: Lake, *, shard_ids: Iterable[str] | None = None, stages: Iterable[str] = STAGES) -> pa.Table:
+    """The latest record per (shard, stage), for the given shards (default: all) and stages."""
+    if not lake.exists(PROGRESS):
+        return schemas.PROGRESS.empty_table().select(_COUNTS)
+    stages = list(stages)
+    dt = lake.delta(PROGRESS)
+    pruning = [("stage", "in", stages)] if set(stages) != set(STAGES) else None
+    ds = dt.to_pyarrow_dataset(file_pruning_predicate=pruning)
+    where = pc.field("stage").isin(stages)
+    if shard_ids is not None:
+        where = where & pc.field("shard_id").isin(sorted(set(shard_ids)))
+    from recap_tasks.lake import _normalize
+
+    records = _normalize(ds.to_table(columns=_COUNTS, filter=where, use_threads=False))
+    if records.num_rows == 0:
+        return records
+    records = records.sort_by([("shard_id", "ascending"), ("stage", "ascending"), ("recorded_at", "ascending")])
+    shard = records.column("shard_id").to_numpy(zero_copy_only=False)
+    stage = records.column("stage").to_numpy(zero_copy_only=False)
+    last = np.ones(records.num_rows, dtype=bool)
+    last[:-1] = (shard[1:] != shard[:-1]) | (stage[1:] != stage[:-1])
+    return records.filter(pa.array(last))
+
+
+def by_shard(lake: Lake, *, shard_ids: Iterable[str] | None = None,
+             stages: Iterable[str] = STAGES) -> dict[str, dict[str, dict]]:
+    """{shard id: {stage: record}} of the latest records."""
+    out: dict[str, dict[str, dict]] = {}
+    for r in latest(lake, shard_ids=shard_ids, stages=stages).to_pylist():
+        out.setdefault(r["shard_id"], {})[r["stage"]] = r
+    return out
+
+
+def pending_shards(lake: Lake, stage: str, *, shard_ids: Iterable[str] | None = None) -> list[str]:
+    """Shards whose upstream stage has rows this stage has not settled yet (sorted)."""
+    up = UPSTREAM[stage]
+    records = by_shard(lake, shard_ids=shard_ids, stages=(up, stage))
+    pending = []
+    for shard_id, rec in records.items():
+        have = rec.get(up, {}).get("rows_out") or 0
+        done = rec.get(stage, {}).get("rows_in") or 0
+        if have > done:
+            pending.append(shard_id)
+    return sorted(pending)
+
+
+def record(lake: Lake, stage: str, shard_ids: Iterable[str], *, run_id: str,
+           sources: dict[str, dict] | None = None) -> list[dict]:
+    """Recount `shard_ids` at `stage` from their partitions and append their records.
+
+    `sources` (ingest): shard id -> {"source_uri", "size", "mtime_ns", "truncated", "detail"}.
+    """
+    shard_ids = sorted(set(shard_ids))
+    if not shard_ids:
+        return []
+    counts = _COUNTERS[stage](lake, shard_ids)
+    now = utcnow()
+    rows = []
+    for shard_id in shard_ids:
+        rows_out, rejected = counts.get(shard_id, (0, Counter()))
+        n_rejected = sum(rejected.values())
+        rows.append({"shard_id": shard_id, "stage": stage, "rows_in": rows_out + n_rejected, "rows_out": rows_out,
+                     "rejected": n_rejected, "reasons": json.dumps(dict(sorted(rejected.items()))),
+                     **(sources or {}).get(shard_id, {}), "run_id": run_id, "recorded_at": now})
+    lake.append(PROGRESS, pa.Table.from_pylist(rows, schema=schemas.PROGRESS.arrow))
+    return rows
+
+
+def _group(table: pa.Table, *, ok: pa.Array | None = None, reason: pa.Array | None = None) -> dict:
+    """shard id -> (rows where ok, Counter of reasons of the other rows)."""
+    out: dict[str, tuple[int, Counter]] = {}
+    shard = table.column("shard_id").to_pylist()
+    oks = [True] * len(shard) if ok is None else ok.to_pylist()
+    reasons = [None] * len(shard) if reason is None else reason.to_pylist()
+    for s, k, r in zip(shard, oks, reasons):
+        n, c = out.get(s, (0, Counter()))
+        if k:
+            n += 1
+        else:
+            c[r or "unknown"] += 1
+        out[s] = (n, c)
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for s, (n, c) in b.items():
+        n0, c0 = out.get(s, (0, Counter()))
+        out[s] = (n0 + n, c0 + c)
+    return out
+
+
+def _rejected(lake: Lake, shard_ids: list[str], stage: str) -> dict:
+    rej = lake.read("rejected", ["shard_id", "stage", "reason"], shards=shard_ids)
+    rej = rej.filter(pc.equal(rej.column("stage"), stage))
+    return _group(rej, ok=pa.array([False] * rej.num_rows), reason=rej.column("reason"))
+
+
+def _count_ingest(lake: Lake, shard_ids: list[str]) -> dict:
+    return _merge(_group(lake.read("pairs", ["shard_id"], shards=shard_ids)), _rejected(lake, shard_ids, "ingest"))
+
+
+def _count_filter(lake: Lake, shard_ids: list[str]) -> dict:
+    v = lake.read("filter_results", ["shard_id", "kept", "reason"], shards=shard_ids)
+    return _group(v, ok=pc.fill_null(v.column("kept"), False), reason=v.column("reason"))
+
+
+def _count_caption(lake: Lake, shard_ids: list[str]) -> dict:
+    return _merge(_group(lake.read("captions", ["shard_id"], shards=shard_ids)), _rejected(lake, shard_ids, "caption"))
+
+
+def _count_publish(lake: Lake, shard_ids: list[str]) -> dict:
+    q = lake.read("quarantine", ["shard_id"], shards=shard_ids)
+    quarantined = _group(q, ok=pa.array([False] * q.num_rows), reason=pa.array(["quarantined"] * q.num_rows))
+    return _merge(_group(lake.read("recap", ["shard_id"], shards=shard_ids)), quarantined)
+
+
+_COUNTERS = {"ingest": _count_ingest, "filter": _count_filter, "caption": _count_caption, "publish": _count_publish}
+
+
+def summary(lake: Lake) -> dict:
+    """Lake-wide counts from the latest records, and whether every shard's counts add up."""
+    records = latest(lake).to_pandas()
+    per = {stage: records[records["stage"] == stage].set_index("shard_id") for stage in STAGES}
+    shards = sorted(set(records["shard_id"])) if len(records) else []
+
+    def col(stage: str, name: str) -> np.ndarray:
+        frame = per[stage]
+        return frame[name].reindex(shards).fillna(0).to_numpy(dtype=np.int64) if len(shards) else np.zeros(0, np.int64)
+
+    def reasons(stage: str) -> dict[str, int]:
+        total: Counter = Counter()
+        for raw in per[stage]["reasons"].dropna():
+            total.update(json.loads(raw))
+        return dict(sorted(total.items()))
+
+    passed, read = col("ingest", "rows_out"), col("ingest", "rows_in")
+    kept, judged = col("filter", "rows_out"), col("filter", "rows_in")
+    captioned, cap_settled = col("caption", "rows_out"), col("caption", "rows_in")
+    published, pub_settled = col("publish", "rows_out"), col("publish", "rows_in")
+    pending_filter, pending_caption = passed - judged, kept - cap_settled
+    unpublished = captioned - pub_settled
+    # Each shard's rows are in exactly one place: no stage may have settled more than it was given.
+    bad = (pending_filter < 0) | (pending_caption < 0) | (unpublished < 0)
+    truncated = per["ingest"]["truncated"].fillna(False)
+    by_stage = {s: r for s, r in (("ingest", reasons("ingest")), ("filter", reasons("filter")),
+                                  ("caption", reasons("caption"))) if r}
+    return {
+        "shards": len(shards),
+        "ingested": int(read.sum()),
+        "passed_ingest": int(passed.sum()),
+        "rejected_by_stage": by_stage,
+        "kept": int(kept.sum()),
+        "dropped": int((judged - kept).sum()),
+        "pending_filter": int(pending_filter.sum()),
+        "captioned": int(captioned.sum()),
+        "pending_caption": int(pending_caption.sum()),
+        "captioned_unpublished": int(unpublished.sum()),
+        "quarantined": int((pub_settled - published).sum()),
+        "published": int(published.sum()),
+        "unbalanced_shards": [s for s, b in zip(shards, bad) if b],
+        "truncated_shards": sorted(truncated[truncated.astype(bool)].index.tolist()),
+    }
