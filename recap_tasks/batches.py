@@ -24,6 +24,7 @@ class Batch:
     results: list[dict] = field(default_factory=list)  # one entry per expectation, for reports
     published: bool = False
     published_version: int | None = None
+    shards: list[str] = field(default_factory=list)  # the shards whose rows the batch holds
 
     def save(self, lake: Lake) -> None:
         lake.write_json(f"{_DIR}/{self.batch_id}.json", asdict(self))
@@ -50,18 +51,21 @@ def read_uids(lake: Lake, batch: Batch) -> pa.Array:
     return lake.read_parquet(f"{_DIR}/{batch.batch_id}.uids.parquet").column("uid").combine_chunks()
 
 
-def candidate_rows(lake: Lake, uids: pa.Array | None = None) -> pa.Table:
-    """Rows as they would be published: captions joined with their pairs.
+def candidate_rows(lake: Lake, shard_ids: list[str], uids: pa.Array | None = None) -> pa.Table:
+    """Rows of `shard_ids` as they would be published: captions joined with their pairs.
 
-    Without `uids`: every captioned row that is neither published nor quarantined.
+    Without `uids`: every captioned row of those shards that is neither published nor quarantined.
+    Reads only those shards' partitions.
     """
-    captions = lake.read(tables.CAPTIONS)
+    captions = lake.read(tables.CAPTIONS, shards=shard_ids)
     if uids is not None:
         captions = captions.filter(pc.is_in(captions.column("uid"), value_set=uids))
     else:
-        settled = pa.concat_arrays([lake.uids(tables.RECAP), lake.uids(tables.QUARANTINE)])
+        settled = pa.concat_arrays([lake.uids(tables.RECAP, shards=shard_ids),
+                                    lake.uids(tables.QUARANTINE, shards=shard_ids)])
         captions = captions.filter(not_in(captions.column("uid"), settled))
-    pairs = lake.read(tables.PAIRS, ["uid", "key", "url", "org_caption", "sha256", "width", "height"])
+    pairs = lake.read(tables.PAIRS, ["uid", "key", "url", "org_caption", "sha256", "width", "height"],
+                      shards=shard_ids)
     keep = ["uid", "shard_id", "re_caption", "model", "prompt", "generation", "is_refusal", "prompt_echo",
             "distinct_ngram_ratio", "re_clip_score", "org_clip_score", "clip_model", "re_clip_truncated", "run_id"]
     rows = captions.select(keep).join(pairs, "uid", join_type="inner")

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recap_tasks import lake as tables
+from recap_tasks import progress as shard_progress
 from recap_tasks.captioning import Captioner
 from recap_tasks.config import CaptionConfig, RecapConfig
 from recap_tasks.errors import RecapError
@@ -48,17 +49,18 @@ class CaptionResult:
 
 
 def pending_pairs(lake: Lake, shard_ids: list[str] | None = None) -> pa.Table:
-    """Pairs the filter kept that have no caption and no rejection yet."""
-    verdicts = lake.read(tables.FILTER_RESULTS, ["uid", "kept"])
-    kept = verdicts.filter(verdicts.column("kept")).column("uid")
-    pairs = lake.read(tables.PAIRS, _POINTER)
+    """Pairs the filter kept that have no caption and no rejection yet, in `shard_ids` (default:
+    the shards the progress records show pending). Reads only those shards' partitions."""
+    if shard_ids is None:
+        shard_ids = shard_progress.pending_shards(lake, "caption")
+    verdicts = lake.read(tables.FILTER_RESULTS, ["uid", "kept"], shards=shard_ids)
+    kept = verdicts.filter(pc.fill_null(verdicts.column("kept"), False)).column("uid")
+    pairs = lake.read(tables.PAIRS, _POINTER, shards=shard_ids)
     pairs = pairs.filter(pc.is_in(pairs.column("uid"), value_set=kept.combine_chunks()))
-    pairs = pairs.filter(not_in(pairs.column("uid"), lake.uids(tables.CAPTIONS)))
-    rejected = lake.read(tables.REJECTED, ["uid", "stage"])
+    pairs = pairs.filter(not_in(pairs.column("uid"), lake.uids(tables.CAPTIONS, shards=shard_ids)))
+    rejected = lake.read(tables.REJECTED, ["uid", "stage"], shards=shard_ids)
     caption_rejects = rejected.filter(pc.equal(rejected.column("stage"), "caption")).column("uid")
     pairs = pairs.filter(not_in(pairs.column("uid"), caption_rejects.combine_chunks()))
-    if shard_ids is not None:
-        pairs = pairs.filter(pc.is_in(pairs.column("shard_id"), value_set=pa.array(shard_ids, pa.string())))
     return pairs.sort_by([("shard_id", "ascending"), ("uid", "ascending")])
 
 
@@ -77,9 +79,12 @@ def run_caption(lake: Lake, *, model: str | None = None, captioner: Captioner | 
     """Caption every pending pair (or those of `shard_ids`), committing every `commit_every` rows."""
     config = config or RecapConfig.load().caption
     run_id = run_id or new_run_id()
-    pending = pending_pairs(lake, shard_ids)
+    targets = sorted(set(shard_ids)) if shard_ids is not None else shard_progress.pending_shards(lake, "caption")
+    pending = pending_pairs(lake, targets)
     result = CaptionResult(run_id, pending=pending.num_rows)
     if pending.num_rows == 0:
+        # Captions may have been committed by a run that died before recording them.
+        shard_progress.record(lake, "caption", targets, run_id=run_id)
         log.info("caption %s: nothing to caption", run_id)
         return result
     if captioner is None:
@@ -110,8 +115,11 @@ def run_caption(lake: Lake, *, model: str | None = None, captioner: Captioner | 
                     result.captioned += _commit(lake, part, rejects, result)
                     part, rejects = [], []
             result.captioned += _commit(lake, part, rejects, result)
+            shard_progress.record(lake, "caption", [shard_id], run_id=run_id)
             result.shards.append(shard_id)
     bar.close()
+    # Shards that had nothing left to caption (finished by a run that died before recording).
+    shard_progress.record(lake, "caption", [s for s in targets if s not in set(result.shards)], run_id=run_id)
     result.oom_splits = backoff.splits
     log.info("caption %s: %s", run_id, result.summary())
     return result

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
+import threading
 from typing import Iterator
 
 ENV_ADDRESS = "RECAP_DASK_ADDRESS"
@@ -18,7 +20,8 @@ def dask_client(address: str | None = None, *, workers: int | None = None) -> It
 
     The LocalCluster has one single-threaded worker process per core (models are not thread-safe
     and each holds its own onnxruntime/torch threads); worker processes start with spawn, which
-    deltalake needs (it panics in forked children).
+    deltalake needs (it panics in forked children), and without re-running the host's __main__
+    (see _main_hidden_from_spawn), so they start from any host: an Airflow task, a notebook, a script.
     """
     from distributed import Client, LocalCluster
 
@@ -33,6 +36,63 @@ def dask_client(address: str | None = None, *, workers: int | None = None) -> It
         return
     n = workers or os.cpu_count() or 1
     log.info("filter: starting a LocalCluster of %d worker processes", n)
-    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
+    # For the cluster's whole life, not just its start: the nannies (in this process) start a
+    # worker process again when one dies or is restarted.
+    with _main_hidden_from_spawn(), \
+            LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                         silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
         yield client, max(1, (os.cpu_count() or 1) // n)
+
+
+_hidden_lock = threading.Lock()
+_hidden_depth = 0
+_hidden_saved: tuple[object, dict[str, object]] | None = None
+
+
+@contextlib.contextmanager
+def _main_hidden_from_spawn() -> Iterator[None]:
+    """Make the host's __main__ look interactive to multiprocessing while the block runs.
+
+    A spawn child first re-runs the parent's main module as __mp_main__: by name when __main__
+    has a __spec__ (`python -m pkg.mod`), by path when it has a __file__ (a script, a console
+    script such as `airflow`). Under Airflow that is the `airflow` script, whose import sets
+    Airflow up from an environment where the task runner has replaced the metadata DB URL with
+    `airflow-db-not-allowed:///`, so every Dask worker died at start ("Nanny failed to start
+    worker process"); a script would run its unguarded top-level code again in every worker.
+    Workers need nothing from __main__: they import recap_tasks, and distributed pickles any
+    __main__ function by value (cloudpickle). With neither attribute, multiprocessing leaves the
+    child's __main__ alone, as it always does for a REPL, `python -c` or a Jupyter kernel.
+
+    Alternatives weighed (distributed 2026.8): `distributed.worker.multiprocessing-method` only
+    picks spawn/forkserver/fork: forkserver children re-run __main__ the same way, and fork
+    breaks deltalake and forks a threaded task process. Workers as `python -m dask spec`
+    subprocesses (SubprocessCluster/SubprocessWorker, experimental) never see the host's
+    __main__ but start about twice as slowly with a nanny, do not inherit this process's
+    sys.path or Dask config, and bind to the public interface unless told otherwise.
+
+    The attributes are process-wide: they stay hidden until the last overlapping block exits
+    (reference-counted, thread-safe) and are restored on the module object that had them.
+    """
+    global _hidden_depth, _hidden_saved
+    with _hidden_lock:
+        if _hidden_depth == 0:
+            main = sys.modules.get("__main__")
+            saved = {} if main is None else {k: main.__dict__[k] for k in ("__file__", "__spec__")
+                                               if k in main.__dict__}
+            if main is not None:
+                main.__dict__.pop("__file__", None)
+                main.__spec__ = None  # multiprocessing reads it unguarded: keep the attribute
+            _hidden_saved = (main, saved)
+        _hidden_depth += 1
+    try:
+        yield
+    finally:
+        with _hidden_lock:
+            _hidden_depth -= 1
+            if _hidden_depth == 0 and _hidden_saved is not None:
+                main, saved = _hidden_saved
+                _hidden_saved = None
+                if main is not None:
+                    if "__spec__" not in saved:
+                        main.__dict__.pop("__spec__", None)
+                    main.__dict__.update(saved)

@@ -11,6 +11,7 @@ from deltalake import CommitProperties, Transaction
 from deltalake.exceptions import CommitFailedError
 
 from recap_tasks import lake as tables
+from recap_tasks import progress as shard_progress
 from recap_tasks.batches import Batch, all_batches, candidate_rows, read_uids
 from recap_tasks.errors import RecapError, ValidationFailed
 from recap_tasks.lake import Lake, _conform
@@ -43,14 +44,15 @@ def run_publish(lake: Lake, *, batch_id: str | None = None, run_id: str | None =
         raise ValidationFailed(f"batch {batch.batch_id} failed validation ({', '.join(batch.failed)}); "
                                f"not published. Fix the cause and run validate again.")
     app_id = APP_ID_PREFIX + batch.batch_id
-    if lake.exists(tables.RECAP) and lake.delta(tables.RECAP).transaction_version(app_id) is not None:
+    lake.ensure(tables.RECAP)
+    if lake.delta(tables.RECAP).transaction_version(app_id) is not None:
         # The table already records this batch's commit: a retry after a crash, or a repeat.
         version = lake.version(tables.RECAP)
-        _mark(lake, batch, version)
+        _mark(lake, batch, version, run_id)
         return PublishResult(batch.batch_id, batch.rows, 0, 0, version, already_published=True)
-    rows = candidate_rows(lake, read_uids(lake, batch))
+    rows = candidate_rows(lake, batch.shards, read_uids(lake, batch))
     if rows.num_rows == 0:
-        _mark(lake, batch, lake.version(tables.RECAP))
+        _mark(lake, batch, lake.version(tables.RECAP), run_id)
         return PublishResult(batch.batch_id, 0, 0, 0, lake.version(tables.RECAP))
     now = utcnow()
     rows = rows.append_column("publish_run_id", pa.array([run_id] * rows.num_rows, pa.string()))
@@ -60,36 +62,30 @@ def run_publish(lake: Lake, *, batch_id: str | None = None, run_id: str | None =
     commit = CommitProperties(app_transactions=[Transaction(app_id=app_id, version=1)],
                               custom_metadata={"recap.batch_id": batch.batch_id, "recap.run_id": run_id})
     inserted = updated = 0
+    # Only the partitions of the batch's shards are read and rewritten.
+    listed = ", ".join("'" + k + "'" for k in sorted(set(data.column("shard_key").to_pylist())))
+    predicate = f"t.shard_key = s.shard_key AND t.shard_key IN ({listed}) AND t.uid = s.uid"
     for attempt in range(8):
+        dt = lake.delta(tables.RECAP)
+        if dt.transaction_version(app_id) is not None:
+            break  # a concurrent publisher of the same batch won
         try:
-            if not lake.exists(tables.RECAP):
-                lake.write_delta(tables.RECAP, data, mode="error", commit_properties=commit)
-                inserted = data.num_rows
-            else:
-                dt = lake.delta(tables.RECAP)
-                if dt.transaction_version(app_id) is not None:
-                    break  # a concurrent publisher of the same batch won
-                metrics = (
-                    dt.merge(data, predicate="t.uid = s.uid", source_alias="s", target_alias="t",
-                             commit_properties=commit)
-                    # A re-captioned uid (new model or prompt) replaces the old row; the same caption does not.
-                    .when_matched_update_all(predicate="t.re_caption <> s.re_caption OR t.model <> s.model")
-                    .when_not_matched_insert_all()
-                    .execute()
-                )
-                inserted = int(metrics.get("num_target_rows_inserted", 0))
-                updated = int(metrics.get("num_target_rows_updated", 0))
+            metrics = (
+                dt.merge(data, predicate=predicate, source_alias="s", target_alias="t", commit_properties=commit)
+                # A re-captioned uid (new model or prompt) replaces the old row; the same caption does not.
+                .when_matched_update_all(predicate="t.re_caption <> s.re_caption OR t.model <> s.model")
+                .when_not_matched_insert_all()
+                .execute()
+            )
+            inserted = int(metrics.get("num_target_rows_inserted", 0))
+            updated = int(metrics.get("num_target_rows_updated", 0))
             break
         except CommitFailedError:
             time.sleep(0.05 * 2**attempt)
-        except Exception:
-            if attempt == 0 and lake.exists(tables.RECAP):
-                continue  # lost the race to create the table: merge into it
-            raise
     else:
         raise RecapError(f"publishing batch {batch.batch_id}: too many concurrent commit conflicts")
     version = lake.version(tables.RECAP)
-    _mark(lake, batch, version)
+    _mark(lake, batch, version, run_id)
     out = PublishResult(batch.batch_id, data.num_rows, inserted, updated, version)
     log.info("publish %s: %s", run_id, out.summary())
     return out
@@ -107,6 +103,7 @@ def _pick(lake: Lake, batch_id: str | None) -> Batch:
     return batches[-1]
 
 
-def _mark(lake: Lake, batch: Batch, version: int | None) -> None:
+def _mark(lake: Lake, batch: Batch, version: int | None, run_id: str) -> None:
+    shard_progress.record(lake, "publish", batch.shards, run_id=run_id)
     batch.published, batch.published_version = True, version
     batch.save(lake)

@@ -60,14 +60,14 @@ def build_report(lake: Lake, *, run_id: str | None = None) -> str:
 def _run_page(lake: Lake, batch: Batch) -> str:
     status = lake_status(lake)
     published = lake.read(tables.RECAP, ["uid", "re_caption", "org_caption", "re_length", "org_length",
-                                        "re_clip_score", "org_clip_score", "model", "url"])
+                                        "re_clip_score", "org_clip_score", "model", "url"], shards=batch.shards)
     uids = read_uids(lake, batch)
     rows = published.filter(pc.is_in(published.column("uid"), value_set=uids))
     source = "published rows of this run"
     if rows.num_rows == 0:  # a refused batch: show what was checked instead
         from recap_tasks.batches import candidate_rows
 
-        rows = candidate_rows(lake, uids)
+        rows = candidate_rows(lake, batch.shards, uids)
         source = "checked rows of this run (not published)"
     re_len = np.asarray(rows.column("re_length").to_pylist() or [], dtype=float)
     org_len = np.asarray(rows.column("org_length").to_pylist() or [], dtype=float)

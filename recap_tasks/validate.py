@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 
 from recap_tasks import lake as tables
+from recap_tasks import progress as shard_progress
 from recap_tasks.batches import Batch, candidate_rows, write_uids
 from recap_tasks.config import RecapConfig, ValidateConfig
 from recap_tasks.errors import ValidationFailed
@@ -148,12 +149,15 @@ def _name(expectation_type: str, column: str | None) -> str:
 
 
 def run_validate(lake: Lake, *, config: ValidateConfig | None = None, run_id: str | None = None,
-                 raise_on_failure: bool = True) -> ValidateResult:
-    """Check every captioned row not yet published or quarantined; record the batch and its verdict."""
+                 raise_on_failure: bool = True, shard_ids: list[str] | None = None) -> ValidateResult:
+    """Check the captioned rows of `shard_ids` (default: every shard with captioned rows not yet
+    published or quarantined, from the progress records); record the batch and its verdict."""
     config = config or RecapConfig.load().validate
     run_id = run_id or new_run_id()
-    rows = candidate_rows(lake)
-    batch = Batch(batch_id=run_id, rows=rows.num_rows, success=True, validated_at=utcnow().isoformat())
+    targets = sorted(set(shard_ids)) if shard_ids is not None else shard_progress.pending_shards(lake, "publish")
+    rows = candidate_rows(lake, targets)
+    batch = Batch(batch_id=run_id, rows=rows.num_rows, success=True, validated_at=utcnow().isoformat(),
+                  shards=sorted(set(rows.column("shard_id").to_pylist())))
     results: list[dict] = []
     quarantine: dict[str, list[str]] = {}
     if rows.num_rows:
@@ -162,7 +166,7 @@ def run_validate(lake: Lake, *, config: ValidateConfig | None = None, run_id: st
             results, quarantine, page = check_frame(df, config, name=run_id, docs_dir=docs_dir)
         report = page if lake.is_local or page is None else \
             f"{lake.uri}/_reports/data_docs/{Path(page).relative_to(docs_dir).as_posix()}"
-        reconciliation = _reconcile(lake, rows.num_rows, len(quarantine))
+        reconciliation = _reconcile(lake, batch.shards, rows.num_rows, len(quarantine))
         results.append(reconciliation)
         batch.failed = [r["expectation"] for r in results if not r["success"]]
         batch.results = results
@@ -237,16 +241,14 @@ def check_frame(df: pd.DataFrame, config: ValidateConfig, *, name: str = "batch"
     return results, quarantine, report
 
 
-def _reconcile(lake: Lake, batch_rows: int, quarantined: int) -> dict:
-    """Every ingested row is published, rejected, quarantined or still in flight, exactly once."""
-    from recap_tasks.status import lake_status
+def _reconcile(lake: Lake, shard_ids: list[str], batch_rows: int, quarantined: int) -> dict:
+    """On the batch's shards, uid by uid: every ingested row is published, rejected, quarantined or
+    still in flight, exactly once."""
+    from recap_tasks.status import reconcile
 
-    status = lake_status(lake)
-    ok = bool(status["balanced"])
-    return {"expectation": "row_count_reconciliation", "success": ok, "row_level": False,
-            "observed": {"ingested": status["ingested"], "published": status["published"],
-                         "rejected": status["rejected"]["total"], "quarantined": status["quarantined"],
-                         "in_flight": status["in_flight"], "batch_rows": batch_rows,
+    counts = reconcile(lake, shard_ids)
+    return {"expectation": "row_count_reconciliation", "success": counts["balanced"], "row_level": False,
+            "observed": {**{k: v for k, v in counts.items() if k != "balanced"}, "batch_rows": batch_rows,
                          "batch_quarantined": quarantined},
             "unexpected_count": None}
 

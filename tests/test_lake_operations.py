@@ -74,8 +74,11 @@ def test_concurrent_publishers_both_commit(tmp_path, tiny_model):
 def test_history_and_time_travel(published_lake):
     lake = published_lake
     versions = history(lake, "recap")
-    assert versions[-1]["version"] == 0 and versions[-1]["batch_id"] == "first"
-    assert snapshot(lake, "recap", version=0).num_rows == 18
+    # Version 0 creates the empty table (every table is created up front, before any writer races).
+    assert versions[-1]["version"] == 0 and versions[-1]["operation"] == "CREATE TABLE"
+    assert versions[-2]["version"] == 1 and versions[-2]["batch_id"] == "first"
+    assert snapshot(lake, "recap", version=0).num_rows == 0
+    assert snapshot(lake, "recap", version=1).num_rows == 18
     with pytest.raises(RecapError, match="cannot load 'recap' at 99"):
         snapshot(lake, "recap", version=99)
 
