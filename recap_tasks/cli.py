@@ -50,7 +50,8 @@ def cmd_ingest(args):
 def cmd_filter(args):
     from recap_tasks.filtering import run_filter
 
-    _print(run_filter(_lake(args, must_exist=True), config=_config(args).filter, run_id=args.run_id).summary())
+    _print(run_filter(_lake(args, must_exist=True), config=_config(args).filter, run_id=args.run_id,
+                      shard_ids=args.shard or None).summary())
 
 
 def cmd_caption(args):
@@ -63,7 +64,8 @@ def cmd_caption(args):
 def cmd_validate(args):
     from recap_tasks.validate import run_validate
 
-    _print(run_validate(_lake(args, must_exist=True), config=_config(args).validate, run_id=args.run_id).summary())
+    _print(run_validate(_lake(args, must_exist=True), config=_config(args).validate, run_id=args.run_id,
+                        shard_ids=args.shard or None).summary())
 
 
 def cmd_publish(args):
@@ -97,9 +99,16 @@ def cmd_demo(args):
 
 
 def cmd_status(args):
-    from recap_tasks.status import format_status, lake_status
+    from recap_tasks.status import format_status, lake_status, reconcile
 
-    status = lake_status(_lake(args, must_exist=True))
+    lake = _lake(args, must_exist=True)
+    status = lake_status(lake)
+    if args.verify or args.shard:
+        from recap_tasks.progress import latest
+
+        shards = args.shard or sorted(set(latest(lake).column("shard_id").to_pylist()))
+        status["verified"] = reconcile(lake, shards)
+        status["balanced"] = status["balanced"] and status["verified"]["balanced"]
     if args.json:
         _print(status)
     else:
@@ -113,8 +122,11 @@ def cmd_report(args):
 
 
 def cmd_maintain(args):
-    from recap_tasks.maintenance import maintain
+    from recap_tasks.maintenance import maintain, migrate
 
+    if args.migrate:
+        _print(migrate(_lake(args, must_exist=True)))
+        return
     _print(maintain(_lake(args, must_exist=True), tables=args.table or None, retention_hours=args.retention_hours,
                     dry_run=args.dry_run, allow_short_retention=args.allow_short_retention))
 
@@ -192,11 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("ingest", cmd_ingest, "read source shards into the pairs table; bad samples go to rejected")
     source_options(p)
     p.add_argument("--force", action="store_true", help="re-read shards already ingested (adds only new rows)")
-    stage("filter", cmd_filter, "apply the filter chain to pairs not yet filtered")
+    p = stage("filter", cmd_filter, "apply the filter chain to pairs not yet filtered")
+    p.add_argument("--shard", action="append", help="only this shard id (repeatable); default: all pending")
     p = stage("caption", cmd_caption, "caption kept pairs that have no caption yet")
     caption_options(p)
     p.add_argument("--shard", action="append", help="only this shard id (repeatable); default: all pending")
-    stage("validate", cmd_validate, "run the data-quality suite over captioned, unpublished rows")
+    p = stage("validate", cmd_validate, "run the data-quality suite over captioned, unpublished rows")
+    p.add_argument("--shard", action="append", help="only this shard id (repeatable); default: all pending")
     p = stage("publish", cmd_publish, "MERGE the latest validated batch into LAKE/recap")
     p.add_argument("--batch", help="batch id to publish (default: the latest validated)")
     p = stage("run", cmd_run, "all stages in order, locally")
@@ -204,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     caption_options(p)
     p = stage("status", cmd_status, "counts for the lake: ingested, rejected by stage and reason, published")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--verify", action="store_true",
+                   help="also check uid by uid that every row is in one place (reads every shard: slow on a big lake)")
+    p.add_argument("--shard", action="append", help="verify only this shard id (repeatable)")
     stage("report", cmd_report, "write the HTML quality report of --run-id (default: the latest validated) and the index")
     p = stage("maintain", cmd_maintain, "compact small files, checkpoint and vacuum old files of the lake's tables")
     p.add_argument("--table", action="append", help="only this table (repeatable); default: all")
@@ -211,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list what vacuum would delete; change nothing")
     p.add_argument("--allow-short-retention", action="store_true",
                    help="permit retention below 168 h (breaks readers on older versions)")
+    p.add_argument("--migrate", action="store_true",
+                   help="rewrite a lake made by an older Recap into shard partitions + progress records (once)")
     p = stage("history", cmd_history, "versions of a table: operation, time, rows, batch id")
     p.add_argument("--table", default="recap")
     p.add_argument("--limit", type=int, default=20)

@@ -51,7 +51,7 @@ _hidden_saved: tuple[object, dict[str, object]] | None = None
 
 @contextlib.contextmanager
 def _main_hidden_from_spawn() -> Iterator[None]:
-    """Make the host's __main__ look interactive to multiprocessing while the block runs.
+    """While the block runs, spawn children do not re-run the host's __main__ module.
 
     A spawn child first re-runs the parent's main module as __mp_main__: by name when __main__
     has a __spec__ (`python -m pkg.mod`), by path when it has a __file__ (a script, a console
@@ -60,8 +60,12 @@ def _main_hidden_from_spawn() -> Iterator[None]:
     `airflow-db-not-allowed:///`, so every Dask worker died at start ("Nanny failed to start
     worker process"); a script would run its unguarded top-level code again in every worker.
     Workers need nothing from __main__: they import recap_tasks, and distributed pickles any
-    __main__ function by value (cloudpickle). With neither attribute, multiprocessing leaves the
-    child's __main__ alone, as it always does for a REPL, `python -c` or a Jupyter kernel.
+    __main__ function by value (cloudpickle).
+
+    multiprocessing never re-runs a main module whose spec is named "__main__" (a directory or
+    zip archive run by path: its code is all "main only"), so __main__.__spec__ is set to such a
+    spec; __file__ and everything else in __main__ stay as they are. (A REPL, `python -c` and a
+    Jupyter kernel have neither attribute and were never affected.)
 
     Alternatives weighed (distributed 2026.8): `distributed.worker.multiprocessing-method` only
     picks spawn/forkserver/fork: forkserver children re-run __main__ the same way, and fork
@@ -70,19 +74,18 @@ def _main_hidden_from_spawn() -> Iterator[None]:
     __main__ but start about twice as slowly with a nanny, do not inherit this process's
     sys.path or Dask config, and bind to the public interface unless told otherwise.
 
-    The attributes are process-wide: they stay hidden until the last overlapping block exits
-    (reference-counted, thread-safe) and are restored on the module object that had them.
+    __spec__ is process-wide: it stays replaced until the last overlapping block exits
+    (reference-counted, thread-safe), then the module that had it gets it back.
     """
     global _hidden_depth, _hidden_saved
+    from importlib.machinery import ModuleSpec
+
     with _hidden_lock:
         if _hidden_depth == 0:
             main = sys.modules.get("__main__")
-            saved = {} if main is None else {k: main.__dict__[k] for k in ("__file__", "__spec__")
-                                               if k in main.__dict__}
             if main is not None:
-                main.__dict__.pop("__file__", None)
-                main.__spec__ = None  # multiprocessing reads it unguarded: keep the attribute
-            _hidden_saved = (main, saved)
+                _hidden_saved = (main, {k: main.__dict__[k] for k in ("__spec__",) if k in main.__dict__})
+                main.__spec__ = ModuleSpec("__main__", None, origin=getattr(main, "__file__", None))
         _hidden_depth += 1
     try:
         yield
@@ -92,7 +95,5 @@ def _main_hidden_from_spawn() -> Iterator[None]:
             if _hidden_depth == 0 and _hidden_saved is not None:
                 main, saved = _hidden_saved
                 _hidden_saved = None
-                if main is not None:
-                    if "__spec__" not in saved:
-                        main.__dict__.pop("__spec__", None)
-                    main.__dict__.update(saved)
+                main.__dict__.pop("__spec__", None)
+                main.__dict__.update(saved)

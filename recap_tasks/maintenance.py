@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from recap_tasks import schemas
 from recap_tasks.errors import RecapError
-from recap_tasks.lake import Lake
+from recap_tasks.lake import DEDUP_INDEX, Lake
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,20 @@ def maintain(lake: Lake, *, tables: list[str] | None = None, retention_hours: in
         if not lake.exists(name):
             continue
         dt = lake.delta(name)
+        lake.check_layout(name, dt)
         before = len(dt.file_uris())
-        compacted = {} if dry_run else dt.optimize.compact()
+        if dry_run:
+            compacted = {}
+        elif name == DEDUP_INDEX:
+            # Sorted by key: files and row groups then cover narrow key ranges, and lookups read
+            # only the row groups their keys fall in.
+            from deltalake import WriterProperties
+
+            from recap_tasks.filters.dedup_index import ROW_GROUP
+
+            compacted = dt.optimize.z_order(["key"], writer_properties=WriterProperties(max_row_group_size=ROW_GROUP))
+        else:
+            compacted = dt.optimize.compact()
         if not dry_run:
             dt.create_checkpoint()
         removed = dt.vacuum(retention_hours=retention_hours, dry_run=dry_run,
@@ -72,3 +85,72 @@ def snapshot(lake: Lake, table: str = "recap", *, version: int | None = None, as
     except Exception as exc:  # delta-rs raises on versions that never existed or were cleaned up
         raise RecapError(f"cannot load {table!r} at {target!r}: {exc}") from exc
     return dt.to_pyarrow_dataset().to_table(use_threads=False)
+
+
+def migrate(lake: Lake, *, run_id: str = "migrate") -> dict:
+    """Rewrite a lake made before shard partitions: tables partitioned by shard, per-shard progress
+    records (from the old ingest ledger and the tables), the dedup index, and batch shard lists.
+
+    Reads every table once (the one O(lake) step, done once); safe to rerun: a table already in
+    the new layout is left as it is, records and index entries are recomputed idempotently.
+    """
+    from recap_tasks import progress
+    from recap_tasks.batches import all_batches, read_uids
+    from recap_tasks.filters import dedup_index
+    from recap_tasks.lake import _conform
+
+    if not lake.exists():
+        raise RecapError(f"no lake at {lake.uri}")
+    out: dict = {"tables": {}}
+    for name in schemas.SHARD_TABLES:
+        if not lake.exists(name):
+            continue
+        dt = lake.delta(name)
+        if list(dt.metadata().partition_columns) == list(schemas.TABLES[name].partition_by):
+            out["tables"][name] = "already partitioned"
+            continue
+        data = dt.to_pyarrow_dataset().to_table(use_threads=False)
+        from recap_tasks.lake import _normalize
+
+        data = _conform(_normalize(data), schemas.TABLES[name])
+        lake.write_delta(name, data, mode="overwrite", schema_mode="overwrite",
+                         partition_by=list(schemas.TABLES[name].partition_by))
+        out["tables"][name] = f"{data.num_rows} rows repartitioned by shard"
+        log.info("migrate %s: %s", name, out["tables"][name])
+    # Progress records: the old ingest ledger holds what ingest knew of each source file.
+    sources = {}
+    for rel in lake.list("_ledger/ingest", ".json"):
+        entry = lake.read_json(rel) or {}
+        if entry.get("shard_id"):
+            sources[entry["shard_id"]] = {k: entry.get(k) for k in ("source_uri", "size", "mtime_ns", "truncated",
+                                                                    "detail")}
+    pairs = lake.read("pairs", ["uid", "shard_id", "sha256"])
+    rejected = lake.read("rejected", ["shard_id"])
+    shard_ids = sorted(set(sources) | set(pairs.column("shard_id").to_pylist())
+                       | set(rejected.column("shard_id").to_pylist()))
+    for stage in progress.STAGES:
+        progress.record(lake, stage, shard_ids, run_id=run_id, sources=sources if stage == "ingest" else None)
+    out["progress_records"] = len(shard_ids) * len(progress.STAGES)
+    # The dedup index, from the rows the filter kept.
+    if not lake.exists(DEDUP_INDEX) and lake.exists("filter_results"):
+        verdicts = lake.read("filter_results", ["uid", "kept", "phash"])
+        kept = verdicts.filter(pa.compute.fill_null(verdicts.column("kept"), False))
+        sha = dict(zip(pairs.column("uid").to_pylist(), pairs.column("sha256").to_pylist()))
+        from recap_tasks.config import RecapConfig
+
+        out["dedup_index_entries"] = dedup_index.add(lake, pa.table({
+            "uid": kept.column("uid"), "sha256": pa.array([sha.get(u) for u in kept.column("uid").to_pylist()],
+                                                          pa.string()),
+            "phash": kept.column("phash")}), RecapConfig.load().filter.max_phash_distance)
+    # Batches now name their shards (reports and publish read only those).
+    shard_of = dict(zip(pairs.column("uid").to_pylist(), pairs.column("shard_id").to_pylist()))
+    for batch in all_batches(lake):
+        if not batch.shards:
+            try:
+                uids = read_uids(lake, batch).to_pylist()
+            except FileNotFoundError:
+                continue
+            batch.shards = sorted({shard_of[u] for u in uids if u in shard_of})
+            batch.save(lake)
+    log.info("migrate %s: %s", lake.uri, out)
+    return out

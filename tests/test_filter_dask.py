@@ -3,6 +3,11 @@ shard is reported by id and the other shards' results are written."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 from recap_tasks import lake as tables
@@ -12,6 +17,37 @@ from tests.filters.util import by_key, make_lake, photo
 
 NAMES = ("astronaut", "coffee", "chelsea", "rocket")
 
+# A host whose main module must not be imported twice, as under Airflow: the task runner's main
+# module is the `airflow` script, and importing it in a child reads the blocked metadata DB URL.
+POISONED_HOST = """
+import multiprocessing, os, sys
+if __name__ != "__main__":
+    raise RuntimeError(f"host main module re-imported as {__name__!r}")
+import json
+
+def plus_one(x):  # lives in __main__: distributed ships it by value
+    return os.getpid(), x + 1
+
+# The control: a plain spawn child re-imports this file and dies, as the Dask workers did.
+control = multiprocessing.get_context("spawn").Process(target=os.getpid)
+control.start()
+control.join()
+spec = __spec__
+
+from recap_tasks.distributed import dask_client
+
+with dask_client(workers=2) as (client, threads):
+    before = client.run(os.getpid)
+    pid, two = client.submit(plus_one, 1).result()
+    client.restart()  # the nannies start fresh worker processes
+    after = client.run(os.getpid)
+    file_in_block = __file__
+print(json.dumps({"control_exit": control.exitcode, "workers": len(before), "task": [pid in before.values(), two],
+                  "restarted": len(after), "new_pids": not set(after.values()) & set(before.values()),
+                  "host": os.getpid() not in before.values(), "file": file_in_block == sys.argv[0],
+                  "spec_restored": sys.modules["__main__"].__spec__ is spec}))
+"""
+
 
 @pytest.fixture(scope="module")
 def cluster():
@@ -20,6 +56,18 @@ def cluster():
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c, \
             Client(c) as client:
         yield c, client
+
+
+def test_local_cluster_workers_start_without_the_hosts_main_module(tmp_path):
+    """Issue 14: from an Airflow task every worker died ("Nanny failed to start worker process")."""
+    host = tmp_path / "host.py"
+    host.write_text(textwrap.dedent(POISONED_HOST))
+    proc = subprocess.run([sys.executable, str(host)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["control_exit"] != 0 and "re-imported as '__mp_main__'" in proc.stderr  # the host is poisoned
+    assert out == {"control_exit": out["control_exit"], "workers": 2, "task": [True, 2], "restarted": 2,
+                   "new_pids": True, "host": True, "file": True, "spec_restored": True}
 
 
 def test_chain_on_two_workers(tmp_path, cluster, monkeypatch):

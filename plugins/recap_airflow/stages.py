@@ -47,7 +47,8 @@ def filter_pairs(*, lake: str, run_id: str, shard_ids: list[str] | None = None, 
     """Filter the pairs of `shard_ids` with a filter chain profile.
 
     Row filters run on the Dask cluster at RECAP_DASK_ADDRESS, or on a local cluster when unset
-    (RECAP_FILTER_EXECUTOR=local runs them in the task's process). Other settings: RECAP_CONFIG.
+    (`filter: {executor: local}` in RECAP_CONFIG runs them in the task's process). Other
+    settings: RECAP_CONFIG.
     """
     from recap_tasks.config import RecapConfig
     from recap_tasks.filtering import run_filter
@@ -59,8 +60,6 @@ def filter_pairs(*, lake: str, run_id: str, shard_ids: list[str] | None = None, 
     config = dataclasses.replace(RecapConfig.load().filter, chain=profile)
     if os.environ.get("RECAP_DASK_ADDRESS"):
         config = dataclasses.replace(config, dask_address=os.environ["RECAP_DASK_ADDRESS"])
-    if os.environ.get("RECAP_FILTER_EXECUTOR"):
-        config = dataclasses.replace(config, executor=os.environ["RECAP_FILTER_EXECUTOR"])
     result = run_filter(Lake(lake), config=config, run_id=run_id, shard_ids=shard_ids)
     return {**result.summary(), "shard_ids": shard_ids or []}
 

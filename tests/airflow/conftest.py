@@ -1,8 +1,11 @@
 """Airflow tests: need apache-airflow (extra: airflow); reuse the DAG tests' isolated Airflow home."""
 
+import os
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers import REPO
 
@@ -25,8 +28,13 @@ def airflow_services(tmp_path_factory, tiny_model):
         pytest.skip(reason)
     home = tmp_path_factory.mktemp("airflow-services")
     lake = home / "lake"
+    # The tests' config, but filters run as deployed: on a Dask LocalCluster started by the task
+    # (issue 14: its workers died when started from an Airflow task).
+    config = yaml.safe_load(Path(os.environ["RECAP_CONFIG"]).read_text()) or {}
+    (config.get("filter") or {}).pop("executor", None)
+    (home / "recap-config.yaml").write_text(yaml.safe_dump(config))
     extra = {"RECAP_LAKE": str(lake), "RECAP_MODEL": str(tiny_model), "RECAP_RUNNER": "local",
-             "RECAP_FILTER_EXECUTOR": "local", "RECAP_INCREMENTAL_SCHEDULE": "none"}
+             "RECAP_CONFIG": str(home / "recap-config.yaml"), "RECAP_INCREMENTAL_SCHEDULE": "none"}
     with AirflowServices(home, extra) as services:
         services.lake = lake
         yield services

@@ -26,7 +26,7 @@ def test_caption_pods_run_through_kubernetes_api(airflow_env, tmp_path, sample_s
     with KubeEmulator(Path(sys.executable).parent, tmp_path,
                       extra_env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}) as kube:
         kube.add_secret("recap", "recap-object-store", {"AWS_ACCESS_KEY_ID": "AKIAEMULATED"})
-        env = {**airflow_env, "KUBECONFIG": str(kube.kubeconfig), "RECAP_FILTER_EXECUTOR": "local",
+        env = {**airflow_env, "KUBECONFIG": str(kube.kubeconfig),
                "RECAP_WORKER_IMAGE": "recap-worker:test", "RECAP_POD_STARTUP_TIMEOUT": "120"}
         conf = {"source": str(sample_shards), "lake": str(lake), "model": str(tiny_model), "batch_size": 4,
                 "runner": "kubernetes"}

@@ -29,6 +29,10 @@ def test_ui_triggered_run_publishes_and_links_its_report(airflow_services, sampl
     assert run["conf"] == conf
     assert run["tasks"]["caption_local[0]"] == run["tasks"]["caption_local[1]"] == "success"
     assert run["tasks"]["caption_pod[-1]"] == "skipped"
+    # Each filter task ran its rows on a Dask LocalCluster of its own (issue 14).
+    filter_logs = [p.read_text(errors="replace") for p in (af.home / "logs").rglob("*.log")
+                   if f"run_id={run_id}" in str(p) and "task_id=filter" in str(p)]
+    assert len(filter_logs) == 2 and all("starting a LocalCluster" in text for text in filter_logs), filter_logs
 
     status = lake_status(Lake(af.lake))
     assert status["published"] == 18 and status["balanced"]
