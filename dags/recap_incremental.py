@@ -1,6 +1,6 @@
 """Recaption new source shards as they land, on a schedule.
 
-Each run lists the shards under `source` that the lake's ingest ledger (`_ledger/ingest/`) does not
+Each run lists the shards under `source` that the lake's ingest progress records do not
 hold yet, and runs them through the same stages as `recap_pipeline`. Every stage skips work that is
 done (ingested shards, filtered and captioned uids, published batches) and every write is keyed by
 uid, so a run that starts late, runs twice, or overlaps a manual run publishes each uid once.
@@ -44,7 +44,7 @@ SCHEDULE = os.environ.get("RECAP_INCREMENTAL_SCHEDULE", "@hourly")
 def recap_incremental():
     @task
     def find_new_shards() -> list[list[str]]:
-        """Shards not in the ingest ledger (new or changed), as work units."""
+        """Shards the lake has not ingested (new or changed), as work units."""
         from recap_airflow import stages
 
         params, _, _ = run_context()

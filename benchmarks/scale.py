@@ -1,0 +1,215 @@
+"""Incremental run cost against the size of the lake: one new real shard into lakes of N rows.
+
+Usage: python benchmarks/scale.py [--rows 0 1000000 10000000] [--shard-rows 10000] [--data ../shared/data]
+
+For each N: a lake is seeded with N synthetic, fully processed rows (ingested, filtered, captioned,
+published; N / shard-rows shards, DataComp's 10k rows per shard by default) written through the
+project's own writers (`Lake.append`, the dedup index, progress records), then `recap maintain`
+sorts the dedup index as a maintained lake has it. Then, in a fresh process, one new real shard
+(every COCO pair of ../shared/data/coco-mini-wds, 239 pairs, as one tar) runs stage by stage:
+ingest, filter (caption_length, image_size, caption_boilerplate, image_dedup: the corpus filters
+look the shard's images up in the lake's dedup index), caption (tiny random LLaVA), validate,
+publish, report, and `recap status`. Prints seconds per stage, the ratio to N=0, and the peak RSS
+of the run's process. Seeding happens in its own process and is not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("RECAP_QUIET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from _machine import describe  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CHAIN = {"filters": ["caption_length", "image_size", "caption_boilerplate", "image_dedup"]}
+STAGES = ["ingest", "filter", "caption", "validate", "publish", "report", "status"]
+WORDS = ("a photo of the red dog running on a sunny beach near blue water with people and tall trees "
+         "in the background under clouds").split()
+
+
+def seed(lake_dir: Path, rows: int, shard_rows: int, chunk_rows: int = 1_000_000) -> None:
+    """N synthetic processed rows through the project's writers, `chunk_rows` at a time."""
+    import numpy as np
+    import pyarrow as pa
+
+    from recap_tasks import progress
+    from recap_tasks.filters import dedup_index
+    from recap_tasks.lake import Lake
+    from recap_tasks.maintenance import maintain
+    from recap_tasks.runs import utcnow
+
+    lake = Lake(lake_dir)
+    for table in ("pairs", "rejected", "filter_results", "captions", "recap", "quarantine", "progress"):
+        lake.ensure(table)
+    rng = np.random.default_rng(0)
+    now = utcnow()
+    words = np.array(WORDS)
+    index_parts = []
+    for start in range(0, rows, chunk_rows):
+        n = min(chunk_rows, rows - start)
+        idx = np.arange(start, start + n)
+        shard = np.char.add("seed/", np.char.zfill((idx // shard_rows).astype(str), 6))
+        shard = np.char.add(shard, ".tar")
+        uid = np.array([f"{x:032x}" for x in rng.integers(0, 2**62, n) * 4 + idx % 4], dtype=object)
+        sha = np.array([f"{a:016x}{b:016x}" * 2 for a, b in zip(rng.integers(0, 2**63, n), rng.integers(0, 2**63, n))],
+                       dtype=object)
+        phash = rng.integers(-2**63, 2**63 - 1, n, dtype=np.int64)
+        org = [" ".join(words[rng.integers(0, len(words), 8)]) for _ in range(n)]
+        re_ = [" ".join(words[rng.integers(0, len(words), 40)]) for _ in range(n)]
+        key = np.char.zfill(idx.astype(str), 9)
+        base = {"uid": pa.array(uid, pa.string()), "shard_id": pa.array(shard, pa.string())}
+        ts = pa.array([now] * n, pa.timestamp("us", tz="UTC"))
+        lake.append("pairs", pa.table({**base, "key": key, "url": np.char.add("https://example.com/", key),
+                                       "org_caption": org, "sha256": pa.array(sha, pa.string()),
+                                       "width": pa.array(np.full(n, 640), pa.int32()),
+                                       "height": pa.array(np.full(n, 480), pa.int32()), "image_format": ["JPEG"] * n,
+                                       "source_uri": pa.array(np.char.add("/data/", shard), pa.string()),
+                                       "source_format": ["wds"] * n, "image_offset": idx * 1024,
+                                       "image_size": np.full(n, 1024), "run_id": ["seed"] * n, "ingested_at": ts}))
+        lake.append("filter_results", pa.table({**base, "kept": np.ones(n, bool), "phash": phash,
+                                                "run_id": ["seed"] * n, "filtered_at": ts}))
+        lake.append("captions", pa.table({**base, "re_caption": re_, "model": ["seed-model"] * n,
+                                          "prompt": ["p"] * n, "run_id": ["seed"] * n, "captioned_at": ts}))
+        lake.append("recap", pa.table({**base, "url": np.char.add("https://example.com/", key), "re_caption": re_,
+                                       "org_caption": org, "sha256": pa.array(sha, pa.string()), "key": key,
+                                       "re_length": pa.array(np.full(n, 40), pa.int32()),
+                                       "org_length": pa.array(np.full(n, 8), pa.int32()),
+                                       "model": ["seed-model"] * n, "caption_run_id": ["seed"] * n,
+                                       "publish_run_id": ["seed"] * n, "published_at": ts}))
+        index_parts.append(dedup_index.entries(pa.table({"uid": base["uid"], "sha256": pa.array(sha, pa.string()),
+                                                         "phash": phash}), 4))
+        shard_ids = sorted(set(shard.tolist()))
+        for stage in progress.STAGES:
+            progress.record(lake, stage, shard_ids, run_id="seed")
+        print(f"  seeded {start + n:,} rows", file=sys.stderr, flush=True)
+    if index_parts:
+        from deltalake import WriterProperties
+
+        lake.append("dedup_index", pa.concat_tables(index_parts),
+                    writer_properties=WriterProperties(max_row_group_size=dedup_index.ROW_GROUP))
+        del index_parts
+        maintain(lake, tables=["dedup_index", "progress"])
+
+
+def coco_shard(data: Path, out: Path) -> Path:
+    """Every sample of coco-mini-wds as one tar shard (the new data of the incremental run)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out, "w") as dst:
+        for src in sorted((data / "coco-mini-wds").glob("*.tar")):
+            with tarfile.open(src) as tf:
+                for m in tf.getmembers():
+                    if m.isfile():
+                        dst.addfile(m, io.BytesIO(tf.extractfile(m).read()))
+    return out
+
+
+def run_once(lake_dir: Path, shard: Path, model: Path, config_file: Path) -> dict:
+    """One incremental run of `shard`, stage by stage, in this process."""
+    from recap_tasks.caption import run_caption
+    from recap_tasks.config import RecapConfig
+    from recap_tasks.filtering import run_filter
+    from recap_tasks.ingest import ingest
+    from recap_tasks.lake import Lake
+    from recap_tasks.publish import run_publish
+    from recap_tasks.report import build_report
+    from recap_tasks.status import lake_status
+    from recap_tasks.validate import run_validate
+
+    config = RecapConfig.load(config_file)
+    lake = Lake(lake_dir)
+    out: dict = {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        value = fn()
+        out[name] = time.perf_counter() - t0
+        return value
+
+    timed("ingest", lambda: ingest([str(shard)], lake, config=config.ingest, run_id="bench"))
+    f = timed("filter", lambda: run_filter(lake, config=config.filter, run_id="bench"))
+    c = timed("caption", lambda: run_caption(lake, model=str(model), config=config.caption, run_id="bench"))
+    v = timed("validate", lambda: run_validate(lake, config=config.validate, run_id="bench", raise_on_failure=False))
+    p = timed("publish", lambda: run_publish(lake, batch_id="bench", run_id="bench"))
+    timed("report", lambda: build_report(lake, run_id="bench"))
+    status = timed("status", lambda: lake_status(lake))
+    out["rows"] = {"filtered": f.rows_in, "kept": f.kept, "captioned": c.captioned, "validated": v.batch.rows,
+                   "published": p.inserted, "lake_published": status["published"], "balanced": status["balanced"]}
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[0, 1_000_000, 10_000_000])
+    parser.add_argument("--shard-rows", type=int, default=10_000)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--workdir", type=Path, help="keep lakes here (default: a temporary folder)")
+    parser.add_argument("--_seed", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--_run", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._seed:
+        seed(Path(args._seed[0]), int(args._seed[1]), args.shard_rows)
+        return
+    if args._run:
+        print(json.dumps(run_once(*map(Path, args._run))))
+        return
+    if not (args.data / "coco-mini-wds").is_dir():
+        sys.exit(f"scale.py: no {args.data}/coco-mini-wds; pass --data DIR (the shared data folder)")
+    from recap_tasks.captioning.test_model import make_test_model
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        work = Path(tmp)
+        model = make_test_model(work / "tiny-llava")
+        chain = work / "chain.yaml"
+        chain.write_text(json.dumps(CHAIN))
+        config = work / "config.yaml"
+        config.write_text(json.dumps({"filter": {"chain": str(chain), "executor": "local"},
+                                      "caption": {"batch_size": 16}, "validate": {"require_english": False}}))
+        shard = coco_shard(args.data, work / "new" / "coco-all.tar")
+        print(f"machine: {describe()}")
+        print(f"new shard: {shard.name}, lake shards of {args.shard_rows:,} rows")
+        results = {}
+        for n in args.rows:
+            lake = work / f"lake-{n}"
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, __file__, "--shard-rows", str(args.shard_rows), "--_seed", str(lake),
+                            str(n)], check=True)
+            seeded = time.perf_counter() - t0
+            proc = subprocess.run([sys.executable, __file__, "--_run", str(lake), str(shard), str(model), str(config)],
+                                  check=True, capture_output=True, text=True)
+            results[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"  N={n:,}: seeded in {seeded:.0f} s; rows {results[n]['rows']}", flush=True)
+            import shutil
+
+            shutil.rmtree(lake, ignore_errors=True)
+        base = results[args.rows[0]]
+        header = f"{'stage':<10}" + "".join(f"{f'N={n:,}':>14}" for n in args.rows) + \
+            "".join(f"{f'x N={n:,}':>14}" for n in args.rows[1:])
+        print(header)
+        for stage in STAGES:
+            line = f"{stage:<10}" + "".join(f"{results[n][stage]:>13.2f}s" for n in args.rows)
+            line += "".join(f"{results[n][stage] / base[stage]:>13.2f}x" for n in args.rows[1:])
+            print(line)
+        total = {n: sum(results[n][s] for s in STAGES) for n in args.rows}
+        print(f"{'total':<10}" + "".join(f"{total[n]:>13.2f}s" for n in args.rows)
+              + "".join(f"{total[n] / total[args.rows[0]]:>13.2f}x" for n in args.rows[1:]))
+        print(f"{'peak RSS':<10}" + "".join(f"{results[n]['peak_rss_mib']:>10.0f} MiB" for n in args.rows)
+              + "".join(f"{results[n]['peak_rss_mib'] / base['peak_rss_mib']:>13.2f}x" for n in args.rows[1:]))
+
+
+if __name__ == "__main__":
+    main()
