@@ -99,10 +99,12 @@ def seed(lake_dir: Path, rows: int, shard_rows: int, chunk_rows: int = 1_000_000
     if index_parts:
         from deltalake import WriterProperties
 
-        lake.append("dedup_index", pa.concat_tables(index_parts),
-                    writer_properties=WriterProperties(max_row_group_size=dedup_index.ROW_GROUP))
+        # Written sorted by key, as `recap maintain` (z-order on key) leaves a maintained index.
+        index = pa.concat_tables(index_parts).sort_by([("kind", "ascending"), ("key", "ascending")])
         del index_parts
-        maintain(lake, tables=["dedup_index", "progress"])
+        lake.append("dedup_index", index, writer_properties=WriterProperties(max_row_group_size=dedup_index.ROW_GROUP))
+        del index
+    maintain(lake, tables=["progress"])
 
 
 def coco_shard(data: Path, out: Path) -> Path:

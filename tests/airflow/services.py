@@ -91,8 +91,11 @@ class AirflowServices:
             self.airflow("pools", "set", "recap_gpu", "1", "GPU slots for caption")
             for name in ("api-server", "scheduler", "dag-processor"):
                 log = open(self.home / f"{name}.log", "w")
-                self.procs[name] = subprocess.Popen([sys.executable, "-m", "airflow", name], env=self.env,
-                                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                # The console script, as `airflow standalone` starts its parts: task processes then
+                # have it as __main__, which Dask's spawned workers must not re-run (issue 14).
+                self.procs[name] = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), name],
+                                                    env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                                    start_new_session=True)
             self._wait(lambda: self._get_status("/api/v2/monitor/health") == 200, 180, "api-server health")
             password = json.loads((self.home / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
             self.token = self.request("POST", "/auth/token", {"username": "admin", "password": password},
