@@ -29,8 +29,8 @@ from recap_tasks.runs import new_run_id, progress, utcnow
 
 log = logging.getLogger(__name__)
 
-_POINTER = ["uid", "key", "org_caption", "shard_id", "source_uri", "source_format", "image_offset", "image_size",
-            "source_row", "image_column"]
+_POINTER = ["uid", "key", "org_caption", "sha256", "shard_id", "source_uri", "source_format", "image_offset",
+            "image_size", "source_row", "image_column"]
 
 
 @dataclass
@@ -141,14 +141,19 @@ def _prefetch(pool: ThreadPoolExecutor, rows: pa.Table, lake: Lake, captioner: C
 def _load(rows: pa.Table, lake: Lake, captioner: Captioner, run_id: str) -> _Batch:
     """Decode a batch's images; a source that vanished or changed is a caption-stage rejection."""
     batch = _Batch(rows, [], [], [])
+    problems: dict[int, tuple[str, str]] = {}
     try:
-        blobs = read_images(rows, lake)
+        blobs = read_images(rows, lake, problems=problems)
         error = "image bytes could not be read back from the source shard"
     except OSError as exc:
         blobs = [None] * rows.num_rows
         error = f"{type(exc).__name__}: {exc}"
     for i, blob in enumerate(blobs):
+        reason = "image_unavailable"
         try:
+            if i in problems:
+                reason, detail = problems[i]
+                raise OSError(detail)
             if blob is None:
                 raise OSError(error)
             batch.images.append(open_rgb(blob))
@@ -156,7 +161,7 @@ def _load(rows: pa.Table, lake: Lake, captioner: Captioner, run_id: str) -> _Bat
         except Exception as exc:  # a shard rewritten since ingest can hold anything at the pointer
             batch.rejects.append({"uid": rows.column("uid")[i].as_py(), "key": rows.column("key")[i].as_py(),
                                   "shard_id": rows.column("shard_id")[i].as_py(), "stage": "caption",
-                                  "reason": "image_unavailable", "detail": str(exc)[:1000], "run_id": run_id,
+                                  "reason": reason, "detail": str(exc)[:1000], "run_id": run_id,
                                   "rejected_at": utcnow()})
     if batch.images:
         batch.prepared = captioner.prepare(batch.images)

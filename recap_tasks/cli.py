@@ -6,12 +6,13 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from recap_tasks.config import RecapConfig
 from recap_tasks.errors import RecapError
 from recap_tasks.lake import Lake
-from recap_tasks.runs import configure_logging
+from recap_tasks.runs import check_name, configure_logging
 
 log = logging.getLogger("recap")
 
@@ -21,7 +22,8 @@ def _config(args: argparse.Namespace) -> RecapConfig:
         "ingest": {"image_column": getattr(args, "image_column", None),
                    "caption_column": getattr(args, "caption_column", None),
                    "key_column": getattr(args, "key_column", None),
-                   "url_column": getattr(args, "url_column", None)},
+                   "url_column": getattr(args, "url_column", None),
+                   "dataset": getattr(args, "dataset", None)},
         "caption": {"batch_size": getattr(args, "batch_size", None),
                     "max_new_tokens": getattr(args, "max_new_tokens", None),
                     "device": getattr(args, "device", None)},
@@ -30,6 +32,8 @@ def _config(args: argparse.Namespace) -> RecapConfig:
 
 
 def _lake(args: argparse.Namespace, *, must_exist: bool = False) -> Lake:
+    if "://" not in args.lake and Path(args.lake).expanduser().exists() and not Path(args.lake).expanduser().is_dir():
+        raise RecapError(f"--lake {args.lake} is a file: name a folder (created if missing) or an s3:// URI")
     lake = Lake(args.lake)
     if must_exist and not lake.exists():
         raise RecapError(f"no lake at {lake.uri}: run `recap ingest SOURCE --lake {args.lake}` first")
@@ -131,6 +135,13 @@ def cmd_maintain(args):
                     dry_run=args.dry_run, allow_short_retention=args.allow_short_retention))
 
 
+def _out_file(path: str) -> str:
+    folder = Path(path).expanduser().resolve().parent
+    if not folder.is_dir():
+        raise RecapError(f"--out {path}: folder {folder} does not exist; create it first")
+    return path
+
+
 def cmd_history(args):
     from recap_tasks.maintenance import history
 
@@ -144,8 +155,9 @@ def cmd_snapshot(args):
 
     if args.version is None and args.as_of is None:
         raise RecapError("name a --version or an --as-of timestamp")
+    out = _out_file(args.out)
     data = snapshot(_lake(args, must_exist=True), args.table, version=args.version, as_of=args.as_of)
-    pq.write_table(data, args.out)
+    pq.write_table(data, out)
     _print({"table": args.table, "version": args.version, "as_of": args.as_of, "rows": data.num_rows,
             "out": args.out})
 
@@ -153,7 +165,7 @@ def cmd_snapshot(args):
 def cmd_export(args):
     from recap_tasks.export import export_webdataset
 
-    _print(export_webdataset(_lake(args, must_exist=True), args.out, shard_size=args.shard_size,
+    _print(export_webdataset(_lake(args, must_exist=True), _out_file(args.out.rstrip("/") + "/x"), shard_size=args.shard_size,
                              version=args.version, p_original=args.p_original))
 
 
@@ -173,9 +185,32 @@ def cmd_make_sample_data(args):
     print(make_sample_data(args.dir, shards=args.shards))
 
 
+def _run_id(value: str) -> str:
+    try:
+        return check_name(value, "--run-id")
+    except RecapError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _table(value: str) -> str:
+    from recap_tasks.schemas import TABLES
+
+    if value not in TABLES:
+        raise argparse.ArgumentTypeError(f"unknown table {value!r}; known: {', '.join(sorted(TABLES))}")
+    return value
+
+
+def _count(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recap", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def stage(name: str, func, help: str, *, lake: bool = True) -> argparse.ArgumentParser:
@@ -183,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
         if lake:
             p.add_argument("--lake", required=True, help="lake root folder (Delta tables live under it)")
             p.add_argument("--config", help="YAML file with ingest/filter/caption/validate sections")
-            p.add_argument("--run-id", help="id recorded with every row this run writes (default: generated)")
+            p.add_argument("--run-id", type=_run_id,
+                           help="id recorded with every row this run writes (default: generated)")
         p.set_defaults(func=func)
         return p
 
@@ -194,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--caption-column", help="parquet column with the caption (default: detected)")
         p.add_argument("--key-column", help="parquet column with the sample key (default: key/id or row number)")
         p.add_argument("--url-column", help="parquet column with the image url (default: detected)")
+        p.add_argument("--dataset", help="name prefixed to the shard ids of these sources (ingest.dataset): "
+                                         "needed when another dataset's shards share their folder/file names")
 
     def caption_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", required=True, help="model id or local path (AutoModelForImageTextToText)")
@@ -212,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("validate", cmd_validate, "run the data-quality suite over captioned, unpublished rows")
     p.add_argument("--shard", action="append", help="only this shard id (repeatable); default: all pending")
     p = stage("publish", cmd_publish, "MERGE the latest validated batch into LAKE/recap")
-    p.add_argument("--batch", help="batch id to publish (default: the latest validated)")
+    p.add_argument("--batch", type=_run_id, help="batch id to publish (default: the latest validated)")
     p = stage("run", cmd_run, "all stages in order, locally")
     source_options(p)
     caption_options(p)
@@ -223,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", action="append", help="verify only this shard id (repeatable)")
     stage("report", cmd_report, "write the HTML quality report of --run-id (default: the latest validated) and the index")
     p = stage("maintain", cmd_maintain, "compact small files, checkpoint and vacuum old files of the lake's tables")
-    p.add_argument("--table", action="append", help="only this table (repeatable); default: all")
+    p.add_argument("--table", action="append", type=_table, help="only this table (repeatable); default: all")
     p.add_argument("--retention-hours", type=int, default=168, help="vacuum files unreferenced for longer (>=168)")
     p.add_argument("--dry-run", action="store_true", help="list what vacuum would delete; change nothing")
     p.add_argument("--allow-short-retention", action="store_true",
@@ -231,16 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--migrate", action="store_true",
                    help="rewrite a lake made by an older Recap into shard partitions + progress records (once)")
     p = stage("history", cmd_history, "versions of a table: operation, time, rows, batch id")
-    p.add_argument("--table", default="recap")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--table", default="recap", type=_table)
+    p.add_argument("--limit", type=_count, default=20)
     p = stage("snapshot", cmd_snapshot, "time travel: write a table as of a version or timestamp to parquet")
-    p.add_argument("--table", default="recap")
+    p.add_argument("--table", default="recap", type=_table)
     p.add_argument("--version", type=int)
     p.add_argument("--as-of", help="ISO 8601 timestamp, e.g. 2026-11-27T03:00:00Z")
     p.add_argument("--out", required=True, help="parquet file to write")
     p = stage("export", cmd_export, "write published rows as webdataset shards (image + both captions) for training")
     p.add_argument("--out", required=True, help="output folder for the .tar shards")
-    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--shard-size", type=_count, default=1000)
     p.add_argument("--version", type=int, help="export the table as of this version (default: latest)")
     p.add_argument("--p-original", type=float, default=0.8,
                    help="recorded in the manifest: probability a loader picks the original caption")
@@ -262,13 +300,51 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     try:
         args.func(args)
-    except RecapError as exc:
-        print(f"recap {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
         print(f"recap {args.command}: interrupted; finished shards are kept, rerun to resume", file=sys.stderr)
         return 130
+    except Exception as exc:
+        message = expected_error(exc)
+        if message is None:
+            raise  # a bug: the traceback is the report
+        if args.debug:
+            traceback.print_exc()
+        hint = "" if args.debug or isinstance(exc, RecapError) else " (--debug shows the traceback)"
+        print(f"recap {args.command}: error: {message}{hint}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
     return 0
+
+
+def expected_error(exc: BaseException) -> str | None:
+    """One line for a failure the user can act on (config, I/O, storage, corrupt table, model);
+    None for anything else, which is a bug and keeps its traceback."""
+    import errno
+
+    from deltalake.exceptions import DeltaError
+
+    if isinstance(exc, RecapError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full writing {exc.filename or 'the lake'}: free space or point --lake elsewhere"
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write {exc.filename or 'the lake'}: {exc.strerror} (check permissions or mount)"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    text = " ".join(str(exc).split())[:400]
+    if isinstance(exc, DeltaError) or type(exc).__module__.startswith("deltalake"):
+        if "No space left" in text:
+            return f"disk full writing the lake: free space or point --lake elsewhere ({text})"
+        if "Read-only file system" in text or "Permission denied" in text:
+            return f"cannot write the lake: {text}"
+        return f"Delta table error: {text}. A corrupt or missing log entry or data file: restore it, " \
+               f"or time-travel to an earlier version (`recap history`, `recap snapshot`)"
+    import pyarrow as pa
+
+    if isinstance(exc, (pa.ArrowInvalid, pa.ArrowIOError)):
+        return f"unreadable data file: {text}"
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {text}"
+    return None
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,9 +34,16 @@ class IngestConfig:
     max_image_pixels: int = 64_000_000
     # Images larger than this on disk are rejected without being read into memory.
     max_image_bytes: int = 64 * 1024 * 1024
+    # A name for the dataset the sources belong to, prefixed to its shard ids (and so its uids):
+    # needed when two datasets' shards share a folder and file name (e.g. `shards/00000.tar`).
+    dataset: str | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "max_caption_bytes", "max_image_pixels", "max_image_bytes")
+        if self.dataset is not None:
+            from recap_tasks.runs import check_name
+
+            check_name(self.dataset, "ingest.dataset")
 
 
 @dataclass(frozen=True)
@@ -177,9 +186,15 @@ class RecapConfig:
         path = path or os.environ.get("RECAP_CONFIG") or None
         if path is not None:
             try:
-                raw = yaml.safe_load(Path(path).read_text()) or {}
+                raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
             except FileNotFoundError:
                 raise RecapError(f"config file not found: {path}") from None
+            except IsADirectoryError:
+                raise RecapError(f"config file {path} is a directory: name a YAML file") from None
+            except UnicodeDecodeError:
+                raise RecapError(f"config file {path} is not text (UTF-8 YAML expected)") from None
+            except OSError as exc:
+                raise RecapError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
             except yaml.YAMLError as exc:
                 raise RecapError(f"config file {path} is not valid YAML: {exc}") from None
             if not isinstance(raw, dict):
@@ -191,12 +206,19 @@ class RecapConfig:
         built = {}
         for f in dataclasses.fields(cls):
             section_cls = f.default_factory  # type: ignore[misc]
-            values = dict(raw.get(f.name) or {})
+            section = raw.get(f.name) or {}
+            if not isinstance(section, dict):
+                raise RecapError(f"config section {f.name!r} must be a mapping of keys to values, "
+                                 f"got {type(section).__name__}")
+            values = dict(section)
             values.update({k: v for k, v in (overrides.get(f.name) or {}).items() if v is not None})
             known = {sf.name for sf in dataclasses.fields(section_cls)}
             bad = set(values) - known
             if bad:
                 raise RecapError(f"unknown keys {sorted(bad)} in config section {f.name!r}; known: {sorted(known)}")
+            hints = typing.get_type_hints(section_cls)
+            for key, value in values.items():
+                _check_type(f"{f.name}.{key}", value, hints[key])
             try:
                 built[f.name] = section_cls(**values)
             except TypeError as exc:
@@ -208,6 +230,41 @@ class RecapConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """A config value must have its field's declared type: one clear error, not a traceback later."""
+    if _fits(value, hint):
+        return
+    raise RecapError(f"config {name}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True  # containers and anything richer are checked by the dataclass itself
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 def _positive(obj: object, *names: str) -> None:

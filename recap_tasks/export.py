@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from recap_tasks import lake as tables
 from recap_tasks.errors import RecapError
-from recap_tasks.images import read_images
+from recap_tasks.images import read_images, upright_bytes
 from recap_tasks.lake import Lake
 from recap_tasks.runs import progress
 
@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 # The paper's mix: the original caption with probability 0.8, the recaption otherwise.
 DEFAULT_P_ORIGINAL = 0.8
 
-_POINTER = ["uid", "source_uri", "source_format", "image_offset", "image_size", "source_row", "image_column",
-            "shard_id", "key"]
+_POINTER = ["uid", "sha256", "source_uri", "source_format", "image_offset", "image_size", "source_row",
+            "image_column", "shard_id", "key"]
 
 
 class CaptionMixer:
@@ -62,6 +62,9 @@ def export_webdataset(lake: Lake, out_dir: str | Path, *, shard_size: int = 1000
         raise RecapError(f"nothing published in {lake.uri}: run `recap publish` first")
     if shard_size < 1:
         raise RecapError("shard_size must be positive")
+    latest = lake.version(tables.RECAP)
+    if version is not None and not 0 <= version <= latest:
+        raise RecapError(f"--version {version}: {lake.path(tables.RECAP)} has versions 0..{latest} (`recap history`)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dt = lake.delta(tables.RECAP, version=version)
@@ -72,18 +75,25 @@ def export_webdataset(lake: Lake, out_dir: str | Path, *, shard_size: int = 1000
     if pointers.num_rows != published.num_rows:
         raise RecapError(f"{published.num_rows - pointers.num_rows} published rows have no pair in {lake.uri}/pairs")
     shards = []
+    changed: list[str] = []
     bar = progress(desc="export", total=published.num_rows, unit="img")
     for n, start in enumerate(range(0, published.num_rows, shard_size)):
         rows = published.slice(start, shard_size).to_pylist()
-        images = read_images(pointers.slice(start, shard_size), lake)
+        problems: dict[int, tuple[str, str]] = {}
+        images = read_images(pointers.slice(start, shard_size), lake, problems=problems)
         name = out / f"{n:05d}.tar"
         tmp = name.with_suffix(".tar.tmp")
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
-            for row, image in zip(rows, images):
+            for j, (row, image) in enumerate(zip(rows, images)):
                 key = row["uid"]
+                if image is None:  # the source changed or vanished since ingest: never ship a wrong pair
+                    changed.append(key)
+                    log.warning("export: %s skipped: %s", key, problems.get(j, ("image_unavailable", ""))[1])
+                    continue
                 meta = {k: row[k] for k in ("uid", "key", "url", "sha256", "re_clip_score", "org_clip_score",
                                             "re_length", "org_length", "model", "width", "height")}
-                _add(tf, f"{key}.jpg", image)
+                data, ext = upright_bytes(image)
+                _add(tf, f"{key}.{ext}", data)
                 _add(tf, f"{key}.org.txt", (row["org_caption"] or "").encode())
                 _add(tf, f"{key}.re.txt", (row["re_caption"] or "").encode())
                 _add(tf, f"{key}.json", json.dumps(meta, default=str).encode())
@@ -91,9 +101,10 @@ def export_webdataset(lake: Lake, out_dir: str | Path, *, shard_size: int = 1000
         shards.append(name.name)
         bar.update(len(rows))
     bar.close()
-    manifest = {"table": lake.path(tables.RECAP), "table_version": dt.version(), "rows": published.num_rows,
+    manifest = {"table": lake.path(tables.RECAP), "table_version": dt.version(),
+                "rows": published.num_rows - len(changed), "skipped_source_changed": changed,
                 "shards": shards, "shard_size": shard_size, "p_original": p_original,
-                "fields": ["jpg", "org.txt", "re.txt", "json"]}
+                "fields": ["jpg|png|webp|gif (the image's own format)", "org.txt", "re.txt", "json"]}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     log.info("exported %d rows in %d shards to %s", published.num_rows, len(shards), out)
     return manifest

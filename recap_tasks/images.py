@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from collections import defaultdict
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, ImageOps
 
 # We enforce our own pixel limit before decoding; PIL's global guard would only warn below 2x.
 Image.MAX_IMAGE_PIXELS = None
@@ -66,13 +67,22 @@ def inspect_image(data: bytes | None, *, max_pixels: int) -> ImageInfo:
     return ImageInfo(width, height, fmt)
 
 
-def read_images(rows: pa.Table, lake=None) -> list[bytes]:
+def read_images(rows: pa.Table, lake=None, *, problems: dict[int, tuple[str, str]] | None = None) -> list[bytes | None]:
     """Image bytes for rows of the pairs table, in row order, opening each source shard once.
 
-    With `lake`, images the filter blurred faces in (recap_tasks.blur) come back blurred: rows
-    then need `uid` and `shard_id` too.
+    Bytes read from a source are checked against the row's ingested `sha256` (when the rows carry
+    it): a source rewritten since ingest gives None for that row, and `problems[i] =
+    ("image_changed", detail)`. With `lake`, images the filter blurred faces in (recap_tasks.blur)
+    come back blurred: rows then need `uid` and `shard_id` too.
     """
     out = _read_sources(rows)
+    if "sha256" in rows.column_names:
+        for i, (data, want) in enumerate(zip(out, rows.column("sha256").to_pylist())):
+            if data is not None and want is not None and hashlib.sha256(data).hexdigest() != want:
+                out[i] = None
+                if problems is not None:
+                    problems[i] = ("image_changed", f"source bytes hash to {hashlib.sha256(data).hexdigest()[:16]}..., "
+                                                    f"ingested as {want[:16]}...: the shard changed since ingest")
     if lake is not None and rows.num_rows:
         from recap_tasks.blur import blurred_images
 
@@ -112,6 +122,38 @@ def _read_sources(rows: pa.Table) -> list[bytes]:
     return out  # type: ignore[return-value]
 
 
+def orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright, 5-8 = rotated by 90 degrees)."""
+    try:
+        return int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # a broken EXIF block is not worth rejecting an image for
+        return 1
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: its EXIF orientation applied (camera photos store it)."""
+    if orientation(im) == 1:
+        return im
+    return ImageOps.exif_transpose(im)
+
+
 def open_rgb(data: bytes) -> Image.Image:
+    """Decode to upright RGB; animated formats (GIF, WebP) give their first frame."""
+    return upright(Image.open(io.BytesIO(data))).convert("RGB")
+
+
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+
+
+def upright_bytes(data: bytes) -> tuple[bytes, str]:
+    """(bytes, file extension) as shipped to a training loader: re-encoded upright only when the
+    EXIF orientation says the pixels are stored rotated, otherwise unchanged."""
     im = Image.open(io.BytesIO(data))
-    return im.convert("RGB")
+    fmt = im.format or "JPEG"
+    if orientation(im) == 1:
+        return data, EXTENSIONS.get(fmt, fmt.lower())
+    out = io.BytesIO()
+    fmt = fmt if fmt in ("JPEG", "PNG", "WEBP") else "PNG"
+    rgb = upright(im).convert("RGB") if fmt == "JPEG" else upright(im)
+    rgb.save(out, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return out.getvalue(), EXTENSIONS[fmt]

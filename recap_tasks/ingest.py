@@ -16,7 +16,7 @@ from recap_tasks import progress as shard_progress
 from recap_tasks.config import IngestConfig, RecapConfig
 from recap_tasks.errors import RecapError
 from recap_tasks.images import ImageInfo, ImageRejected, inspect_image
-from recap_tasks.lake import Lake
+from recap_tasks.lake import Lake, sql_list
 from recap_tasks.readers import RawSample, expand_sources, make_uid, shard_id_for
 from recap_tasks.readers.parquet import ParquetReader
 from recap_tasks.readers.webdataset import WebDatasetReader
@@ -67,12 +67,13 @@ def ingest(sources: list[str], lake: Lake, *, config: IngestConfig | None = None
     config = config or RecapConfig.load().ingest
     run_id = run_id or new_run_id()
     shards = expand_sources(sources)
-    _check_unique_shard_ids(shards)
+    _check_unique_shard_ids(shards, config.dataset)
     # One read of the small progress table for the whole call, not one per shard.
-    done = shard_progress.by_shard(lake, shard_ids=[shard_id_for(p) for p in shards], stages=("ingest",))
+    done = shard_progress.by_shard(lake, shard_ids=[shard_id_for(p, config.dataset) for p in shards],
+                                   stages=("ingest",))
     results = []
     for path in progress(shards, desc="ingest", unit="shard"):
-        previous = done.get(shard_id_for(path), {}).get("ingest")
+        previous = done.get(shard_id_for(path, config.dataset), {}).get("ingest")
         results.append(ingest_shard(path, lake, config=config, run_id=run_id, force=force, previous=previous))
     out = IngestResult(run_id, results)
     log.info("ingest %s: %s", run_id, out.summary())
@@ -85,8 +86,9 @@ def ingest_shard(path: Path, lake: Lake, *, config: IngestConfig, run_id: str, f
 
     `previous` is the shard's latest ingest progress record, if any (progress.by_shard).
     """
-    shard_id = shard_id_for(path)
+    shard_id = shard_id_for(path, config.dataset)
     stat = path.stat()
+    _check_same_source(shard_id, path, previous)
     if previous and not force and previous["size"] == stat.st_size and previous["mtime_ns"] == stat.st_mtime_ns:
         return ShardResult(shard_id, str(path), skipped=True, rows=0, rejected=0,
                            truncated=previous.get("truncated", False), detail=previous.get("detail"))
@@ -99,9 +101,9 @@ def ingest_shard(path: Path, lake: Lake, *, config: IngestConfig, run_id: str, f
     bad: list[dict] = []
 
     def reject(sample: RawSample, reason: str, detail: str | None) -> None:
-        bad.append({"uid": make_uid(shard_id, sample.key, sample.occurrence), "key": sample.key[:1024],
-                    "shard_id": shard_id, "stage": "ingest", "reason": reason, "detail": (detail or "")[:1000],
-                    "run_id": run_id, "rejected_at": now})
+        bad.append({"uid": make_uid(shard_id, sample.key, sample.occurrence), "key": _printable(sample.key[:1024]),
+                    "shard_id": shard_id, "stage": "ingest", "reason": reason,
+                    "detail": _printable((detail or "")[:1000]), "run_id": run_id, "rejected_at": now})
         result.reasons[reason] = result.reasons.get(reason, 0) + 1
 
     if path.suffix == ".tar":
@@ -147,6 +149,14 @@ def ingest_shard(path: Path, lake: Lake, *, config: IngestConfig, run_id: str, f
 
     schema_pairs = tables.schemas.PAIRS.arrow
     result.rows = lake.insert_new(tables.PAIRS, pa.Table.from_pylist(good, schema=schema_pairs))
+    if previous and good:
+        # A shard re-read after it grew (img2dataset was still writing it): samples that were cut
+        # off before are whole now; their old ingest rejections go, so each row is in one place.
+        earlier = lake.read(tables.REJECTED, ["uid", "stage"], shards=[shard_id]).to_pylist()
+        whole = {r["uid"] for r in good} & {r["uid"] for r in earlier if r["stage"] == "ingest"}
+        if whole:
+            lake.delete(tables.REJECTED, [shard_id], f"stage = 'ingest' AND uid IN ({sql_list(sorted(whole))})")
+            log.info("shard %s: %d samples cut off before are whole now", shard_id, len(whole))
     result.rejected = lake.insert_new(tables.REJECTED, pa.Table.from_pylist(bad, schema=tables.schemas.REJECTED.arrow))
     # Recorded last: a shard is done only once both tables hold its rows.
     shard_progress.record(lake, "ingest", [shard_id], run_id=run_id, sources={shard_id: {
@@ -166,7 +176,24 @@ class _Accepted(NamedTuple):
     sha256: str
 
 
+def _printable(text: str) -> str:
+    """Text as UTF-8 can store it: lone surrogates (undecodable names, `"\\ud800"` in JSON) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _utf8(text: str | None) -> bool:
+    try:
+        (text or "").encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _check(sample: RawSample, config: IngestConfig) -> _Accepted | _Rejection:
+    if not _utf8(sample.key):
+        return _Rejection("key_not_utf8", f"sample key {_printable(sample.key)!r} is not valid UTF-8")
+    if not _utf8(sample.url):
+        return _Rejection("url_not_utf8", f"url {_printable(sample.url or '')[:200]!r} is not valid UTF-8")
     caption = sample.caption
     if caption is None:
         return _Rejection("missing_caption", "sample has no caption")
@@ -179,6 +206,8 @@ def _check(sample: RawSample, config: IngestConfig) -> _Accepted | _Rejection:
             return _Rejection("caption_not_utf8", str(exc))
     elif len(caption.encode("utf-8", "surrogatepass")) > config.max_caption_bytes:
         return _Rejection("caption_too_long", f"caption has more than {config.max_caption_bytes} bytes")
+    elif not _utf8(caption):
+        return _Rejection("caption_not_utf8", "caption holds a lone surrogate (not valid UTF-8)")
     if "\x00" in caption:
         return _Rejection("caption_not_text", "caption contains NUL characters")
     if sample.image is None and sample.image_size and sample.image_size > config.max_image_bytes:
@@ -188,13 +217,26 @@ def _check(sample: RawSample, config: IngestConfig) -> _Accepted | _Rejection:
     except ImageRejected as exc:
         return _Rejection(exc.reason, exc.detail)
     assert sample.image is not None
-    return _Accepted(caption.strip(), info, hashlib.sha256(sample.image).hexdigest())
+    # A UTF-8 byte-order mark is an encoding artefact, not part of the caption.
+    return _Accepted(caption.lstrip("\ufeff").strip(), info, hashlib.sha256(sample.image).hexdigest())
 
 
-def _check_unique_shard_ids(shards: list[Path]) -> None:
+def _check_unique_shard_ids(shards: list[Path], dataset: str | None) -> None:
     seen: dict[str, Path] = {}
     for p in shards:
-        sid = shard_id_for(p)
+        sid = shard_id_for(p, dataset)
         if sid in seen:
-            raise RecapError(f"shards {seen[sid]} and {p} share the shard id {sid!r} (folder/file); rename one")
+            raise RecapError(f"shards {seen[sid]} and {p} share the shard id {sid!r} (folder/file): ingest them "
+                             f"in separate calls with their own --dataset NAME")
         seen[sid] = p
+
+
+def _check_same_source(shard_id: str, path: Path, previous: dict | None) -> None:
+    """A shard id already ingested from another file that still exists is another dataset's shard:
+    refuse, rather than skip it or mix two datasets' samples under one id. (A moved dataset, whose
+    old file is gone, keeps its ids.)"""
+    other = (previous or {}).get("source_uri")
+    if other and other != str(path) and Path(other).exists() and not Path(other).samefile(path):
+        raise RecapError(f"shard id {shard_id!r} of {path} already belongs to {other} (run {previous.get('run_id')}): "
+                         f"two datasets share the folder/file name; ingest this one with --dataset NAME "
+                         f"(ingest.dataset) so its shards get ids of their own")

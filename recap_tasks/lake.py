@@ -70,6 +70,7 @@ class Lake:
         else:
             raise RecapError(f"lake {root!r}: supported lakes are local folders and s3:// URIs")
         self._known: set[str] = set()  # tables known to exist
+        self._open: dict[str, DeltaTable] = {}  # latest-version tables, refreshed on each use
         self._checked: set[str] = set()  # tables whose partition layout was checked
 
     def __repr__(self) -> str:
@@ -83,14 +84,26 @@ class Lake:
         return Path(self.uri)
 
     def path(self, table: str) -> str:
-        """The URI of a Delta table in this lake."""
+        """The URI of a Delta table in this lake (only the lake's own tables)."""
+        if table not in schemas.TABLES:
+            raise RecapError(f"no table {table!r} in a lake; known: {', '.join(sorted(schemas.TABLES))}")
         return f"{self.uri}/{table}"
 
     def delta(self, table: str, version: int | str | None = None) -> DeltaTable:
-        """The Delta table `table` (optionally at an earlier version: time travel)."""
-        dt = DeltaTable(self.path(table), storage_options=self.storage_options or None)
+        """The Delta table `table` at its latest version (or an earlier one: time travel).
+
+        The latest-version object is kept per lake and brought up to date from the commits since
+        (`update_incremental`), so repeated opens do not re-read the table's whole file list.
+        """
         if version is not None:
+            dt = DeltaTable(self.path(table), storage_options=self.storage_options or None)
             dt.load_as_version(version)
+            return dt
+        dt = self._open.get(table)
+        if dt is None:
+            dt = self._open[table] = DeltaTable(self.path(table), storage_options=self.storage_options or None)
+        else:
+            dt.update_incremental()
         return dt
 
     def write_delta(self, table: str, data: pa.Table, **kwargs) -> None:
@@ -224,6 +237,23 @@ class Lake:
                 time.sleep(0.05 * 2**attempt * (1 + random.random()))
         raise AssertionError("unreachable")
 
+    def delete(self, table: str, shard_ids: Iterable[str], where: str) -> int:
+        """DELETE the rows of `shard_ids` matching the SQL predicate `where`; returns rows deleted."""
+        keys = ", ".join(_sql_string(shard_key(s)) for s in sorted(set(shard_ids)))
+        if not keys or not self.exists(table):
+            return 0
+        for attempt in range(_MERGE_RETRIES):
+            dt = self.delta(table)
+            self.check_layout(table, dt)
+            try:
+                metrics = dt.delete(f"{schemas.SHARD_KEY} IN ({keys}) AND ({where})")
+                return int(metrics.get("num_deleted_rows", 0))
+            except CommitFailedError:
+                if attempt == _MERGE_RETRIES - 1:
+                    raise
+                time.sleep(0.05 * 2**attempt * (1 + random.random()))
+        raise AssertionError("unreachable")
+
     def append(self, table: str, data: pa.Table, **kwargs) -> None:
         """Append rows (concurrent appends always commit)."""
         if data.num_rows == 0:
@@ -234,7 +264,11 @@ class Lake:
     # Small records beside the tables (ledgers, batches, run summaries) ---------------------
 
     def _abs(self, rel: str) -> str:
-        return f"{self._fs_root}/{rel.lstrip('/')}"
+        """A path inside the lake; a relative path that would climb out of it is refused."""
+        parts = rel.replace("\\", "/").split("/")
+        if any(p == ".." for p in parts) or rel.startswith("/"):
+            raise RecapError(f"{rel!r} would leave the lake {self.uri}: run and batch ids are plain names")
+        return f"{self._fs_root}/{rel}"
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write atomically: a reader sees the old file or the new one, never half of one."""
@@ -332,6 +366,11 @@ def _conform(data: pa.Table, schema: schemas.TableSchema) -> pa.Table:
         else:
             columns.append(pa.nulls(data.num_rows, field.type))
     return pa.Table.from_arrays(columns, schema=schema.arrow)
+
+
+def sql_list(values: Iterable[str]) -> str:
+    """`'a', 'b'`: string literals for an SQL IN list."""
+    return ", ".join(_sql_string(v) for v in values)
 
 
 def _sql_string(value: str) -> str:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 import sys
 import uuid
 from typing import Iterable, TypeVar
 
 from tqdm import tqdm
+
+from recap_tasks.errors import RecapError
 
 T = TypeVar("T")
 
@@ -18,6 +21,17 @@ def new_run_id(prefix: str = "run") -> str:
     """Sortable by time, unique across machines: run-20261127T031500Z-1a2b3c."""
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return f"{prefix}-{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+=-]{0,199}")
+
+
+def check_name(value: str, what: str = "run id") -> str:
+    """A run or batch id names folders in the lake: letters, digits and `_.:+=-`, no `..`, no `/`."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or ".." in value:
+        raise RecapError(f"{what} {value!r} is not a valid name: use letters, digits and _.:+=- (at most 200, "
+                         f"starting with a letter or digit, no '..' or '/')")
+    return value
 
 
 def utcnow() -> dt.datetime:

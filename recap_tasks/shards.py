@@ -22,11 +22,11 @@ def list_shards(source: str | list[str], *, limit: int | None = None) -> list[st
     return shards[:limit] if limit else shards
 
 
-def ingest_records(lake: Lake, paths: list[str]) -> dict[str, dict]:
+def ingest_records(lake: Lake, paths: list[str], dataset: str | None = None) -> dict[str, dict]:
     """shard id -> the latest ingest progress record, for the shards at `paths` (one small read)."""
     from recap_tasks.progress import by_shard
 
-    records = by_shard(lake, shard_ids=[shard_id_for(p) for p in paths], stages=("ingest",))
+    records = by_shard(lake, shard_ids=[shard_id_for(p, dataset) for p in paths], stages=("ingest",))
     return {s: r["ingest"] for s, r in records.items()}
 
 
@@ -38,11 +38,12 @@ def is_ingested(record: dict | None, path: str | os.PathLike[str]) -> bool:
     return record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns
 
 
-def pending_shards(lake: Lake, source: str | list[str], *, limit: int | None = None) -> list[str]:
+def pending_shards(lake: Lake, source: str | list[str], *, limit: int | None = None,
+                   dataset: str | None = None) -> list[str]:
     """Shards under `source` that the lake has not ingested yet (new, or changed since ingest)."""
     shards = list_shards(source)
-    records = ingest_records(lake, shards)
-    pending = [p for p in shards if not is_ingested(records.get(shard_id_for(p)), p)]
+    records = ingest_records(lake, shards, dataset)
+    pending = [p for p in shards if not is_ingested(records.get(shard_id_for(p, dataset)), p)]
     return pending[:limit] if limit else pending
 
 

@@ -27,8 +27,12 @@ def plan(*, source: str, lake: str, shard_limit: int = 0, max_chunks: int, only_
     from recap_tasks.lake import Lake
     from recap_tasks.shards import chunk, list_shards, pending_shards
 
+    from recap_tasks.config import RecapConfig
+
     limit = shard_limit or None
-    shards = pending_shards(Lake(lake), source, limit=limit) if only_new else list_shards(source, limit=limit)
+    dataset = RecapConfig.load().ingest.dataset
+    shards = pending_shards(Lake(lake), source, limit=limit, dataset=dataset) if only_new \
+        else list_shards(source, limit=limit)
     chunks = chunk(shards, max_chunks=max_chunks)
     log.info("%d shards in %d work units", len(shards), len(chunks))
     return chunks

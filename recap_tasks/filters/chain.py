@@ -94,16 +94,19 @@ def build_chain(config: FilterConfig, *, threads: int = 1) -> list[PairFilter]:
 
 def decode(data: bytes, max_side: int) -> PairImage:
     """Decode once for every image filter; JPEGs decode straight at reduced scale (DCT draft)."""
+    from recap_tasks.images import orientation, upright
+
     im = Image.open(io.BytesIO(data))
     w, h = im.size
     if im.format == "JPEG":
         ratio = max(w, h) / max_side
         if ratio >= 2:
             im.draft("RGB", (int(w / ratio), int(h / ratio)))
-    rgb = im.convert("RGB")
+    width = h if orientation(im) in (5, 6, 7, 8) else w  # upright width, full resolution
+    rgb = upright(im).convert("RGB")
     if max(rgb.size) > max_side:
         rgb.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-    return PairImage(rgb=rgb, data=data, scale=rgb.size[0] / w)
+    return PairImage(rgb=rgb, data=data, scale=rgb.size[0] / width)
 
 
 @dataclass
@@ -173,18 +176,27 @@ def _record(v: RowVerdicts, idx: np.ndarray, decision: FilterDecision) -> None:
 
 
 def _load_images(batch, idx, v: RowVerdicts, max_side, read_images) -> dict[int, PairImage]:
-    blobs = read_images(batch.take(pa.array(idx)))
+    problems: dict[int, tuple[str, str]] = {}
+    blobs = read_images(batch.take(pa.array(idx)), problems=problems)
     images = {}
-    for i, data in zip(idx, blobs):
+    for j, (i, data) in enumerate(zip(idx, blobs)):
         try:
+            if j in problems:
+                raise _ImageProblem(*problems[j])
             if data is None:
                 raise OSError("image bytes could not be read back from the source shard")
             images[int(i)] = decode(data, max_side)
         except Exception as exc:  # ingest checked it; a shard rewritten since can hold anything
             v.alive[i] = False
-            v.reason[i] = "image_unreadable"
+            v.reason[i] = exc.reason if isinstance(exc, _ImageProblem) else "image_unreadable"
             v.errors.append((int(i), "decode", f"{type(exc).__name__}: {exc}"[:500]))
     return images
+
+
+class _ImageProblem(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
 
 
 def _decide_isolated(flt: PairFilter, sub: pa.Table, ims) -> tuple[list[FilterDecision], dict[int, str]]:

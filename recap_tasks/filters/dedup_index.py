@@ -28,7 +28,7 @@ from recap_tasks.lake import DEDUP_INDEX, Lake
 log = logging.getLogger(__name__)
 
 SHA = "sha"
-ROW_GROUP = 4096  # entries per row group: what one probe costs at most, per file
+ROW_GROUP = 2048  # entries per row group: what one probe costs at most, per file
 _BITS = 64
 _MASK = (1 << 64) - 1
 
@@ -85,8 +85,15 @@ def add(lake: Lake, rows: pa.Table, max_distance: int) -> int:
     return table.num_rows
 
 
-def lookup(lake: Lake, kind: str, keys: np.ndarray, columns: list[str]) -> pa.Table:
-    """Index entries of `kind` whose key is one of `keys`, reading only row groups that can hold them."""
+def lookup(lake: Lake, kind: str, keys: np.ndarray, columns: list[str], *,
+           keep=None) -> pa.Table:
+    """Index entries of `kind` whose key is one of `keys`, reading only row groups that can hold them.
+
+    Two passes: the key column (and `phash` for bands) of the row groups whose key range holds a
+    probe, then `columns` only of the row groups with an entry `keep` accepts (an exact key match,
+    or for bands a pHash within reach): most probes miss, so most bytes read are 8-byte keys.
+    `keep(key, phash) -> bool mask` narrows the matches (default: all).
+    """
     empty = schemas.DEDUP_INDEX.empty_table().select(["key", *columns])
     if len(keys) == 0 or not lake.exists(DEDUP_INDEX):
         return empty
@@ -101,6 +108,7 @@ def lookup(lake: Lake, kind: str, keys: np.ndarray, columns: list[str]) -> pa.Ta
     highs = actions.column("max.key").to_numpy(zero_copy_only=False)
     hits = np.searchsorted(probes, highs, "right") > np.searchsorted(probes, lows, "left")
     value_set = pa.array(probes)
+    first = ["key", "phash"] if kind != SHA else ["key"]
     out = []
     for path in actions.column("path").filter(pa.array(hits)).to_pylist():
         with lake.fs.open_input_file(f"{lake._fs_root}/{DEDUP_INDEX}/{path}") as f:
@@ -110,14 +118,20 @@ def lookup(lake: Lake, kind: str, keys: np.ndarray, columns: list[str]) -> pa.Ta
             groups = []
             for g in range(meta.num_row_groups):
                 stats = meta.row_group(g).column(idx).statistics
-                if stats is None or not stats.has_min_max:
+                if stats is None or not stats.has_min_max or \
+                        np.searchsorted(probes, stats.max, "right") > np.searchsorted(probes, stats.min, "left"):
                     groups.append(g)
-                    continue
-                if np.searchsorted(probes, stats.max, "right") > np.searchsorted(probes, stats.min, "left"):
-                    groups.append(g)
-            if groups:
-                part = pf.read_row_groups(groups, columns=["key", *columns], use_threads=False)
-                out.append(part.filter(pc.is_in(part.column("key"), value_set=value_set)))
+            matched = []
+            for g in groups:
+                part = pf.read_row_group(g, columns=first, use_threads=False)
+                mask = pc.is_in(part.column("key"), value_set=value_set)
+                if keep is not None and pc.any(mask).as_py():
+                    mask = pc.and_(mask, pa.array(keep(part.column("key").to_numpy(),
+                                                       part.column("phash").to_numpy(zero_copy_only=False))))
+                if pc.any(mask).as_py():
+                    matched.append((g, mask))
+            for g, mask in matched:
+                out.append(pf.read_row_group(g, columns=["key", *columns], use_threads=False).filter(mask))
     return pa.concat_tables(out) if out else empty
 
 
@@ -136,12 +150,13 @@ def history(lake: Lake, rows: pa.Table, max_distance: int) -> pa.Table:
     if len(hashes):
         for kind, shift, mask in band_kinds(max_distance):
             bands = _band(hashes, shift, mask)
-            cand = lookup(lake, kind, bands, ["uid", "phash"])
+
+            def close(keys, phashes, bands=bands):
+                return _within(keys, phashes.astype(np.int64), bands, hashes, max_distance)
+
+            cand = lookup(lake, kind, bands, ["uid", "phash"], keep=close)
             if cand.num_rows == 0:
                 continue
-            close = _within(cand.column("key").to_numpy(), cand.column("phash").to_numpy(), bands, hashes,
-                            max_distance)
-            cand = cand.filter(pa.array(close))
             found.append(pa.table({"uid": cand.column("uid"), "sha256": pa.nulls(cand.num_rows, pa.string()),
                                    "phash": cand.column("phash")}))
     if not found:

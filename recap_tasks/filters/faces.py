@@ -60,9 +60,11 @@ class FaceDetector:
 
 def blur_faces(data: bytes, boxes: list[list[float]], *, pad: float = 0.15) -> bytes:
     """The image with each box blurred inside an ellipse; re-encoded in its own format (JPEG/PNG)."""
+    from recap_tasks.images import upright
+
     src = Image.open(io.BytesIO(data))
     fmt = "PNG" if src.format == "PNG" else "JPEG"
-    im = src.convert("RGB")
+    im = upright(src).convert("RGB")  # boxes are in upright pixels, as the filter saw the image
     w, h = im.size
     for x1, y1, x2, y2, *_ in boxes:
         bw, bh = x2 - x1, y2 - y1

@@ -44,10 +44,16 @@ class ShardReport:
     detail: str | None = None
 
 
-def shard_id_for(path: str | os.PathLike[str]) -> str:
-    """`<folder>/<file>`: stable when a dataset folder moves, distinct across dataset folders."""
+def shard_id_for(path: str | os.PathLike[str], dataset: str | None = None) -> str:
+    """`<folder>/<file>`, or `<dataset>/<folder>/<file>` for a named dataset (ingest.dataset).
+
+    Stable when a dataset folder moves. Two datasets whose shards share a folder and file name
+    (img2dataset writes `<out>/shards/00000.tar` for every dataset) need names of their own:
+    ingest refuses a shard whose id another existing source file already holds.
+    """
     p = Path(path).resolve()
-    return f"{p.parent.name}/{p.name}"
+    sid = f"{p.parent.name}/{p.name}"
+    return f"{dataset}/{sid}" if dataset else sid
 
 
 def shard_key(shard_id: str) -> str:
@@ -69,6 +75,8 @@ def expand_sources(sources: list[str]) -> list[Path]:
     """Folders, globs and files -> a sorted, de-duplicated list of shard files."""
     found: dict[Path, None] = {}
     for source in sources:
+        if not source or not source.strip():
+            raise RecapError("an empty source names no shards: give a folder, glob or shard file")
         p = Path(source).expanduser()
         if p.is_dir():
             matches = sorted(q for q in p.iterdir() if q.suffix in SHARD_SUFFIXES and q.is_file())

@@ -57,6 +57,7 @@ class ParquetReader:
         self.image_column = image_col
         wanted = [c for c in (image_col, caption_col, key_col, url_col) if c]
         row = 0
+        seen: dict[str, int] = {}
         for batch in pf.iter_batches(batch_size=self.batch_size, columns=wanted):
             cols = {name: batch.column(name).to_pylist() for name in wanted}
             for i in range(batch.num_rows):
@@ -75,5 +76,14 @@ class ParquetReader:
                 )
                 if isinstance(caption, bytes):  # a binary caption column: decoded (strictly) by ingest
                     sample.caption = caption
+                elif caption is not None and not isinstance(caption, str):  # int, list...: not alt text
+                    sample.caption = None
+                    sample.error, sample.detail = "caption_not_text", \
+                        f"column {caption_col!r} holds {type(caption).__name__}, not text"
+                sample.occurrence = seen.get(sample.key, 0)
+                seen[sample.key] = sample.occurrence + 1
+                if sample.occurrence and not sample.error:
+                    sample.error, sample.detail = "duplicate_key", \
+                        f"key {sample.key!r} appears {sample.occurrence + 1} times in the file"
                 yield sample
                 row += 1

@@ -1,4 +1,4 @@
-"""Webdataset tar shards in img2dataset's layout: {key}.jpg|png|webp, {key}.txt, {key}.json."""
+"""Webdataset tar shards in img2dataset's layout: {key}.jpg|png|webp|gif|..., {key}.txt, {key}.json."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Iterator
 
 from recap_tasks.readers import RawSample, ShardReport
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 _BLOCK = tarfile.BLOCKSIZE
 
 
