@@ -4,8 +4,8 @@ Usage: python benchmarks/scale.py [--rows 0 1000000 10000000] [--shard-rows 1000
 
 For each N: a lake is seeded with N synthetic, fully processed rows (ingested, filtered, captioned,
 published; N / shard-rows shards, DataComp's 10k rows per shard by default) written through the
-project's own writers (`Lake.append`, the dedup index, progress records), then `recap maintain`
-sorts the dedup index as a maintained lake has it. Then, in a fresh process, one new real shard
+project's own writers (`Lake.append`, the dedup index, progress records) and left as `recap
+maintain` leaves a lake: tables compacted and checkpointed, the dedup index sorted by key. Then, in a fresh process, one new real shard
 (every COCO pair of ../shared/data/coco-mini-wds, 239 pairs, as one tar) runs stage by stage:
 ingest, filter (caption_length, image_size, caption_boilerplate, image_dedup: the corpus filters
 look the shard's images up in the lake's dedup index), caption (tiny random LLaVA), validate,
@@ -104,7 +104,9 @@ def seed(lake_dir: Path, rows: int, shard_rows: int, chunk_rows: int = 1_000_000
         del index_parts
         lake.append("dedup_index", index, writer_properties=WriterProperties(max_row_group_size=dedup_index.ROW_GROUP))
         del index
-    maintain(lake, tables=["progress"])
+    # As a maintained lake: compacted, checkpointed (what `recap maintain` does on a schedule).
+    maintain(lake, tables=[t for t in ("pairs", "rejected", "filter_results", "captions", "recap", "quarantine",
+                                       "progress") if lake.exists(t)])
 
 
 def coco_shard(data: Path, out: Path) -> Path:

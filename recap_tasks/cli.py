@@ -165,7 +165,7 @@ def cmd_snapshot(args):
 def cmd_export(args):
     from recap_tasks.export import export_webdataset
 
-    _print(export_webdataset(_lake(args, must_exist=True), _out_file(args.out.rstrip("/") + "/x"), shard_size=args.shard_size,
+    _print(export_webdataset(_lake(args, must_exist=True), _out_file(args.out.rstrip("/")), shard_size=args.shard_size,
                              version=args.version, p_original=args.p_original))
 
 
@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         hint = "" if args.debug or isinstance(exc, RecapError) else " (--debug shows the traceback)"
-        print(f"recap {args.command}: error: {message}{hint}", file=sys.stderr)
+        message = " ".join(message.split())  # one line, whatever the cause's text held
+        print(f"recap {args.command}: error: {message[:1500]}{hint}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     return 0
 

@@ -30,7 +30,7 @@ class ClipScorer:
         try:
             self.model = CLIPModel.from_pretrained(model_id).to(self.device).eval()
             self.processor = AutoProcessor.from_pretrained(model_id)
-        except (OSError, ValueError, KeyError) as exc:
+        except Exception as exc:  # corrupt weights raise safetensors, torch or json errors: all "cannot load"
             hint = "" if Path(model_id).exists() else " (not a local folder; model hubs may be unreachable offline)"
             raise RecapError(f"cannot load CLIP model {model_id!r}{hint}: {exc}") from exc
         self.max_tokens = int(self.model.config.text_config.max_position_embeddings)

@@ -33,7 +33,7 @@ class TransformersCaptioner(Captioner):
                 self.processor = AutoProcessor.from_pretrained(model)
                 self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype,
                                                                          attn_implementation="sdpa")
-            except (OSError, ValueError, KeyError) as exc:
+            except Exception as exc:  # corrupt weights raise safetensors, torch or json errors: all "cannot load"
                 hint = "" if Path(model).exists() else " (not a local folder; model hubs may be unreachable offline)"
                 raise RecapError(f"cannot load captioning model {model!r}{hint}: {exc}") from exc
         self.model.to(self.device).eval()

@@ -121,17 +121,25 @@ def lookup(lake: Lake, kind: str, keys: np.ndarray, columns: list[str], *,
                 if stats is None or not stats.has_min_max or \
                         np.searchsorted(probes, stats.max, "right") > np.searchsorted(probes, stats.min, "left"):
                     groups.append(g)
-            matched = []
-            for g in groups:
-                part = pf.read_row_group(g, columns=first, use_threads=False)
-                mask = pc.is_in(part.column("key"), value_set=value_set)
-                if keep is not None and pc.any(mask).as_py():
-                    mask = pc.and_(mask, pa.array(keep(part.column("key").to_numpy(),
-                                                       part.column("phash").to_numpy(zero_copy_only=False))))
-                if pc.any(mask).as_py():
-                    matched.append((g, mask))
-            for g, mask in matched:
-                out.append(pf.read_row_group(g, columns=["key", *columns], use_threads=False).filter(mask))
+            if not groups:
+                continue
+            # Pass 1: keys (and pHashes) of every candidate row group, in one read.
+            part = pf.read_row_groups(groups, columns=first, use_threads=False)
+            mask = pc.is_in(part.column("key"), value_set=value_set)
+            if keep is not None and pc.any(mask).as_py():
+                mask = pc.and_(mask, pa.array(keep(part.column("key").to_numpy(),
+                                                   part.column("phash").to_numpy(zero_copy_only=False))))
+            hit_rows = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+            if len(hit_rows) == 0:
+                continue
+            # Pass 2: the other columns, only of the row groups holding a match.
+            sizes = np.array([meta.row_group(g).num_rows for g in groups])
+            owner = np.searchsorted(np.cumsum(sizes), hit_rows, "right")
+            matched = sorted(set(owner.tolist()))
+            full = pf.read_row_groups([groups[i] for i in matched], columns=["key", *columns], use_threads=False)
+            starts = np.concatenate(([0], np.cumsum(sizes)))
+            local = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in matched])
+            out.append(full.filter(pa.array(np.isin(local, hit_rows))))
     return pa.concat_tables(out) if out else empty
 
 
