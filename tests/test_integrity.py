@@ -68,16 +68,22 @@ def pool():
         yield p
 
 
-@pytest.fixture(scope="module")
-def validated_template(tmp_path_factory, tiny_model):
-    root = tmp_path_factory.mktemp("template")
-    source = _shard(root / "src" / "00000.tar", n=6)
+def _processed(root, model, *, n: int, batch: str, publish: bool):
+    """root/src/00000.tar with n samples, ingested, filtered, captioned, validated (and published)."""
+    source = _shard(root / "src" / "00000.tar", n=n)
     lake = Lake(root / "lake")
     ingest([str(source)], lake)
     run_filter(lake, config=LOCAL)
-    run_caption(lake, model=str(tiny_model))
-    assert run_validate(lake, run_id="b1").batch.success
+    run_caption(lake, model=str(model))
+    assert run_validate(lake, run_id=batch).batch.success
+    if publish:
+        run_publish(lake, batch_id=batch)
     return root
+
+
+@pytest.fixture(scope="module")
+def validated_template(tmp_path_factory, tiny_model):
+    return _processed(tmp_path_factory.mktemp("template"), tiny_model, n=6, batch="b1", publish=False)
 
 
 @pytest.mark.parametrize("stage", ["publish", "ingest", "filter"])
@@ -293,15 +299,7 @@ def _one_line_error(proc, *needles: str) -> None:
 
 @pytest.fixture(scope="module")
 def small_lake(tmp_path_factory, tiny_model):
-    root = tmp_path_factory.mktemp("small")
-    src = _shard(root / "src" / "00000.tar", n=2)
-    lake = Lake(root / "lake")
-    ingest([str(src)], lake)
-    run_filter(lake, config=LOCAL)
-    run_caption(lake, model=str(tiny_model))
-    run_validate(lake, run_id="v")
-    run_publish(lake, batch_id="v")
-    return root
+    return _processed(tmp_path_factory.mktemp("small"), tiny_model, n=2, batch="v", publish=True)
 
 
 def test_cli_errors_name_the_file_or_setting(tmp_path, small_lake):
