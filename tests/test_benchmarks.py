@@ -29,3 +29,15 @@ def test_caption_on_gpu_in_bf16(tmp_path, tiny_model):
     assert str(captioner.model.dtype) == "torch.bfloat16"
     texts = captioner.caption([Image.new("RGB", (320, 240), "red")] * 4)
     assert len(texts) == 4 and all(t.strip() for t in texts)
+
+
+@pytest.mark.shared_data
+def test_scale_benchmark_smoke(shared_data):
+    """The scale benchmark's code path on a small lake: seeding through the writers, one run."""
+    proc = subprocess.run([sys.executable, "benchmarks/scale.py", "--rows", "0", "20000", "--shard-rows", "5000"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.strip()}
+    for stage in ("ingest", "filter", "caption", "validate", "publish", "report", "status", "peak"):
+        assert stage in lines, proc.stdout
+    assert "'published': 238" in proc.stdout and "'balanced': True" in proc.stdout
