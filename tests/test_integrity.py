@@ -3,11 +3,13 @@ exactly one place, no uid is published twice, and expected failures are one line
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import multiprocessing as mp
 import os
 import shutil
+import subprocess
 import tarfile
 
 import pyarrow as pa
@@ -336,15 +338,33 @@ def test_corrupt_table_and_missing_file_are_one_line(tmp_path, small_lake):
     _one_line_error(recap("history", "--lake", lake, check=False), "Delta table error")
 
 
+@contextlib.contextmanager
+def _tmpfs(path, size: str):
+    """A small filesystem of our own (root only): for a full or a read-only disk."""
+    path.mkdir(parents=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and mount to make a small filesystem")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
 def test_read_only_lake_is_one_line(tmp_path, small_lake):
-    if os.geteuid() == 0:
-        pytest.skip("root writes through read-only permissions; the error path is checked with a file as lake")
-    work = tmp_path / "ro"
-    shutil.copytree(small_lake, work)
-    for p in work.rglob("*"):
-        p.chmod(0o555 if p.is_dir() else 0o444)
-    _one_line_error(recap("ingest", str(work / "src"), "--force", "--lake", str(work / "lake"), check=False),
-                    "cannot write")
+    with _tmpfs(tmp_path / "ro", "64m") as mnt:
+        shutil.copytree(small_lake, mnt / "copy")
+        more = _shard(tmp_path / "more" / "00001.tar", n=1, offset=60)
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        _one_line_error(recap("ingest", str(more), "--lake", str(mnt / "copy" / "lake"), check=False),
+                        "cannot write")
+
+
+def test_full_disk_is_one_line(tmp_path):
+    src = _shard(tmp_path / "src" / "00000.tar", n=3)
+    with _tmpfs(tmp_path / "full", "1m") as mnt:
+        (mnt / "filler").write_bytes(b"\0" * (1024 * 1024 - 8192))
+        _one_line_error(recap("ingest", str(src), "--lake", str(mnt / "lake"), check=False), "disk full")
 
 
 def test_corrupt_model_weights_are_one_line(tmp_path, tiny_model, small_lake):
