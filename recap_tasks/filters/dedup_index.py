@@ -115,21 +115,16 @@ def lookup(lake: Lake, kind: str, keys: np.ndarray, columns: list[str], *,
             pf = pq.ParquetFile(f)
             meta = pf.metadata
             idx = meta.schema.to_arrow_schema().get_field_index("key")
-            groups = []
-            for g in range(meta.num_row_groups):
-                stats = meta.row_group(g).column(idx).statistics
-                if stats is None or not stats.has_min_max or \
-                        np.searchsorted(probes, stats.max, "right") > np.searchsorted(probes, stats.min, "left"):
-                    groups.append(g)
+            groups = _candidate_groups(meta, idx, probes)
             if not groups:
                 continue
             # Pass 1: keys (and pHashes) of every candidate row group, in one read.
             part = pf.read_row_groups(groups, columns=first, use_threads=False)
-            mask = pc.is_in(part.column("key"), value_set=value_set)
-            if keep is not None and pc.any(mask).as_py():
-                mask = pc.and_(mask, pa.array(keep(part.column("key").to_numpy(),
-                                                   part.column("phash").to_numpy(zero_copy_only=False))))
-            hit_rows = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+            hit_rows = np.flatnonzero(pc.is_in(part.column("key"), value_set=value_set).to_numpy(zero_copy_only=False))
+            if keep is not None and len(hit_rows):
+                keys = part.column("key").to_numpy()[hit_rows]
+                hashes = part.column("phash").to_numpy(zero_copy_only=False)[hit_rows]
+                hit_rows = hit_rows[keep(keys, hashes)]
             if len(hit_rows) == 0:
                 continue
             # Pass 2: the other columns, only of the row groups holding a match.
@@ -141,6 +136,22 @@ def lookup(lake: Lake, kind: str, keys: np.ndarray, columns: list[str], *,
             local = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in matched])
             out.append(full.filter(pa.array(np.isin(local, hit_rows))))
     return pa.concat_tables(out) if out else empty
+
+
+def _candidate_groups(meta: pq.FileMetaData, column: int, probes: np.ndarray) -> list[int]:
+    """Row groups whose [min, max] of the key column holds one of the sorted `probes`."""
+    n = meta.num_row_groups
+    lows = np.empty(n, dtype=np.int64)
+    highs = np.empty(n, dtype=np.int64)
+    unknown = np.zeros(n, dtype=bool)
+    for g in range(n):
+        stats = meta.row_group(g).column(column).statistics
+        if stats is None or not stats.has_min_max:
+            unknown[g] = True
+        else:
+            lows[g], highs[g] = stats.min, stats.max
+    hit = np.searchsorted(probes, highs, "right") > np.searchsorted(probes, lows, "left")
+    return np.flatnonzero(hit | unknown).tolist()
 
 
 def history(lake: Lake, rows: pa.Table, max_distance: int) -> pa.Table:

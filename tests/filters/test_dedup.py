@@ -85,3 +85,30 @@ def test_boilerplate_caption_on_many_images_is_dropped(tmp_path):
     v = by_key(lake, tables.FILTER_RESULTS)
     assert v["000000000"]["caption_repeats"] == 4 and v["000000009"]["caption_repeats"] == 1
     assert v["000000009"]["kept"]
+
+
+def test_index_finds_near_duplicates_by_band_and_exact_copies_by_sha(tmp_path):
+    """History lookups through the dedup index: within d bits (any band) found, beyond d not."""
+    import pyarrow as pa
+
+    from recap_tasks.filters import dedup_index
+    from recap_tasks.lake import Lake
+
+    lake = Lake(tmp_path / "lake")
+    base = 0x0F0F_1234_5678_9ABC
+    old = pa.table({"uid": ["old-near", "old-sha"], "sha256": ["a" * 64, "b" * 64],
+                    "phash": pa.array([base, 0x7777_0000_0000_0001], pa.int64())})
+    dedup_index.add(lake, old, 4)
+    def flips(h: int, bits: list[int]) -> int:  # as a signed 64-bit value, the index's phash type
+        v = h ^ sum(1 << b for b in bits)
+        return v - (1 << 64) if v >= 1 << 63 else v
+
+    new = pa.table({"uid": ["n3", "n6", "copy", "old-near"], "sha256": ["c" * 64, "d" * 64, "b" * 64, "a" * 64],
+                    "phash": pa.array([flips(base, [1, 20, 40]), flips(base, [0, 13, 26, 39, 52, 63]), 5, base],
+                                      pa.int64())})
+    found = dedup_index.history(lake, new.slice(0, 1), 4).to_pylist()
+    assert [r["uid"] for r in found] == ["old-near"]  # 3 bits apart, across three bands
+    assert dedup_index.history(lake, new.slice(1, 1), 4).num_rows == 0  # 6 bits: beyond d = 4
+    found = dedup_index.history(lake, new.slice(2, 1), 4).to_pylist()
+    assert found == [{"uid": "old-sha", "sha256": "b" * 64, "phash": 0x7777_0000_0000_0001}]
+    assert dedup_index.history(lake, new.slice(3, 1), 4).num_rows == 0  # a row never matches itself
