@@ -47,12 +47,15 @@ def recap_incremental():
         """Shards the lake has not ingested (new or changed), as work units."""
         from recap_airflow import stages
 
+        from airflow.sdk.exceptions import AirflowSkipException
+
         params, _, _ = run_context()
         if not params["source"] or not params["model"]:
-            raise ValueError("recap_incremental needs a source and a model: set RECAP_INCREMENTAL_SOURCE and "
-                             "RECAP_MODEL for the Airflow services, or trigger it with those params")
+            # Not configured is not a failure: an unpaused, unconfigured deployment stays green.
+            raise AirflowSkipException("recap_incremental is not configured: set RECAP_INCREMENTAL_SOURCE and "
+                                       "RECAP_MODEL for the Airflow services (or trigger it with source and model)")
         return stages.plan(source=params["source"], lake=params["lake"], shard_limit=params["shard_limit"],
-                           max_chunks=max_work_units(), only_new=True)
+                           max_chunks=max_work_units(), only_new=True, model=params["model"])
 
     @task.short_circuit
     def has_work(chunks: list[list[str]]) -> bool:

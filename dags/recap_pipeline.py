@@ -45,7 +45,7 @@ def recap_pipeline():
 
         params, run_id, _ = run_context()
         chunks = stages.plan(source=params["source"], lake=params["lake"], shard_limit=params["shard_limit"],
-                             max_chunks=max_work_units())
+                             max_chunks=max_work_units(), model=params["model"])
         if params["dry_run"] and chunks:
             from recap_tasks.readers import shard_id_for
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.compute as pc
 
 from recap_tasks import schemas
 from recap_tasks.errors import RecapError
@@ -134,7 +134,7 @@ def migrate(lake: Lake, *, run_id: str = "migrate") -> dict:
     # The dedup index, from the rows the filter kept.
     if not lake.exists(DEDUP_INDEX) and lake.exists("filter_results"):
         verdicts = lake.read("filter_results", ["uid", "kept", "phash"])
-        kept = verdicts.filter(pa.compute.fill_null(verdicts.column("kept"), False))
+        kept = verdicts.filter(pc.fill_null(verdicts.column("kept"), False))
         sha = dict(zip(pairs.column("uid").to_pylist(), pairs.column("sha256").to_pylist()))
         from recap_tasks.config import RecapConfig
 

@@ -105,7 +105,9 @@ def recaption_stages(chunks, *, factory: CaptionRunnerFactory | None = None):
 
     @task(pool=GPU_POOL, execution_timeout=timedelta(hours=12), retry_delay=timedelta(minutes=2))
     def caption_local(arguments: list[str]) -> None:
-        factory.run_local(arguments)
+        from recap_airflow.stages import fail_fast
+
+        fail_fast(factory.run_local)(arguments)
 
     # A failed quality gate is a verdict, not a transient error: no retries.
     @task(retries=0, trigger_rule="none_failed")

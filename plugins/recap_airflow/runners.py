@@ -13,7 +13,8 @@ log = logging.getLogger(__name__)
 
 Runner = Literal["kubernetes", "local"]
 RUNNERS: tuple[Runner, ...] = ("kubernetes", "local")
-ENTRYPOINT = ["python", "-m", "recap_tasks"]  # the worker image's entry point (docker/worker.Dockerfile)
+ENTRYPOINT = ["python", "-m", "recap_tasks"]
+USER_ERROR = 2  # recap's exit code for RecapError (recap_tasks.errors)  # the worker image's entry point (docker/worker.Dockerfile)
 
 
 def caption_arguments(*, lake: str, model: str, run_id: str, shard_ids: list[str] | None = None,
@@ -43,6 +44,11 @@ def run_local(cmd: list[str], *, env: dict[str, str] | None = None, timeout: flo
         lines.append(line)
         log.info("%s", line.rstrip())
     rc = proc.wait(timeout=timeout)
+    if rc == USER_ERROR:
+        # `recap` exits 2 on a user error (its one-line message is the last line): not worth a retry.
+        from recap_tasks.errors import RecapError
+
+        raise RecapError(lines[-1].strip() if lines else f"{' '.join(cmd[1:4])} exited with {rc}")
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd[1:4])} exited with {rc}: {''.join(lines[-20:])}")
     return "".join(lines)

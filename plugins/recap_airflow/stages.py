@@ -7,6 +7,7 @@ shard ids and paths between tasks, never data.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -22,10 +23,37 @@ def recap_run_id(airflow_run_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", airflow_run_id).strip("-")
 
 
-def plan(*, source: str, lake: str, shard_limit: int = 0, max_chunks: int, only_new: bool = False) -> list[list[str]]:
-    """Shard paths under `source`, grouped into at most `max_chunks` work units (max_map_length)."""
+def fail_fast(func):
+    """A user error (RecapError: bad source, model, config; a refused batch) fails the task at once,
+    without retries, its one-line message last in the log; anything else may be retried."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from recap_tasks.errors import RecapError
+
+        try:
+            return func(*args, **kwargs)
+        except RecapError as exc:
+            log.error("recap: %s", exc)
+            raise AirflowFailException(str(exc)) from exc
+
+    return wrapper
+
+
+@fail_fast
+def plan(*, source: str, lake: str, shard_limit: int = 0, max_chunks: int, only_new: bool = False,
+         model: str | None = None) -> list[list[str]]:
+    """Shard paths under `source`, grouped into at most `max_chunks` work units (max_map_length).
+
+    Checks first that the source holds shards, the model can load and the lake is writable.
+    """
     from recap_tasks.lake import Lake
+    from recap_tasks.preflight import check_run
     from recap_tasks.shards import chunk, list_shards, pending_shards
+
+    check_run(source=source, lake=lake, model=model)
 
     from recap_tasks.config import RecapConfig
 
@@ -38,6 +66,7 @@ def plan(*, source: str, lake: str, shard_limit: int = 0, max_chunks: int, only_
     return chunks
 
 
+@fail_fast
 def ingest(*, shards: list[str], lake: str, run_id: str) -> dict:
     """Ingest one work unit of shards; returns their shard ids for the next stages."""
     from recap_tasks.ingest import ingest as ingest_sources
@@ -47,6 +76,7 @@ def ingest(*, shards: list[str], lake: str, run_id: str) -> dict:
     return {**result.summary(), "shard_ids": [s.shard_id for s in result.shards]}
 
 
+@fail_fast
 def filter_pairs(*, lake: str, run_id: str, shard_ids: list[str] | None = None, profile: str = "basic") -> dict:
     """Filter the pairs of `shard_ids` with a filter chain profile.
 
@@ -68,6 +98,7 @@ def filter_pairs(*, lake: str, run_id: str, shard_ids: list[str] | None = None, 
     return {**result.summary(), "shard_ids": shard_ids or []}
 
 
+@fail_fast
 def validate(*, lake: str, run_id: str) -> dict:
     from recap_tasks.lake import Lake
     from recap_tasks.validate import run_validate
@@ -75,6 +106,7 @@ def validate(*, lake: str, run_id: str) -> dict:
     return run_validate(Lake(lake), run_id=run_id).summary()
 
 
+@fail_fast
 def publish(*, lake: str, run_id: str) -> dict:
     from recap_tasks.lake import Lake
     from recap_tasks.publish import run_publish
@@ -82,6 +114,7 @@ def publish(*, lake: str, run_id: str) -> dict:
     return run_publish(Lake(lake), batch_id=run_id, run_id=run_id).summary()
 
 
+@fail_fast
 def report(*, lake: str, run_id: str | None) -> dict:
     """Build the HTML quality report of a run (or the lake index when run_id is None)."""
     from recap_tasks.lake import Lake

@@ -14,3 +14,24 @@ def test_dry_run_plans_and_renders_without_writing(airflow_env, tmp_path, sample
     assert "nvidia.com/gpu" in logs and "shards/00000.tar" in logs  # the rendered pod of the first unit
     assert "00001.tar" not in logs.split("work units:")[1].split("]]")[0]  # shard_limit=1
     assert not (tmp_path / "lake").exists()
+
+
+def test_bad_source_or_model_fails_in_plan_at_once(airflow_env, tmp_path, sample_shards, tiny_model):
+    """User errors stop the run in `plan`, before anything is written, without retries."""
+    cases = [({"source": str(tmp_path / "typo"), "model": str(tiny_model)}, "source not found"),
+             ({"source": str(sample_shards), "model": str(tmp_path / "no-model")}, "no such folder")]
+    for conf, message in cases:
+        conf = {**conf, "lake": str(tmp_path / "lake"), "runner": "local"}
+        result, logs = dag_test("recap_pipeline", conf, airflow_env, timeout=600)
+        assert result["state"].endswith("failed"), result
+        assert result["tasks"]["plan[-1]"].endswith("failed"), result  # failed, not up_for_retry
+        assert message in logs
+        assert not (tmp_path / "lake").exists()
+
+
+def test_unconfigured_incremental_dag_skips(airflow_env, tmp_path):
+    env = {**airflow_env, "RECAP_INCREMENTAL_SOURCE": "", "RECAP_MODEL": ""}
+    result, logs = dag_test("recap_incremental", {"lake": str(tmp_path / "lake")}, env, timeout=600)
+    assert result["tasks"]["find_new_shards[-1]"].endswith("skipped"), result
+    assert not result["state"].endswith("failed"), result
+    assert "recap_incremental is not configured" in logs
