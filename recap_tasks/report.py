@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+from urllib.parse import quote
 import io
 import logging
 from collections import Counter
@@ -39,6 +40,15 @@ td,th{border-bottom:1px solid #e4e7eb;padding:.35rem .5rem;text-align:left;verti
 .ok{color:#2f8132;font-weight:600} .bad{color:#c62828;font-weight:600} img{max-width:100%}
 .plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(480px,1fr));gap:1rem}
 """
+
+
+def _docs_link(page: str | None) -> str:
+    """A link to the batch's Data Docs page, relative to the run report (works in the lake's
+    folder, in the Airflow UI's /recap/lake/ view and on an object store alike)."""
+    if not page or "/_reports/data_docs/" not in page.replace("\\", "/"):
+        return html.escape(page or "-")
+    rel = "../../data_docs/" + page.replace("\\", "/").split("/_reports/data_docs/", 1)[1]
+    return f"<a href='{html.escape(quote(rel, safe='/'))}'>{html.escape(rel.rsplit('/', 1)[-1])}</a>"
 
 
 def build_report(lake: Lake, *, run_id: str | None = None) -> str:
@@ -106,7 +116,8 @@ def _run_page(lake: Lake, batch: Batch) -> str:
 def _index_page(lake: Lake, batches: list[Batch]) -> str:
     trend = _plot_trends(lake, batches)
     rows = "".join(
-        f"<tr><td><a href='runs/{html.escape(b.batch_id)}/report.html'>{html.escape(b.batch_id)}</a></td>"
+        f"<tr><td><a href='runs/{html.escape(quote(b.batch_id, safe=''))}/report.html'>{html.escape(b.batch_id)}</a>"
+        f"</td>"
         f"<td>{html.escape(b.validated_at)}</td><td>{b.rows}</td><td>{b.quarantined}</td>"
         f"<td class={'ok' if b.success else 'bad'}>{'passed' if b.success else 'refused'}</td>"
         f"<td>{'yes' if b.published else 'no'}</td><td>{html.escape(', '.join(b.failed))}</td></tr>"
@@ -223,7 +234,7 @@ def _results_table(batch: Batch) -> str:
         f"<td class={'ok' if r['success'] else 'bad'}>{'pass' if r['success'] else 'FAIL'}</td>"
         f"<td>{html.escape(str(r.get('unexpected_count') if r.get('unexpected_count') is not None else ''))}</td>"
         f"<td>{html.escape(_short(r.get('observed')))}</td></tr>" for r in batch.results)
-    docs = f"<p class=muted>Great Expectations Data Docs: {html.escape(batch.report or '-')}</p>"
+    docs = f"<p class=muted>Great Expectations Data Docs: {_docs_link(batch.report)}</p>"
     return (f"<table><tr><th>expectation</th><th>level</th><th>result</th><th>failing rows</th><th>observed</th>"
             f"</tr>{rows}</table>{docs}")
 

@@ -19,8 +19,15 @@ FILTER_PROFILES = ("basic", "datacomp")
 
 
 def recap_run_id(airflow_run_id: str) -> str:
-    """Airflow's run id (`manual__2026-11-27T03:00:00+00:00`) as a file-name-safe recap run id."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", airflow_run_id).strip("-")
+    """The recap run id of an Airflow run: Airflow's own id (`manual__2026-11-27T03:00:00+00:00`)
+    when it is a valid recap name, so reports and rows carry the id the UI shows; else made safe."""
+    from recap_tasks.errors import RecapError
+    from recap_tasks.runs import check_name
+
+    try:
+        return check_name(airflow_run_id)
+    except RecapError:
+        return re.sub(r"[^A-Za-z0-9_.:+=-]+", "-", airflow_run_id).strip("-.")[:200] or "run"
 
 
 def fail_fast(func):

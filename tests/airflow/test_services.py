@@ -105,3 +105,17 @@ def test_incremental_runs_publish_each_uid_once(airflow_services, sample_shards,
     assert status["balanced"] and status["in_flight"] == 0
     captions = Lake(lake).read(tables.CAPTIONS, ["uid"]).column("uid")
     assert len(pc.unique(captions)) == len(captions)
+
+
+def test_a_bad_source_fails_once_in_plan_and_the_tab_says_so(airflow_services, tiny_model, tmp_path):
+    af = airflow_services
+    conf = {"source": str(tmp_path / "no-such-folder"), "lake": str(af.lake), "model": str(tiny_model),
+            "runner": "local"}
+    run_id = af.trigger("recap_pipeline", conf)
+    run = af.wait_run("recap_pipeline", run_id, timeout=300)
+    assert run["state"] == "failed" and run["tasks"]["plan[-1]"] == "failed", run
+    quoted = urllib.request.quote(run_id, safe="")
+    ti = af.request("GET", f"/api/v2/dags/recap_pipeline/dagRuns/{quoted}/taskInstances/plan")
+    assert ti["try_number"] == 1  # a user error is not retried
+    page = af.request("GET", f"/recap/runs/recap_pipeline/{quoted}", raw=True).decode()
+    assert f"Run {run_id} failed" in page and ">plan</a>" in page

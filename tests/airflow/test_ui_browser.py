@@ -94,6 +94,13 @@ def test_run_opens_its_quality_report_inside_the_ui(browser, airflow_services, p
     browser.switch_to.frame(frame)
     try:
         report = _wait_text(browser, By.TAG_NAME, "body", "Recap quality report")
+        # The report's links work inside the UI: to the index of all runs, and back to a run.
+        browser.find_element(By.LINK_TEXT, "all runs").click()
+        index = _wait_text(browser, By.TAG_NAME, "body", "Recap quality reports")
+        assert "Trends across runs" in index
+        browser.find_element(By.LINK_TEXT, published_run).click()
+        back = _wait_text(browser, By.TAG_NAME, "body", f"Recap quality report: {published_run}")
+        assert "No quality report" not in back and "Not found" not in back
     finally:
         browser.switch_to.default_content()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
