@@ -49,13 +49,15 @@ def recap_incremental():
 
         from airflow.sdk.exceptions import AirflowSkipException
 
-        params, _, _ = run_context()
+        params, run_id, _ = run_context()
         if not params["source"] or not params["model"]:
             # Not configured is not a failure: an unpaused, unconfigured deployment stays green.
             raise AirflowSkipException("recap_incremental is not configured: set RECAP_INCREMENTAL_SOURCE and "
                                        "RECAP_MODEL for the Airflow services (or trigger it with source and model)")
+        config = stages.effective_config(profile=params["filter_profile"], batch_size=params["batch_size"])
         return stages.plan(source=params["source"], lake=params["lake"], shard_limit=params["shard_limit"],
-                           max_chunks=max_work_units(), only_new=True, model=params["model"])
+                           max_chunks=max_work_units(), only_new=True, model=params["model"], run_id=run_id,
+                           config=config)
 
     @task.short_circuit
     def has_work(chunks: list[list[str]]) -> bool:

@@ -44,8 +44,10 @@ def recap_pipeline():
         from recap_airflow.runners import caption_arguments
 
         params, run_id, _ = run_context()
+        config = stages.effective_config(profile=params["filter_profile"], batch_size=params["batch_size"])
         chunks = stages.plan(source=params["source"], lake=params["lake"], shard_limit=params["shard_limit"],
-                             max_chunks=max_work_units(), model=params["model"])
+                             max_chunks=max_work_units(), model=params["model"],
+                             run_id=None if params["dry_run"] else run_id, config=config)
         if params["dry_run"] and chunks:
             from recap_tasks.readers import shard_id_for
 

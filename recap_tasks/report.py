@@ -42,6 +42,14 @@ td,th{border-bottom:1px solid #e4e7eb;padding:.35rem .5rem;text-align:left;verti
 """
 
 
+def _config_section(lake: Lake, batch: Batch) -> str:
+    """The configuration the run ran with (saved by `recap run` and the Airflow planner)."""
+    raw = lake.read_bytes(f"_runs/{batch.batch_id}/config.yaml")
+    if raw is None:
+        return ""
+    return f"<h2>Configuration</h2><pre>{html.escape(raw.decode('utf-8', 'replace'))}</pre>"
+
+
 def _docs_link(page: str | None) -> str:
     """A link to the batch's Data Docs page, relative to the run report (works in the lake's
     folder, in the Airflow UI's /recap/lake/ view and on an object store alike)."""
@@ -107,6 +115,7 @@ def _run_page(lake: Lake, batch: Batch) -> str:
                                      for k, v in cards) + "</div>",
         "<h2>Distributions</h2><div class=plots>" + "".join(plots) + "</div>",
         "<h2>Validation results</h2>", _results_table(batch),
+        _config_section(lake, batch),
         "<h2>Where every row went</h2>", _status_table(status),
         "<h2>Sample rows</h2>", _samples_table(samples),
     ]

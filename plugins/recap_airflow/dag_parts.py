@@ -14,7 +14,7 @@ from airflow.sdk import Asset, Param, get_current_context, task
 
 from recap_airflow.pods import GPU_POOL, CaptionRunnerFactory
 from recap_airflow.runners import RUNNERS
-from recap_airflow.stages import FILTER_PROFILES
+from recap_airflow.stages import CONFIG_PROFILE, FILTER_PROFILES
 
 DEFAULT_LAKE = os.environ.get("RECAP_LAKE", os.path.expanduser("~/recap-lake"))
 DEFAULT_MODEL = os.environ.get("RECAP_MODEL", "")
@@ -43,11 +43,13 @@ def common_params(*, scheduled: bool = False) -> dict[str, Param]:
                       description="Lake root folder; for runner=kubernetes a path on the shared lake volume"),
         "model": Param(DEFAULT_MODEL, type="string", minLength=0 if scheduled else 1, title="Captioning model",
                        description="Model id (e.g. llava-hf/llava-1.5-7b-hf) or a local folder"),
-        "batch_size": Param(8, type="integer", minimum=1, maximum=1024, title="Batch size",
-                            description="Images per generate() call"),
-        "filter_profile": Param("basic", enum=list(FILTER_PROFILES), title="Filter profile",
-                                description="basic: DataComp's basic rules; datacomp: + language, NSFW, faces, "
-                                            "dedup, boilerplate (recap_tasks/configs/)"),
+        # Left at their defaults, these two keep what RECAP_CONFIG says (one configuration for the
+        # UI and the CLI); set, they override it for this run.
+        "batch_size": Param(None, type=["null", "integer"], minimum=1, maximum=1024, title="Batch size",
+                            description="Images per generate() call (empty: caption.batch_size of RECAP_CONFIG)"),
+        "filter_profile": Param(CONFIG_PROFILE, enum=[CONFIG_PROFILE, *FILTER_PROFILES], title="Filter profile",
+                                description="config: filter.chain of RECAP_CONFIG (default basic); basic: DataComp's "
+                                            "basic rules; datacomp: + language, NSFW, faces, dedup, boilerplate"),
         "runner": Param(runner, enum=list(RUNNERS), title="Runner",
                         description="kubernetes: one GPU pod per work unit; local: a subprocess on the worker"),
     }

@@ -14,8 +14,18 @@ import re
 
 log = logging.getLogger(__name__)
 
-# Filter chains the run form offers: profiles in recap_tasks/configs/ (FilterConfig.chain).
+# Filter chains the run form offers: profiles in recap_tasks/configs/ (FilterConfig.chain), or
+# "config": whatever filter.chain RECAP_CONFIG names.
 FILTER_PROFILES = ("basic", "datacomp")
+CONFIG_PROFILE = "config"
+
+
+def effective_config(*, profile: str = CONFIG_PROFILE, batch_size: int | None = None):
+    """RECAP_CONFIG with what the run form set explicitly (a field left at its default changes nothing)."""
+    from recap_tasks.config import RecapConfig
+
+    return RecapConfig.load(filter={"chain": None if profile in (None, "", CONFIG_PROFILE) else profile},
+                            caption={"batch_size": batch_size})
 
 
 def recap_run_id(airflow_run_id: str) -> str:
@@ -51,21 +61,24 @@ def fail_fast(func):
 
 @fail_fast
 def plan(*, source: str, lake: str, shard_limit: int = 0, max_chunks: int, only_new: bool = False,
-         model: str | None = None) -> list[list[str]]:
+         model: str | None = None, run_id: str | None = None, config=None) -> list[list[str]]:
     """Shard paths under `source`, grouped into at most `max_chunks` work units (max_map_length).
 
-    Checks first that the source holds shards, the model can load and the lake is writable.
+    Checks first that the source holds shards, the model can load and the lake is writable; saves
+    the run's effective config (`config`, a RecapConfig) as `LAKE/_runs/<run id>/config.yaml`.
     """
     from recap_tasks.lake import Lake
     from recap_tasks.preflight import check_run
     from recap_tasks.shards import chunk, list_shards, pending_shards
 
     check_run(source=source, lake=lake, model=model)
+    if run_id and config is not None:
+        Lake(lake).write_bytes(f"_runs/{run_id}/config.yaml", config.to_yaml().encode())
 
     from recap_tasks.config import RecapConfig
 
     limit = shard_limit or None
-    dataset = RecapConfig.load().ingest.dataset
+    dataset = (config or RecapConfig.load()).ingest.dataset
     shards = pending_shards(Lake(lake), source, limit=limit, dataset=dataset) if only_new \
         else list_shards(source, limit=limit)
     chunks = chunk(shards, max_chunks=max_chunks)
@@ -84,21 +97,21 @@ def ingest(*, shards: list[str], lake: str, run_id: str) -> dict:
 
 
 @fail_fast
-def filter_pairs(*, lake: str, run_id: str, shard_ids: list[str] | None = None, profile: str = "basic") -> dict:
+def filter_pairs(*, lake: str, run_id: str, shard_ids: list[str] | None = None,
+                 profile: str = CONFIG_PROFILE) -> dict:
     """Filter the pairs of `shard_ids` with a filter chain profile.
 
     Row filters run on the Dask cluster at RECAP_DASK_ADDRESS, or on a local cluster when unset
     (`filter: {executor: local}` in RECAP_CONFIG runs them in the task's process). Other
     settings: RECAP_CONFIG.
     """
-    from recap_tasks.config import RecapConfig
     from recap_tasks.filtering import run_filter
     from recap_tasks.lake import Lake
 
-    if profile not in FILTER_PROFILES:
-        raise ValueError(f"unknown filter profile {profile!r}; known: {list(FILTER_PROFILES)}")
-    # The filter section of RECAP_CONFIG (if set), with the form's chain and this deployment's Dask.
-    config = dataclasses.replace(RecapConfig.load().filter, chain=profile)
+    if profile not in (CONFIG_PROFILE, *FILTER_PROFILES):
+        raise ValueError(f"unknown filter profile {profile!r}; known: {[CONFIG_PROFILE, *FILTER_PROFILES]}")
+    # The filter section of RECAP_CONFIG, the form's chain if it set one, and this deployment's Dask.
+    config = effective_config(profile=profile).filter
     if os.environ.get("RECAP_DASK_ADDRESS"):
         config = dataclasses.replace(config, dask_address=os.environ["RECAP_DASK_ADDRESS"])
     result = run_filter(Lake(lake), config=config, run_id=run_id, shard_ids=shard_ids)

@@ -91,3 +91,16 @@ def test_local_runner_runs_the_pod_command_with_this_interpreter():
         assert option in help_text
     env = CaptionRunnerFactory(PodSettings()).local_env()
     assert "HF_HOME" not in env and env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_form_fields_left_at_default_keep_the_config(tmp_path, monkeypatch):
+    """One configuration: the form overrides RECAP_CONFIG only where the user set a field."""
+    from recap_airflow.stages import CONFIG_PROFILE, effective_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("filter:\n  chain: datacomp\n  min_image_side: 256\ncaption:\n  batch_size: 32\n")
+    monkeypatch.setenv("RECAP_CONFIG", str(cfg))
+    default = effective_config(profile=CONFIG_PROFILE, batch_size=None)
+    assert (default.filter.chain, default.filter.min_image_side, default.caption.batch_size) == ("datacomp", 256, 32)
+    chosen = effective_config(profile="basic", batch_size=4)
+    assert (chosen.filter.chain, chosen.filter.min_image_side, chosen.caption.batch_size) == ("basic", 256, 4)

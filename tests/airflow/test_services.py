@@ -47,6 +47,9 @@ def test_ui_triggered_run_publishes_and_links_its_report(airflow_services, sampl
     assert xcom["value"]["report"].endswith("report.html")
     page = af.request("GET", f"/recap/runs/recap_pipeline/{urllib.request.quote(run_id, safe='')}", raw=True)
     assert b"<html" in page.lower()[:2000] and len(page) > 1000
+    # The run's effective configuration is saved with it and shown in its report.
+    assert "chain: basic" in (Lake(af.lake).read_bytes(f"_runs/{run_id}/config.yaml") or b"").decode()
+    assert b"<h2>Configuration</h2>" in page
     with pytest.raises(urllib.error.HTTPError) as denied:
         af.request("GET", f"/recap/runs/recap_pipeline/{urllib.request.quote(run_id, safe='')}", auth=False)
     assert denied.value.code in (401, 403)
