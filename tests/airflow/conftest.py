@@ -30,8 +30,10 @@ def airflow_services(tmp_path_factory, tiny_model):
     lake = home / "lake"
     # The tests' config, but filters run as deployed: on a Dask LocalCluster started by the task
     # (issue 14: its workers died when started from an Airflow task).
+    # Like the README's walkthrough (RECAP_CONFIG=demo-config.yaml): the datacomp chain.
     config = yaml.safe_load(Path(os.environ["RECAP_CONFIG"]).read_text()) or {}
-    (config.get("filter") or {}).pop("executor", None)
+    config.setdefault("filter", {}).pop("executor", None)
+    config["filter"]["chain"] = "datacomp"
     (home / "recap-config.yaml").write_text(yaml.safe_dump(config))
     extra = {"RECAP_LAKE": str(lake), "RECAP_MODEL": str(tiny_model), "RECAP_RUNNER": "local",
              "RECAP_CONFIG": str(home / "recap-config.yaml"), "RECAP_INCREMENTAL_SCHEDULE": "none"}

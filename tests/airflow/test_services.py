@@ -21,8 +21,9 @@ def _published_uids(lake) -> list[str]:
 
 def test_ui_triggered_run_publishes_and_links_its_report(airflow_services, sample_shards, tiny_model):
     af = airflow_services
-    conf = {"source": f"{sample_shards}/*.tar", "lake": str(af.lake), "model": str(tiny_model), "batch_size": 4,
-            "runner": "local", "filter_profile": "basic"}
+    # The walkthrough's form: only the source; lake, model, runner, batch size and filter chain are
+    # the form's defaults (RECAP_LAKE, RECAP_MODEL, RECAP_RUNNER, RECAP_CONFIG with chain datacomp).
+    conf = {"source": f"{sample_shards}/*.tar"}
     run_id = af.trigger("recap_pipeline", conf)
     run = af.wait_run("recap_pipeline", run_id)
     assert run["state"] == "success", (run, af.logs())
@@ -48,7 +49,7 @@ def test_ui_triggered_run_publishes_and_links_its_report(airflow_services, sampl
     page = af.request("GET", f"/recap/runs/recap_pipeline/{urllib.request.quote(run_id, safe='')}", raw=True)
     assert b"<html" in page.lower()[:2000] and len(page) > 1000
     # The run's effective configuration is saved with it and shown in its report.
-    assert "chain: basic" in (Lake(af.lake).read_bytes(f"_runs/{run_id}/config.yaml") or b"").decode()
+    assert "chain: datacomp" in (Lake(af.lake).read_bytes(f"_runs/{run_id}/config.yaml") or b"").decode()
     assert b"<h2>Configuration</h2>" in page
     with pytest.raises(urllib.error.HTTPError) as denied:
         af.request("GET", f"/recap/runs/recap_pipeline/{urllib.request.quote(run_id, safe='')}", auth=False)
