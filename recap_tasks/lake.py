@@ -42,7 +42,7 @@ _MERGE_RETRIES = 8
 class Lake:
     """A lake root, a local folder or an S3 URI, holding Delta tables and small run records.
 
-    Everything but the Delta tables (ledgers, batch records, run summaries, reports) is addressed
+    Everything but the Delta tables (batch records, run summaries and configs, reports) is addressed
     by a path relative to the root, e.g. `lake.write_json("_runs/r1/summary.json", {...})`.
     S3 credentials, region and endpoint come from the standard AWS_* environment variables (never
     from code or config files); `AWS_ENDPOINT_URL` points at an S3-compatible store.
@@ -261,7 +261,7 @@ class Lake:
         self.ensure(table)
         self.write_delta(table, _conform(data, schemas.TABLES[table]), mode="append", **kwargs)
 
-    # Small records beside the tables (ledgers, batches, run summaries) ---------------------
+    # Small records beside the tables (batches, run summaries, reports) ----------------------
 
     def _abs(self, rel: str) -> str:
         """A path inside the lake; a relative path that would climb out of it is refused."""
