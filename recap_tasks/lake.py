@@ -190,10 +190,8 @@ class Lake:
         return data.select(wanted)
 
     def version(self, table: str) -> int | None:
-        """The table's latest version, read without loading its file list."""
-        if not self.exists(table):
-            return None
-        return DeltaTable(self.path(table), storage_options=self.storage_options or None, without_files=True).version()
+        """The table's latest version (None when it does not exist)."""
+        return self.delta(table).version() if self.exists(table) else None
 
     def uids(self, table: str, *, shards: Iterable[str] | None = None) -> pa.Array:
         return self.read(table, ["uid"], shards=shards).column("uid").combine_chunks()
