@@ -105,12 +105,8 @@ def run_filter(lake: Lake, *, config: FilterConfig | None = None, run_id: str | 
     # inserts only what is missing. Then the index entries of the kept rows, then the records.
     lake.insert_new(tables.REJECTED, rejected, keys=("uid", "stage"))
     lake.insert_new(tables.FILTER_RESULTS, verdicts)
-    kept = verdicts.filter(verdicts.column("kept"))
-    sha = dict(zip(pending.column("uid").to_pylist(), pending.column("sha256").to_pylist()))
-    dedup_index.add(lake, pa.table({"uid": kept.column("uid"),
-                                    "sha256": pa.array([sha[u] for u in kept.column("uid").to_pylist()], pa.string()),
-                                    "phash": kept.column("phash") if "phash" in kept.column_names
-                                    else pa.nulls(kept.num_rows, pa.int64())}), config.max_phash_distance)
+    dedup_index.add_kept(lake, verdicts, dict(zip(pending.column("uid").to_pylist(),
+                                                  pending.column("sha256").to_pylist())), config.max_phash_distance)
     shard_progress.record(lake, "filter", [s for s in targets if s not in result.failed_shards], run_id=run_id)
     summary = {**result.summary(), "seconds": result.seconds, "shards": sorted(outputs), "chain": config.chain}
     lake.write_json(f"_runs/{run_id}/filter_summary.json" if shard_ids is None else

@@ -142,7 +142,8 @@ class Lake:
             return
         schema = schemas.TABLES[table]
         try:
-            DeltaTable.create(self.path(table), schema.arrow, mode="ignore", partition_by=list(schema.partition_by) or None,
+            DeltaTable.create(self.path(table), schema.arrow, mode="ignore",
+                              partition_by=list(schema.partition_by) or None,
                               storage_options=self.storage_options or None)
         except Exception as exc:  # another process created it between the check and the create
             if not self.exists(table):
@@ -206,51 +207,42 @@ class Lake:
         """
         if data.num_rows == 0:
             return 0
-        schema = schemas.TABLES[table]
-        data = _conform(data, schema)
+        data = _conform(data, schemas.TABLES[table])
         self.ensure(table)
-        predicate = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-        for column in schema.partition_by:
-            values = pc.unique(data.column(column)).to_pylist()
-            listed = ", ".join(_sql_string(v) for v in values)
-            predicate = f"t.{column} = s.{column} AND t.{column} IN ({listed}) AND {predicate}"
-        metrics = self.merge(table, data, predicate, insert_only=True)
+        predicate = " AND ".join([self.partition_predicate(table, data), *(f"t.{k} = s.{k}" for k in keys)])
+        metrics = self.commit(table, lambda dt: dt.merge(data, predicate=predicate, source_alias="s",
+                                                         target_alias="t", merge_schema=True)
+                              .when_not_matched_insert_all().execute())
         return int(metrics.get("num_target_rows_inserted", 0))
 
-    def merge(self, table: str, data: pa.Table, predicate: str, *, insert_only: bool = False,
-              update_when: str | None = None, commit_properties=None) -> dict:
-        """MERGE `data` (alias s) into `table` (alias t); retried on concurrent-commit conflicts."""
-        for attempt in range(_MERGE_RETRIES):
+    def partition_predicate(self, table: str, data: pa.Table) -> str:
+        """The MERGE condition that limits target `t` to the partitions source `s` (conformed) holds."""
+        parts = []
+        for column in schemas.TABLES[table].partition_by:
+            values = sql_list(sorted(pc.unique(data.column(column)).to_pylist()))
+            parts.append(f"t.{column} = s.{column} AND t.{column} IN ({values})")
+        return " AND ".join(parts) or "TRUE"
+
+    def commit(self, table: str, attempt):
+        """`attempt(latest DeltaTable)`, retried with backoff while concurrent commits conflict."""
+        for n in range(_MERGE_RETRIES):
             dt = self.delta(table)
             self.check_layout(table, dt)
             try:
-                merger = dt.merge(data, predicate=predicate, source_alias="s", target_alias="t", merge_schema=True,
-                                  commit_properties=commit_properties)
-                if not insert_only:
-                    merger = merger.when_matched_update_all(predicate=update_when)
-                return merger.when_not_matched_insert_all().execute()
+                return attempt(dt)
             except CommitFailedError:
-                if attempt == _MERGE_RETRIES - 1:
+                if n == _MERGE_RETRIES - 1:
                     raise
-                time.sleep(0.05 * 2**attempt * (1 + random.random()))
+                time.sleep(0.05 * 2**n * (1 + random.random()))
         raise AssertionError("unreachable")
 
     def delete(self, table: str, shard_ids: Iterable[str], where: str) -> int:
         """DELETE the rows of `shard_ids` matching the SQL predicate `where`; returns rows deleted."""
-        keys = ", ".join(_sql_string(shard_key(s)) for s in sorted(set(shard_ids)))
+        keys = sql_list(sorted({shard_key(s) for s in shard_ids}))
         if not keys or not self.exists(table):
             return 0
-        for attempt in range(_MERGE_RETRIES):
-            dt = self.delta(table)
-            self.check_layout(table, dt)
-            try:
-                metrics = dt.delete(f"{schemas.SHARD_KEY} IN ({keys}) AND ({where})")
-                return int(metrics.get("num_deleted_rows", 0))
-            except CommitFailedError:
-                if attempt == _MERGE_RETRIES - 1:
-                    raise
-                time.sleep(0.05 * 2**attempt * (1 + random.random()))
-        raise AssertionError("unreachable")
+        metrics = self.commit(table, lambda dt: dt.delete(f"{schemas.SHARD_KEY} IN ({keys}) AND ({where})"))
+        return int(metrics.get("num_deleted_rows", 0))
 
     def append(self, table: str, data: pa.Table, **kwargs) -> None:
         """Append rows (concurrent appends always commit)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from recap_tasks import schemas
 from recap_tasks.errors import RecapError
@@ -97,7 +96,7 @@ def migrate(lake: Lake, *, run_id: str = "migrate") -> dict:
     from recap_tasks import progress
     from recap_tasks.batches import all_batches, read_uids
     from recap_tasks.filters import dedup_index
-    from recap_tasks.lake import _conform
+    from recap_tasks.lake import _conform, _normalize
 
     if not lake.exists():
         raise RecapError(f"no lake at {lake.uri}")
@@ -110,8 +109,6 @@ def migrate(lake: Lake, *, run_id: str = "migrate") -> dict:
             out["tables"][name] = "already partitioned"
             continue
         data = dt.to_pyarrow_dataset().to_table(use_threads=False)
-        from recap_tasks.lake import _normalize
-
         data = _conform(_normalize(data), schemas.TABLES[name])
         lake.write_delta(name, data, mode="overwrite", schema_mode="overwrite",
                          partition_by=list(schemas.TABLES[name].partition_by))
@@ -133,15 +130,12 @@ def migrate(lake: Lake, *, run_id: str = "migrate") -> dict:
     out["progress_records"] = len(shard_ids) * len(progress.STAGES)
     # The dedup index, from the rows the filter kept.
     if not lake.exists(DEDUP_INDEX) and lake.exists("filter_results"):
-        verdicts = lake.read("filter_results", ["uid", "kept", "phash"])
-        kept = verdicts.filter(pc.fill_null(verdicts.column("kept"), False))
-        sha = dict(zip(pairs.column("uid").to_pylist(), pairs.column("sha256").to_pylist()))
         from recap_tasks.config import RecapConfig
 
-        out["dedup_index_entries"] = dedup_index.add(lake, pa.table({
-            "uid": kept.column("uid"), "sha256": pa.array([sha.get(u) for u in kept.column("uid").to_pylist()],
-                                                          pa.string()),
-            "phash": kept.column("phash")}), RecapConfig.load().filter.max_phash_distance)
+        out["dedup_index_entries"] = dedup_index.add_kept(
+            lake, lake.read("filter_results", ["uid", "kept", "phash"]),
+            dict(zip(pairs.column("uid").to_pylist(), pairs.column("sha256").to_pylist())),
+            RecapConfig.load().filter.max_phash_distance)
     # Batches now name their shards (reports and publish read only those).
     shard_of = dict(zip(pairs.column("uid").to_pylist(), pairs.column("shard_id").to_pylist()))
     for batch in all_batches(lake):

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recap_tasks import schemas
-from recap_tasks.lake import PROGRESS, Lake
+from recap_tasks.lake import PROGRESS, Lake, _normalize
 from recap_tasks.runs import utcnow
 
 STAGES = ("ingest", "filter", "caption", "publish")
@@ -49,8 +49,6 @@ def latest(lake: Lake, *, shard_ids: Iterable[str] | None = None, stages: Iterab
     where = pc.field("stage").isin(stages)
     if shard_ids is not None:
         where = where & pc.field("shard_id").isin(sorted(set(shard_ids)))
-    from recap_tasks.lake import _normalize
-
     records = _normalize(ds.to_table(columns=_COUNTS, filter=where, use_threads=False))
     if records.num_rows == 0:
         return records

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -61,29 +60,26 @@ def run_publish(lake: Lake, *, batch_id: str | None = None, run_id: str | None =
     data = _conform(rows.select([c for c in schema.names if c in rows.column_names]), tables.schemas.RECAP)
     commit = CommitProperties(app_transactions=[Transaction(app_id=app_id, version=1)],
                               custom_metadata={"recap.batch_id": batch.batch_id, "recap.run_id": run_id})
-    inserted = updated = 0
     # Only the partitions of the batch's shards are read and rewritten.
-    listed = ", ".join("'" + k + "'" for k in sorted(set(data.column("shard_key").to_pylist())))
-    predicate = f"t.shard_key = s.shard_key AND t.shard_key IN ({listed}) AND t.uid = s.uid"
-    for attempt in range(8):
-        dt = lake.delta(tables.RECAP)
+    predicate = f"{lake.partition_predicate(tables.RECAP, data)} AND t.uid = s.uid"
+
+    def attempt(dt):
         if dt.transaction_version(app_id) is not None:
-            break  # a concurrent publisher of the same batch won
-        try:
-            metrics = (
-                dt.merge(data, predicate=predicate, source_alias="s", target_alias="t", commit_properties=commit)
-                # A re-captioned uid (new model or prompt) replaces the old row; the same caption does not.
-                .when_matched_update_all(predicate="t.re_caption <> s.re_caption OR t.model <> s.model")
-                .when_not_matched_insert_all()
-                .execute()
-            )
-            inserted = int(metrics.get("num_target_rows_inserted", 0))
-            updated = int(metrics.get("num_target_rows_updated", 0))
-            break
-        except CommitFailedError:
-            time.sleep(0.05 * 2**attempt)
-    else:
-        raise RecapError(f"publishing batch {batch.batch_id}: too many concurrent commit conflicts")
+            return {}  # a concurrent publisher of the same batch won
+        return (
+            dt.merge(data, predicate=predicate, source_alias="s", target_alias="t", commit_properties=commit)
+            # A re-captioned uid (new model or prompt) replaces the old row; the same caption does not.
+            .when_matched_update_all(predicate="t.re_caption <> s.re_caption OR t.model <> s.model")
+            .when_not_matched_insert_all()
+            .execute()
+        )
+
+    try:
+        metrics = lake.commit(tables.RECAP, attempt)
+    except CommitFailedError:
+        raise RecapError(f"publishing batch {batch.batch_id}: too many concurrent commit conflicts") from None
+    inserted = int(metrics.get("num_target_rows_inserted", 0))
+    updated = int(metrics.get("num_target_rows_updated", 0))
     version = lake.version(tables.RECAP)
     _mark(lake, batch, version, run_id)
     out = PublishResult(batch.batch_id, data.num_rows, inserted, updated, version)

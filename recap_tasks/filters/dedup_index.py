@@ -85,6 +85,16 @@ def add(lake: Lake, rows: pa.Table, max_distance: int) -> int:
     return table.num_rows
 
 
+def add_kept(lake: Lake, verdicts: pa.Table, sha256_of: dict[str, str | None], max_distance: int) -> int:
+    """Index the rows `verdicts` (uid, kept[, phash]) kept; `sha256_of` maps uid -> image sha256."""
+    kept = verdicts.filter(pc.fill_null(verdicts.column("kept"), False))
+    uids = kept.column("uid").to_pylist()
+    phash = kept.column("phash") if "phash" in kept.column_names else pa.nulls(kept.num_rows, pa.int64())
+    return add(lake, pa.table({"uid": pa.array(uids, pa.string()),
+                               "sha256": pa.array([sha256_of.get(u) for u in uids], pa.string()),
+                               "phash": phash.cast(pa.int64())}), max_distance)
+
+
 def lookup(lake: Lake, kind: str, keys: np.ndarray, columns: list[str], *,
            keep=None) -> pa.Table:
     """Index entries of `kind` whose key is one of `keys`, reading only row groups that can hold them.
