@@ -236,6 +236,26 @@ class Lake:
                 time.sleep(0.05 * 2**n * (1 + random.random()))
         raise AssertionError("unreachable")
 
+    def read_partitions(self, table: str, dt: DeltaTable, keys: list[str]) -> pa.Table:
+        """Every row of the partitions `keys` (shard keys) in the snapshot `dt`, all columns."""
+        schema = schemas.TABLES[table]
+        if not keys:
+            return schema.empty_table()
+        present = set(dt.schema().to_arrow().names)
+        ds = dt.to_pyarrow_dataset(file_pruning_predicate=[(schemas.SHARD_KEY, "in", keys)])
+        data = _normalize(ds.to_table(columns=[c for c in schema.arrow.names if c in present], use_threads=False))
+        return _conform(data, schema)
+
+    def replace_partitions(self, dt: DeltaTable, keys: list[str], data: pa.Table, **kwargs) -> None:
+        """Overwrite the partitions `keys` of the snapshot `dt` with `data` (conformed) in one commit.
+
+        Only those partitions are named (delta-rs finds their files from partition values, without
+        planning over the rest of the table, unlike a MERGE). A concurrent commit that touched them
+        makes this one fail with CommitFailedError: run it inside `commit` to retry.
+        """
+        write_deltalake(dt, data, mode="overwrite", predicate=f"{schemas.SHARD_KEY} IN ({sql_list(keys)})",
+                        schema_mode="merge", **kwargs)
+
     def delete(self, table: str, shard_ids: Iterable[str], where: str) -> int:
         """DELETE the rows of `shard_ids` matching the SQL predicate `where`; returns rows deleted."""
         keys = sql_list(sorted({shard_key(s) for s in shard_ids}))

@@ -125,17 +125,25 @@ def migrate(lake: Lake, *, run_id: str = "migrate") -> dict:
     rejected = lake.read("rejected", ["shard_id"])
     shard_ids = sorted(set(sources) | set(pairs.column("shard_id").to_pylist())
                        | set(rejected.column("shard_id").to_pylist()))
-    for stage in progress.STAGES:
+    stages = [s for s in progress.STAGES if s != "download"]  # lakes this old never read download records
+    for stage in stages:
         progress.record(lake, stage, shard_ids, run_id=run_id, sources=sources if stage == "ingest" else None)
-    out["progress_records"] = len(shard_ids) * len(progress.STAGES)
-    # The dedup index, from the rows the filter kept.
-    if not lake.exists(DEDUP_INDEX) and lake.exists("filter_results"):
-        from recap_tasks.config import RecapConfig
+    out["progress_records"] = len(shard_ids) * len(stages)
+    # The dedup index, from the rows the filter kept: built when absent, rebuilt when it was written
+    # by an older Recap or for another pHash radius.
+    from recap_tasks.config import RecapConfig
 
+    max_distance = RecapConfig.load().filter.max_phash_distance
+    try:
+        dedup_index.check_kinds(lake, max_distance)
+        stale = False
+    except RecapError:
+        stale = True
+    if (stale or not lake.exists(DEDUP_INDEX)) and lake.exists("filter_results"):
         out["dedup_index_entries"] = dedup_index.add_kept(
             lake, lake.read("filter_results", ["uid", "kept", "phash"]),
             dict(zip(pairs.column("uid").to_pylist(), pairs.column("sha256").to_pylist())),
-            RecapConfig.load().filter.max_phash_distance)
+            max_distance, replace=True)
     # Batches now name their shards (reports and publish read only those).
     shard_of = dict(zip(pairs.column("uid").to_pylist(), pairs.column("shard_id").to_pylist()))
     for batch in all_batches(lake):

@@ -1,4 +1,4 @@
-"""Publish stage: MERGE a validated batch by uid into `LAKE/recap`, exactly once."""
+"""Publish stage: a validated batch into `LAKE/recap` by uid (insert, or replace a re-captioned row), exactly once."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from deltalake import CommitProperties, Transaction
 from deltalake.exceptions import CommitFailedError
 
@@ -13,7 +14,7 @@ from recap_tasks import lake as tables
 from recap_tasks import progress as shard_progress
 from recap_tasks.batches import Batch, all_batches, candidate_rows, read_uids
 from recap_tasks.errors import RecapError, ValidationFailed
-from recap_tasks.lake import Lake, _conform
+from recap_tasks.lake import Lake, _conform, not_in
 from recap_tasks.runs import new_run_id, utcnow
 
 log = logging.getLogger(__name__)
@@ -60,31 +61,46 @@ def run_publish(lake: Lake, *, batch_id: str | None = None, run_id: str | None =
     data = _conform(rows.select([c for c in schema.names if c in rows.column_names]), tables.schemas.RECAP)
     commit = CommitProperties(app_transactions=[Transaction(app_id=app_id, version=1)],
                               custom_metadata={"recap.batch_id": batch.batch_id, "recap.run_id": run_id})
-    # Only the partitions of the batch's shards are read and rewritten.
-    predicate = f"{lake.partition_predicate(tables.RECAP, data)} AND t.uid = s.uid"
+    # MERGE by uid, done on the batch's own partitions: read them, apply the batch, write them back
+    # in one commit. A MERGE would plan over every file of the table (it grows with the lake).
+    keys = sorted(set(data.column(tables.schemas.SHARD_KEY).to_pylist()))
 
     def attempt(dt):
         if dt.transaction_version(app_id) is not None:
-            return {}  # a concurrent publisher of the same batch won
-        return (
-            dt.merge(data, predicate=predicate, source_alias="s", target_alias="t", commit_properties=commit)
-            # A re-captioned uid (new model or prompt) replaces the old row; the same caption does not.
-            .when_matched_update_all(predicate="t.re_caption <> s.re_caption OR t.model <> s.model")
-            .when_not_matched_insert_all()
-            .execute()
-        )
+            return 0, 0  # a concurrent publisher of the same batch won
+        current = lake.read_partitions(tables.RECAP, dt, keys)
+        take, inserted, updated = _apply(current, data)
+        if take.num_rows:
+            kept = current.filter(not_in(current.column("uid"), take.column("uid").combine_chunks()))
+            lake.replace_partitions(dt, keys, pa.concat_tables([kept, take]), commit_properties=commit)
+        return inserted, updated
 
     try:
-        metrics = lake.commit(tables.RECAP, attempt)
+        inserted, updated = lake.commit(tables.RECAP, attempt)
     except CommitFailedError:
         raise RecapError(f"publishing batch {batch.batch_id}: too many concurrent commit conflicts") from None
-    inserted = int(metrics.get("num_target_rows_inserted", 0))
-    updated = int(metrics.get("num_target_rows_updated", 0))
     version = lake.version(tables.RECAP)
     _mark(lake, batch, version, run_id)
     out = PublishResult(batch.batch_id, data.num_rows, inserted, updated, version)
     log.info("publish %s: %s", run_id, out.summary())
     return out
+
+
+def _apply(current: pa.Table, batch: pa.Table) -> tuple[pa.Table, int, int]:
+    """The batch rows to write over `current` (the published rows of its partitions): new uids, and
+    uids re-captioned since (another caption or model); the same caption again is left as it is."""
+    known = pc.is_in(batch.column("uid"), value_set=current.column("uid").combine_chunks())
+    new = batch.filter(pc.invert(known))
+    seen = batch.filter(known)
+    if seen.num_rows == 0:
+        return new, new.num_rows, 0
+    before = current.select(["uid", "re_caption", "model"]).join(
+        seen.select(["uid", "re_caption", "model"]).rename_columns(["uid", "new_caption", "new_model"]), "uid")
+    changed = pc.or_(pc.not_equal(before.column("re_caption"), before.column("new_caption")),
+                     pc.not_equal(before.column("model"), before.column("new_model")))
+    changed_uids = before.column("uid").filter(pc.fill_null(changed, True))
+    updated = seen.filter(pc.is_in(seen.column("uid"), value_set=changed_uids.combine_chunks()))
+    return pa.concat_tables([new, updated]), new.num_rows, updated.num_rows
 
 
 def _pick(lake: Lake, batch_id: str | None) -> Batch:

@@ -2,10 +2,11 @@
 index entries their keys fall on.
 
 Each kept image has one entry of kind `sha` (key: the first 64 bits of its sha256) and, when its
-pHash is known, one entry per pHash band (kind `b<bands>-<i>`, key: band i). Two hashes at most d
-bits apart agree exactly on at least one of d+1 bands (pigeonhole), so near-duplicate candidates
-are the entries sharing a band value with a new image; their full pHash is in the entry, and the
-Hamming distance decides.
+pHash is known, one entry per pHash band (kind `p<bands>-<i>`). Two hashes at most d bits apart
+agree exactly on at least one of d+1 bands (pigeonhole), so near-duplicate candidates are the
+entries sharing a band value with a new image. A band entry's key is the whole pHash rotated so
+that its band comes first: sorted by key, the entries of one band value are one contiguous key
+range, and the key alone gives back the pHash for the Hamming check (one 8-byte column to read).
 
 The Delta table is partitioned by kind; each file is sorted by key with small row groups. A lookup
 prunes files by the key range in the Delta log, then row groups by their min/max statistics, and
@@ -23,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recap_tasks import schemas
+from recap_tasks.errors import RecapError
 from recap_tasks.lake import DEDUP_INDEX, Lake
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 SHA = "sha"
 ROW_GROUP = 2048  # entries per row group: what one probe costs at most, per file
 _BITS = 64
-_MASK = (1 << 64) - 1
+_U64 = np.uint64
 
 
 EMPTY_HISTORY = pa.table({"uid": pa.array([], pa.string()), "sha256": pa.array([], pa.string()),
@@ -38,10 +40,10 @@ EMPTY_HISTORY = pa.table({"uid": pa.array([], pa.string()), "sha256": pa.array([
 
 
 def band_kinds(max_distance: int) -> list[tuple[str, int, int]]:
-    """(kind, shift, mask) of each pHash band for a Hamming radius of `max_distance` bits."""
+    """(kind, shift, width) of each pHash band for a Hamming radius of `max_distance` bits."""
     bands = max_distance + 1
     width = -(-_BITS // bands)
-    return [(f"b{bands}-{b}", b * width, (1 << min(width, _BITS - b * width)) - 1) for b in range(bands)]
+    return [(f"p{bands}-{b}", b * width, min(width, _BITS - b * width)) for b in range(bands)]
 
 
 def sha_key(sha256: list[str | None]) -> np.ndarray:
@@ -49,8 +51,32 @@ def sha_key(sha256: list[str | None]) -> np.ndarray:
     return np.array([int(s[:16], 16) for s in sha256], dtype=np.uint64).view(np.int64)
 
 
-def _band(phash: np.ndarray, shift: int, mask: int) -> np.ndarray:
-    return ((phash.view(np.uint64) >> np.uint64(shift)) & np.uint64(mask)).view(np.int64)
+def _rotr(x: np.ndarray, k: int) -> np.ndarray:
+    k %= _BITS
+    u = x.view(_U64)
+    return u.copy().view(np.int64) if k == 0 else ((u >> _U64(k)) | (u << _U64(_BITS - k))).view(np.int64)
+
+
+def band_key(phash: np.ndarray, shift: int, width: int) -> np.ndarray:
+    """The pHash rotated so that bits [shift, shift + width) become its top bits (the sort key)."""
+    return _rotr(phash, shift + width)
+
+
+def key_phash(key: np.ndarray, shift: int, width: int) -> np.ndarray:
+    """The pHash a band key was made from."""
+    return _rotr(key, _BITS - (shift + width) % _BITS)
+
+
+def _band_value(key: np.ndarray, width: int) -> np.ndarray:
+    return (key.view(_U64) >> _U64(_BITS - width)).view(np.int64)
+
+
+def _band_range(values: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The [low, high] key range (int64) of each band value: one contiguous range in signed order,
+    since every key of a range has the same top bit."""
+    low = values.view(_U64) << _U64(_BITS - width)
+    high = low | _U64((1 << (_BITS - width)) - 1)
+    return low.view(np.int64), high.view(np.int64)
 
 
 def entries(rows: pa.Table, max_distance: int) -> pa.Table:
@@ -66,75 +92,98 @@ def entries(rows: pa.Table, max_distance: int) -> pa.Table:
     with_ph = rows.filter(pc.is_valid(ph))
     if with_ph.num_rows:
         hashes = with_ph.column("phash").to_numpy().astype(np.int64)
-        for kind, shift, mask in band_kinds(max_distance):
-            parts.append(pa.table({"kind": pa.array([kind] * with_ph.num_rows, pa.string()),
-                                   "key": pa.array(_band(hashes, shift, mask)),
-                                   "phash": pa.array(hashes), "sha256": pa.nulls(with_ph.num_rows, pa.string()),
+        n = with_ph.num_rows
+        for kind, shift, width in band_kinds(max_distance):
+            parts.append(pa.table({"kind": pa.array([kind] * n, pa.string()),
+                                   "key": pa.array(band_key(hashes, shift, width)),
+                                   "phash": pa.nulls(n, pa.int64()), "sha256": pa.nulls(n, pa.string()),
                                    "uid": with_ph.column("uid")}))
     if not parts:
         return schemas.DEDUP_INDEX.empty_table()
     return pa.concat_tables(parts).sort_by([("kind", "ascending"), ("key", "ascending")])
 
 
-def add(lake: Lake, rows: pa.Table, max_distance: int) -> int:
-    """Append the entries of newly kept rows (uid, sha256, phash); duplicates of entries are harmless."""
+def add(lake: Lake, rows: pa.Table, max_distance: int, *, replace: bool = False) -> int:
+    """Append the entries of newly kept rows (uid, sha256, phash); duplicates of entries are harmless.
+
+    `replace`: write a new index with these entries instead (a rebuild)."""
     from deltalake import WriterProperties
 
     table = entries(rows, max_distance)
-    lake.append(DEDUP_INDEX, table, writer_properties=WriterProperties(max_row_group_size=ROW_GROUP))
+    props = WriterProperties(max_row_group_size=ROW_GROUP)
+    if replace:
+        lake.write_delta(DEDUP_INDEX, table, mode="overwrite", schema_mode="overwrite",
+                         partition_by=list(schemas.DEDUP_INDEX.partition_by), writer_properties=props)
+    else:
+        lake.append(DEDUP_INDEX, table, writer_properties=props)
     return table.num_rows
 
 
-def add_kept(lake: Lake, verdicts: pa.Table, sha256_of: dict[str, str | None], max_distance: int) -> int:
+def add_kept(lake: Lake, verdicts: pa.Table, sha256_of: dict[str, str | None], max_distance: int, *,
+             replace: bool = False) -> int:
     """Index the rows `verdicts` (uid, kept[, phash]) kept; `sha256_of` maps uid -> image sha256."""
     kept = verdicts.filter(pc.fill_null(verdicts.column("kept"), False))
     uids = kept.column("uid").to_pylist()
     phash = kept.column("phash") if "phash" in kept.column_names else pa.nulls(kept.num_rows, pa.int64())
     return add(lake, pa.table({"uid": pa.array(uids, pa.string()),
                                "sha256": pa.array([sha256_of.get(u) for u in uids], pa.string()),
-                               "phash": phash.cast(pa.int64())}), max_distance)
+                               "phash": phash.cast(pa.int64())}), max_distance, replace=replace)
 
 
-def lookup(lake: Lake, kind: str, keys: np.ndarray, columns: list[str], *,
+def kinds(lake: Lake) -> set[str]:
+    """The entry kinds the index holds (its partitions)."""
+    if not lake.exists(DEDUP_INDEX):
+        return set()
+    actions = pa.table(lake.delta(DEDUP_INDEX).get_add_actions(flatten=True))
+    return set(pc.unique(actions.column("partition.kind")).to_pylist()) if actions.num_rows else set()
+
+
+def check_kinds(lake: Lake, max_distance: int) -> None:
+    """Refuse an index written for another pHash radius or by an older Recap (lookups would miss)."""
+    have = kinds(lake) - {SHA}
+    want = {kind for kind, _, _ in band_kinds(max_distance)}
+    if have and have != want:
+        raise RecapError(f"the dedup index {lake.path(DEDUP_INDEX)} holds pHash bands {sorted(have)}, but "
+                         f"filter.max_phash_distance={max_distance} needs {sorted(want)}: rebuild it with "
+                         f"`recap maintain --migrate --lake {lake.uri}` (or set max_phash_distance back)")
+
+
+def lookup(lake: Lake, kind: str, lows: np.ndarray, highs: np.ndarray, columns: list[str], *,
            keep=None) -> pa.Table:
-    """Index entries of `kind` whose key is one of `keys`, reading only row groups that can hold them.
+    """Index entries of `kind` whose key lies in one of the ranges [lows[i], highs[i]], reading only
+    row groups that can hold them.
 
-    Two passes: the key column (and `phash` for bands) of the row groups whose key range holds a
-    probe, then `columns` only of the row groups with an entry `keep` accepts (an exact key match,
-    or for bands a pHash within reach): most probes miss, so most bytes read are 8-byte keys.
-    `keep(key, phash) -> bool mask` narrows the matches (default: all).
+    Two passes: the key column of the row groups whose key range meets a probe's, then `columns`
+    only of the row groups with an entry `keep(keys) -> bool mask` accepts (default: every key in
+    a range): most probes miss, so most bytes read are 8-byte keys. Ranges are equal or disjoint.
     """
     empty = schemas.DEDUP_INDEX.empty_table().select(["key", *columns])
-    if len(keys) == 0 or not lake.exists(DEDUP_INDEX):
+    if len(lows) == 0 or not lake.exists(DEDUP_INDEX):
         return empty
-    probes = np.unique(keys.astype(np.int64))
+    ranges = np.unique(np.stack([lows.astype(np.int64), highs.astype(np.int64)], axis=1), axis=0)
+    los, his = ranges[:, 0], ranges[:, 1]
     dt = lake.delta(DEDUP_INDEX)
     lake.check_layout(DEDUP_INDEX, dt)
     actions = pa.table(dt.get_add_actions(flatten=True))
     actions = actions.filter(pc.equal(actions.column("partition.kind"), kind))
     if actions.num_rows == 0:
         return empty
-    lows = actions.column("min.key").to_numpy(zero_copy_only=False)
-    highs = actions.column("max.key").to_numpy(zero_copy_only=False)
-    hits = np.searchsorted(probes, highs, "right") > np.searchsorted(probes, lows, "left")
-    value_set = pa.array(probes)
-    first = ["key", "phash"] if kind != SHA else ["key"]
+    hits = _meets(los, his, actions.column("min.key").to_numpy(zero_copy_only=False),
+                  actions.column("max.key").to_numpy(zero_copy_only=False))
     out = []
     for path in actions.column("path").filter(pa.array(hits)).to_pylist():
         with lake.fs.open_input_file(f"{lake._fs_root}/{DEDUP_INDEX}/{path}") as f:
             pf = pq.ParquetFile(f)
             meta = pf.metadata
-            idx = meta.schema.to_arrow_schema().get_field_index("key")
-            groups = _candidate_groups(meta, idx, probes)
+            groups = _candidate_groups(meta, meta.schema.to_arrow_schema().get_field_index("key"), los, his)
             if not groups:
                 continue
-            # Pass 1: keys (and pHashes) of every candidate row group, in one read.
-            part = pf.read_row_groups(groups, columns=first, use_threads=False)
-            hit_rows = np.flatnonzero(pc.is_in(part.column("key"), value_set=value_set).to_numpy(zero_copy_only=False))
+            # Pass 1: the keys of every candidate row group, in one read.
+            keys = pf.read_row_groups(groups, columns=["key"], use_threads=False).column("key").to_numpy()
+            at = np.searchsorted(los, keys, "right") - 1
+            hit_rows = np.flatnonzero((at >= 0) & (keys <= his[np.maximum(at, 0)]))
             if keep is not None and len(hit_rows):
-                keys = part.column("key").to_numpy()[hit_rows]
-                hashes = part.column("phash").to_numpy(zero_copy_only=False)[hit_rows]
-                hit_rows = hit_rows[keep(keys, hashes)]
+                hit_rows = hit_rows[keep(keys[hit_rows])]
             if len(hit_rows) == 0:
                 continue
             # Pass 2: the other columns, only of the row groups holding a match.
@@ -148,8 +197,14 @@ def lookup(lake: Lake, kind: str, keys: np.ndarray, columns: list[str], *,
     return pa.concat_tables(out) if out else empty
 
 
-def _candidate_groups(meta: pq.FileMetaData, column: int, probes: np.ndarray) -> list[int]:
-    """Row groups whose [min, max] of the key column holds one of the sorted `probes`."""
+def _meets(los: np.ndarray, his: np.ndarray, lows: np.ndarray, highs: np.ndarray) -> np.ndarray:
+    """Which [lows[j], highs[j]] intervals meet one of the sorted, disjoint ranges [los, his]."""
+    at = np.searchsorted(los, highs, "right") - 1  # the last range starting at or before the high end
+    return (at >= 0) & (his[np.maximum(at, 0)] >= lows)
+
+
+def _candidate_groups(meta: pq.FileMetaData, column: int, los: np.ndarray, his: np.ndarray) -> list[int]:
+    """Row groups whose [min, max] of the key column meets one of the probe ranges."""
     n = meta.num_row_groups
     lows = np.empty(n, dtype=np.int64)
     highs = np.empty(n, dtype=np.int64)
@@ -160,8 +215,7 @@ def _candidate_groups(meta: pq.FileMetaData, column: int, probes: np.ndarray) ->
             unknown[g] = True
         else:
             lows[g], highs[g] = stats.min, stats.max
-    hit = np.searchsorted(probes, highs, "right") > np.searchsorted(probes, lows, "left")
-    return np.flatnonzero(hit | unknown).tolist()
+    return np.flatnonzero(_meets(los, his, lows, highs) | unknown).tolist()
 
 
 def history(lake: Lake, rows: pa.Table, max_distance: int) -> pa.Table:
@@ -170,24 +224,29 @@ def history(lake: Lake, rows: pa.Table, max_distance: int) -> pa.Table:
     found = []
     shas = [s for s in rows.column("sha256").to_pylist() if s is not None]
     if shas:
-        hit = lookup(lake, SHA, sha_key(shas), ["uid", "sha256", "phash"])
+        keys = sha_key(shas)
+        hit = lookup(lake, SHA, keys, keys, ["uid", "sha256", "phash"])
         # 64 bits of sha256 match: confirm on the whole digest.
         hit = hit.filter(pc.is_in(hit.column("sha256"), value_set=pa.array(shas, pa.string())))
         found.append(hit.select(["uid", "sha256", "phash"]))
     ph = rows.column("phash")
     hashes = ph.filter(pc.is_valid(ph)).to_numpy().astype(np.int64) if ph.null_count < len(ph) else np.zeros(0, np.int64)
     if len(hashes):
-        for kind, shift, mask in band_kinds(max_distance):
-            bands = _band(hashes, shift, mask)
+        check_kinds(lake, max_distance)
+        for kind, shift, width in band_kinds(max_distance):
+            probe_bands = _band_value(band_key(hashes, shift, width), width)
+            lows, highs = _band_range(probe_bands, width)
 
-            def close(keys, phashes, bands=bands):
-                return _within(keys, phashes.astype(np.int64), bands, hashes, max_distance)
+            def close(keys, shift=shift, width=width, probe_bands=probe_bands):
+                return _within(_band_value(keys, width), key_phash(keys, shift, width), probe_bands, hashes,
+                               max_distance)
 
-            cand = lookup(lake, kind, bands, ["uid", "phash"], keep=close)
+            cand = lookup(lake, kind, lows, highs, ["uid"], keep=close)
             if cand.num_rows == 0:
                 continue
+            phashes = key_phash(cand.column("key").to_numpy(), shift, width)
             found.append(pa.table({"uid": cand.column("uid"), "sha256": pa.nulls(cand.num_rows, pa.string()),
-                                   "phash": cand.column("phash")}))
+                                   "phash": pa.array(phashes)}))
     if not found:
         return EMPTY_HISTORY
     table = pa.concat_tables([t.cast(EMPTY_HISTORY.schema) for t in found])

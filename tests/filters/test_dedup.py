@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from recap_tasks import lake as tables
 from recap_tasks.config import FilterConfig
 from recap_tasks.filtering import run_filter
@@ -112,3 +114,37 @@ def test_index_finds_near_duplicates_by_band_and_exact_copies_by_sha(tmp_path):
     found = dedup_index.history(lake, new.slice(2, 1), 4).to_pylist()
     assert found == [{"uid": "old-sha", "sha256": "b" * 64, "phash": 0x7777_0000_0000_0001}]
     assert dedup_index.history(lake, new.slice(3, 1), 4).num_rows == 0  # a row never matches itself
+
+
+def test_index_band_keys_give_back_the_phash_and_group_each_band_value():
+    """A band key is the pHash rotated (band first): invertible, and one band value is one key range."""
+    import numpy as np
+
+    from recap_tasks.filters import dedup_index
+
+    rng = np.random.default_rng(7)
+    hashes = rng.integers(-2**63, 2**63 - 1, 5000, dtype=np.int64)
+    for _, shift, width in dedup_index.band_kinds(4):
+        keys = dedup_index.band_key(hashes, shift, width)
+        assert np.array_equal(dedup_index.key_phash(keys, shift, width), hashes)
+        band = ((hashes.view(np.uint64) >> np.uint64(shift)) & np.uint64((1 << width) - 1)).view(np.int64)
+        low, high = dedup_index._band_range(band, width)
+        assert np.all((low <= keys) & (keys <= high))  # in its band's range, in signed order
+        order = np.argsort(keys)  # sorted by key, each band value is one contiguous run
+        runs = band[order]
+        assert len(np.unique(runs)) == 1 + np.count_nonzero(runs[1:] != runs[:-1])
+
+
+def test_index_for_another_radius_is_refused_with_the_command_that_rebuilds_it(tmp_path):
+    import pyarrow as pa
+
+    from recap_tasks.errors import RecapError
+    from recap_tasks.filters import dedup_index
+    from recap_tasks.lake import Lake
+
+    lake = Lake(tmp_path / "lake")
+    dedup_index.add(lake, pa.table({"uid": ["a"], "sha256": ["a" * 64], "phash": pa.array([5], pa.int64())}), 4)
+    rows = pa.table({"uid": ["b"], "sha256": ["b" * 64], "phash": pa.array([6], pa.int64())})
+    with pytest.raises(RecapError, match="max_phash_distance=2.*recap maintain --migrate"):
+        dedup_index.history(lake, rows, 2)
+    assert dedup_index.history(lake, rows, 4).column("uid").to_pylist() == ["a"]  # 1 bit apart
