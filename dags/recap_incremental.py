@@ -6,8 +6,9 @@ done (ingested shards, filtered and captioned uids, published batches) and every
 uid, so a run that starts late, runs twice, or overlaps a manual run publishes each uid once.
 
 Schedule: `RECAP_INCREMENTAL_SCHEDULE` (cron or preset, default `@hourly`; `none` disables it).
-Source: `RECAP_INCREMENTAL_SOURCE`. Backfill: the runs do not depend on their logical date (a run
-processes whatever is new), so there is nothing to backfill per interval; to reprocess older data
+Source: `RECAP_INCREMENTAL_SOURCE` (shards, or URL metadata with source kind `metadata`: the
+`download` task fetches what is new into shards first). Backfill: the runs do not depend on their
+logical date (a run processes whatever is new), so there is nothing to backfill per interval; to reprocess older data
 trigger `recap_pipeline` with a source glob, or `airflow backfill create --dag-id recap_incremental
 --from-date ... --to-date ...`, which is safe for the same reasons.
 """
@@ -19,7 +20,8 @@ from datetime import timedelta
 
 from airflow.sdk import Param, dag, task
 
-from recap_airflow.dag_parts import DEFAULT_ARGS, common_params, max_work_units, recaption_stages, run_context
+from recap_airflow.dag_parts import (DEFAULT_ARGS, common_params, download_task, max_work_units, recaption_stages,
+                                     run_context)
 
 SCHEDULE = os.environ.get("RECAP_INCREMENTAL_SCHEDULE", "@hourly")
 
@@ -43,19 +45,13 @@ SCHEDULE = os.environ.get("RECAP_INCREMENTAL_SCHEDULE", "@hourly")
 )
 def recap_incremental():
     @task
-    def find_new_shards() -> list[list[str]]:
+    def find_new_shards(source: str) -> list[list[str]]:
         """Shards the lake has not ingested (new or changed), as work units."""
         from recap_airflow import stages
 
-        from airflow.sdk.exceptions import AirflowSkipException
-
         params, run_id, _ = run_context()
-        if not params["source"] or not params["model"]:
-            # Not configured is not a failure: an unpaused, unconfigured deployment stays green.
-            raise AirflowSkipException("recap_incremental is not configured: set RECAP_INCREMENTAL_SOURCE and "
-                                       "RECAP_MODEL for the Airflow services (or trigger it with source and model)")
         config = stages.effective_config(profile=params["filter_profile"], batch_size=params["batch_size"])
-        return stages.plan(source=params["source"], lake=params["lake"], shard_limit=params["shard_limit"],
+        return stages.plan(source=source, lake=params["lake"], shard_limit=params["shard_limit"],
                            max_chunks=max_work_units(), only_new=True, model=params["model"], run_id=run_id,
                            config=config)
 
@@ -71,7 +67,9 @@ def recap_incremental():
         lake = Lake(params["lake"])
         return lake.exists() and lake_status(lake)["in_flight"] > 0
 
-    chunks = find_new_shards()
+    chunks = find_new_shards(download_task(unconfigured=(
+        "recap_incremental is not configured: set RECAP_INCREMENTAL_SOURCE and RECAP_MODEL for the Airflow "
+        "services (or trigger it with source and model)")))
     first, _ = recaption_stages(chunks)
     has_work(chunks) >> first
 

@@ -1,6 +1,7 @@
 """Recaption a set of source shards, triggered from the UI form.
 
-plan (list shards, group them into work units) -> ingest, filter, caption (one mapped task per
+download (source kind `metadata`: image-URL parquet/CSV -> shards; else nothing) -> plan (list shards,
+group them into work units) -> ingest, filter, caption (one mapped task per
 work unit; caption in a GPU pod or a local subprocess) -> validate -> publish -> report.
 With `dry_run` the run stops after `plan`, which logs the shards and the rendered caption pod.
 """
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag, task
 
-from recap_airflow.dag_parts import DEFAULT_ARGS, common_params, max_work_units, recaption_stages, run_context
+from recap_airflow.dag_parts import (DEFAULT_ARGS, common_params, download_task, max_work_units, recaption_stages,
+                                     run_context)
 from recap_airflow.pods import CaptionRunnerFactory
 
 FACTORY = CaptionRunnerFactory()
@@ -25,7 +27,8 @@ FACTORY = CaptionRunnerFactory()
     default_args=DEFAULT_ARGS,
     params={
         "source": Param("", type="string", minLength=1, title="Source",
-                        description="Folder, glob or file(s) of webdataset .tar or .parquet shards (comma-separated)"),
+                        description="Folder, glob or file(s) of webdataset .tar or .parquet shards, or of URL "
+                                    "metadata with source kind 'metadata' (comma-separated)"),
         "shard_limit": Param(0, type="integer", minimum=0, title="Shard limit",
                              description="Process at most this many shards (0: all)"),
         **common_params(),
@@ -35,7 +38,7 @@ FACTORY = CaptionRunnerFactory()
 )
 def recap_pipeline():
     @task
-    def plan() -> list[list[str]]:
+    def plan(source: str) -> list[list[str]]:
         """The run's work units: shard paths, at most [core] max_map_length groups."""
         import json
         import logging
@@ -44,8 +47,11 @@ def recap_pipeline():
         from recap_airflow.runners import caption_arguments
 
         params, run_id, _ = run_context()
+        if params["dry_run"] and not source:
+            logging.getLogger(__name__).info("dry run of a metadata source: nothing downloaded, no shards to plan")
+            return []
         config = stages.effective_config(profile=params["filter_profile"], batch_size=params["batch_size"])
-        chunks = stages.plan(source=params["source"], lake=params["lake"], shard_limit=params["shard_limit"],
+        chunks = stages.plan(source=source, lake=params["lake"], shard_limit=params["shard_limit"],
                              max_chunks=max_work_units(), model=params["model"],
                              run_id=None if params["dry_run"] else run_id, config=config)
         if params["dry_run"] and chunks:
@@ -68,7 +74,7 @@ def recap_pipeline():
         params, _, _ = run_context()
         return not params["dry_run"]
 
-    chunks = plan()
+    chunks = plan(download_task())
     first, _ = recaption_stages(chunks, factory=FACTORY)
     chunks >> proceed() >> first
 

@@ -64,7 +64,7 @@ def candidate_rows(lake: Lake, shard_ids: list[str], uids: pa.Array | None = Non
         settled = pa.concat_arrays([lake.uids(tables.RECAP, shards=shard_ids),
                                     lake.uids(tables.QUARANTINE, shards=shard_ids)])
         captions = captions.filter(not_in(captions.column("uid"), settled))
-    pairs = lake.read(tables.PAIRS, ["uid", "key", "url", "org_caption", "sha256", "width", "height"],
+    pairs = lake.read(tables.PAIRS, ["uid", "key", "url", "org_caption", "sha256", "source_uid", "width", "height"],
                       shards=shard_ids)
     keep = ["uid", "shard_id", "re_caption", "model", "prompt", "generation", "is_refusal", "prompt_echo",
             "distinct_ngram_ratio", "re_clip_score", "org_clip_score", "clip_model", "re_clip_truncated", "run_id"]

@@ -24,9 +24,22 @@ def _config(args: argparse.Namespace) -> RecapConfig:
                    "key_column": getattr(args, "key_column", None),
                    "url_column": getattr(args, "url_column", None),
                    "dataset": getattr(args, "dataset", None)},
+        "download": {"url_column": getattr(args, "dl_url_column", None),
+                     "caption_column": getattr(args, "dl_caption_column", None),
+                     "uid_column": getattr(args, "uid_column", None),
+                     "sha256_column": getattr(args, "sha256_column", None),
+                     "samples_per_shard": getattr(args, "samples_per_shard", None),
+                     "processes": getattr(args, "processes", None),
+                     "threads": getattr(args, "threads", None),
+                     "allow_private_networks": getattr(args, "allow_private_networks", None) or None},
         "caption": {"batch_size": getattr(args, "batch_size", None),
                     "max_new_tokens": getattr(args, "max_new_tokens", None),
-                    "device": getattr(args, "device", None)},
+                    "device": getattr(args, "device", None),
+                    "backend": getattr(args, "backend", None)},
+        "evaluate": {"p_values": getattr(args, "p", None),
+                     "steps": getattr(args, "eval_steps", None),
+                     "device": getattr(args, "eval_device", None),
+                     "seed": getattr(args, "eval_seed", None)},
     }
     return RecapConfig.load(args.config, **overrides)
 
@@ -42,6 +55,15 @@ def _lake(args: argparse.Namespace, *, must_exist: bool = False) -> Lake:
 
 def _print(payload: dict) -> None:
     print(json.dumps(payload, indent=2, default=str))
+
+
+def cmd_download(args):
+    from recap_tasks.download import download
+
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise RecapError(f"--out {args.out} is a file: name a folder (created if missing)")
+    _print(download(args.metadata, out, config=_config(args).download, retry_failed=args.retry_failed).summary())
 
 
 def cmd_ingest(args):
@@ -169,6 +191,14 @@ def cmd_export(args):
                              version=args.version, p_original=args.p_original))
 
 
+def cmd_evaluate_clip(args):
+    from recap_tasks.evaluate import evaluate_clip
+
+    result = evaluate_clip(_lake(args, must_exist=True), config=_config(args).evaluate, run_id=args.run_id)
+    _print(result)
+    print(f"evaluation: {result['lake']}/{result['path']}", file=sys.stderr)
+
+
 def cmd_make_test_model(args):
     from recap_tasks.captioning.test_model import make_test_model
     from recap_tasks.filters.clip import make_test_clip_model
@@ -213,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def stage(name: str, func, help: str, *, lake: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+    def stage(name: str, func, help: str, *, lake: bool = True, parent=None) -> argparse.ArgumentParser:
+        p = (parent or sub).add_parser(name, help=help, description=help)
         if lake:
             p.add_argument("--lake", required=True, help="lake root folder (Delta tables live under it)")
             p.add_argument("--config", help="YAML file with ingest/filter/caption/validate sections")
@@ -238,7 +268,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, help="images per generate() call")
         p.add_argument("--max-new-tokens", type=int, help="decoding limit (default 128, as in the paper)")
         p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+        p.add_argument("--backend", choices=["transformers", "vllm"],
+                       help="caption.backend: transformers (default) or vllm (needs ./dev setup-vllm or RECAP_VLLM_PYTHON)")
 
+    p = stage("download", cmd_download, "download the images of URL metadata (DataComp, LAION parquet or CSV) "
+                                        "into webdataset shards that ingest reads", lake=False)
+    p.add_argument("metadata", nargs="+", metavar="METADATA", help="parquet/CSV/TSV files, folders or globs")
+    p.add_argument("--out", required=True, help="folder for the shards (00000.tar, .parquet, _stats.json)")
+    p.add_argument("--config", help="YAML file with a download section")
+    p.add_argument("--url-column", dest="dl_url_column", help="column with the image URL (default: url/URL)")
+    p.add_argument("--caption-column", dest="dl_caption_column", help="column with the caption (default: text/TEXT)")
+    p.add_argument("--uid-column", help="column with the source dataset's id (default: uid/SAMPLE_ID if present)")
+    p.add_argument("--sha256-column", help="column with the expected sha256 of the image (default: sha256 if present)")
+    p.add_argument("--samples-per-shard", type=_count, help="rows per shard (default 10000)")
+    p.add_argument("--processes", type=_count, help="worker processes (default 1)")
+    p.add_argument("--threads", type=_count, help="concurrent fetches per process (default 32)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="fetch finished shards' transient failures (timeouts, connection errors, 429/5xx) again")
+    p.add_argument("--allow-private-networks", action="store_true",
+                   help="allow URLs on loopback/private/link-local addresses (refused by default: SSRF)")
     p = stage("ingest", cmd_ingest, "read source shards into the pairs table; bad samples go to rejected")
     source_options(p)
     p.add_argument("--force", action="store_true", help="re-read shards already ingested (adds only new rows)")
@@ -282,6 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, help="export the table as of this version (default: latest)")
     p.add_argument("--p-original", type=float, default=0.8,
                    help="recorded in the manifest: probability a loader picks the original caption")
+    p = sub.add_parser("evaluate", help="train small models on the published rows and measure them",
+                       description="train small models on the published rows and measure them")
+    which = p.add_subparsers(dest="evaluation", required=True, metavar="WHAT")
+    p = stage("clip", cmd_evaluate_clip, "train a small CLIP once per caption mix p (chance of the original "
+              "caption) and report held-out zero-shot retrieval Recall@1/5/10", parent=which)
+    p.add_argument("--p", nargs="+", type=float, metavar="P",
+                   help="mix ratios to compare (evaluate.p_values; default 0 0.5 0.8 1.0; the paper: 0.8)")
+    p.add_argument("--steps", dest="eval_steps", type=_count, help="training steps per p (evaluate.steps)")
+    p.add_argument("--device", dest="eval_device", help="auto, cpu, cuda, cuda:1 ... (evaluate.device)")
+    p.add_argument("--seed", dest="eval_seed", type=int, help="initial weights and batch order (evaluate.seed)")
     p = stage("make-test-model", cmd_make_test_model,
               "write a tiny random LLaVA captioner (DIR) and CLIP scorer (DIR/clip) for tests and demos",
               lake=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -44,6 +45,47 @@ class IngestConfig:
             from recap_tasks.runs import check_name
 
             check_name(self.dataset, "ingest.dataset")
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    # Metadata columns (parquet or CSV). None means "detect": DataComp's url/text/uid/sha256 and
+    # LAION's URL/TEXT/SAMPLE_ID (recap_tasks.download). Every other column is kept in each
+    # sample's .json and in the shard's parquet.
+    url_column: str | None = None
+    caption_column: str | None = None
+    uid_column: str | None = None  # the source dataset's own id, carried to the published row
+    sha256_column: str | None = None  # expected sha256 of the image bytes; a mismatch is a rejection
+    # img2dataset's default shard size; keys are <5-digit shard><zero-padded index>.
+    samples_per_shard: int = 10_000
+    # Worker processes (one shard at a time each) and concurrent fetches per process.
+    processes: int = 1
+    threads: int = 32
+    # Politeness: at most this many concurrent fetches to one host, per process.
+    per_host_connections: int = 8
+    # Seconds per connect and per read, and for a whole fetch including redirects: nothing hangs.
+    timeout: float = 10.0
+    deadline: float = 30.0
+    max_redirects: int = 5
+    # Bodies larger than this are refused (Content-Length, then counted while reading).
+    max_image_bytes: int = 20 * 1024 * 1024
+    # The download runs inside a cluster: URLs resolving to loopback, private, link-local or
+    # metadata-service addresses are refused (SSRF) unless this is true (tests on 127.0.0.1).
+    allow_private_networks: bool = False
+    # X-Robots-Tag opt-outs honoured (img2dataset's defaults), for all agents or our token.
+    respect_opt_out: bool = True
+    opt_out_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+    user_agent_token: str = "recap"
+
+    def __post_init__(self) -> None:
+        _positive(self, "samples_per_shard", "processes", "threads", "per_host_connections", "timeout",
+                  "deadline", "max_image_bytes")
+        if self.max_redirects < 0:
+            raise RecapError("download.max_redirects must be >= 0")
+        directives = self.opt_out_directives
+        if isinstance(directives, str) or not all(isinstance(d, str) for d in directives):
+            raise RecapError("download.opt_out_directives must be a list of strings")
+        object.__setattr__(self, "opt_out_directives", tuple(d.lower() for d in directives))
 
 
 @dataclass(frozen=True)
@@ -128,11 +170,29 @@ class CaptionConfig:
     prefetch_batches: int = 2
     # CLIP model id or path for re_clip_score / org_clip_score; None leaves them null.
     clip_model: str | None = None
+    # Which engine generates. "transformers": static batches of generate() in this process (the
+    # fallback). "vllm": vLLM's offline engine (continuous batching, paged KV cache, prefix
+    # caching) in a worker process with its own virtualenv, since vLLM pins torch/transformers.
+    backend: Literal["transformers", "vllm"] = "transformers"
+    # vLLM: that environment's python; None: env RECAP_VLLM_PYTHON, else this checkout's
+    # .venv-vllm/bin/python (made by ./dev setup-vllm).
+    vllm_python: str | None = None
+    # vLLM: sequences the engine decodes together, and the share of GPU memory it takes for
+    # weights + KV cache (the rest stays for the CLIP scorer, which runs in this process).
+    max_num_seqs: int = 256
+    gpu_memory_utilization: float = 0.85
+    # vLLM: no torch.compile / CUDA graphs: the engine starts in seconds but decodes slower on GPU.
+    vllm_enforce_eager: bool = False
 
     def __post_init__(self) -> None:
-        _positive(self, "max_new_tokens", "batch_size", "commit_every", "decode_workers", "prefetch_batches")
+        _positive(self, "max_new_tokens", "batch_size", "commit_every", "decode_workers", "prefetch_batches",
+                  "max_num_seqs")
         if not self.prompt.strip():
             raise RecapError("caption.prompt must not be empty")
+        if self.backend not in ("transformers", "vllm"):
+            raise RecapError(f"caption.backend must be 'transformers' or 'vllm', got {self.backend!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise RecapError("caption.gpu_memory_utilization must be within (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -169,11 +229,82 @@ class ValidateConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    # `recap evaluate clip`: train a small CLIP from scratch on the published rows once per mix
+    # ratio and compare zero-shot retrieval on a held-out split (recap_tasks/evaluate.py).
+    # Each p is the probability a training sample shows its original caption (else its
+    # recaption); Recap-DataComp-1B trained at 0.8, and 0 and 1 are the two pure ends.
+    p_values: tuple[float, ...] = (0.0, 0.5, 0.8, 1.0)
+    # Held-out rows: those whose uid hashes below this fraction (the same uids on every run and
+    # every lake that holds them), topped up by lowest hash to min_heldout_rows on a small lake.
+    # They are never trained on, at any p; R@K is 1 by construction when K >= held-out rows.
+    heldout_fraction: float = 0.15
+    min_heldout_rows: int = 5
+    min_train_rows: int = 8
+    # The model: a ViT image tower and a causal text transformer, both `width` wide with `layers`
+    # layers of `heads` heads, projected to `embed_dim`. The defaults train in about a minute
+    # per p on a CPU; the paper's scale (ViT-L/16, 1B pairs) is a GPU cluster's job.
+    width: int = 64
+    layers: int = 2
+    heads: int = 2
+    embed_dim: int = 64
+    image_size: int = 64
+    patch_size: int = 16
+    # Text tokens per caption, <s> and </s> included; longer captions are cut (OpenAI CLIP: 77).
+    context_length: int = 77
+    # Cap on the word-level vocabulary learned from the training split's captions.
+    vocab_size: int = 8192
+    # AdamW with linear warmup over the first 10% of steps, then cosine decay to zero.
+    steps: int = 200
+    batch_size: int = 32
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.1
+    # Same seed, same initial weights and batch order for every p: only the captions differ.
+    seed: int = 0
+    device: str = "auto"  # "auto" picks cuda when available, else cpu; or cpu, cuda, cuda:1 ...
+
+    def __post_init__(self) -> None:
+        values = self.p_values
+        if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)) or not values:
+            raise RecapError(f"evaluate.p_values must be a non-empty list of probabilities, got {values!r}")
+        for p in values:
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+                raise RecapError(f"evaluate.p_values: {p!r} is not a probability within [0, 1] "
+                                 f"(p is the chance a training sample shows its original caption)")
+        if len(set(values)) != len(values):
+            raise RecapError(f"evaluate.p_values must not repeat a value, got {list(values)}")
+        object.__setattr__(self, "p_values", tuple(float(p) for p in values))
+        if not 0 < self.heldout_fraction < 1:
+            raise RecapError(f"evaluate.heldout_fraction must be within (0, 1), got {self.heldout_fraction!r}")
+        _positive(self, "min_heldout_rows", "width", "layers", "heads", "embed_dim", "image_size", "patch_size",
+                  "steps", "learning_rate")
+        if self.min_train_rows < 2:
+            raise RecapError("evaluate.min_train_rows must be >= 2 (a contrastive batch needs two pairs)")
+        if self.batch_size < 2:
+            raise RecapError("evaluate.batch_size must be >= 2 (a contrastive batch needs two pairs)")
+        if self.context_length < 3:
+            raise RecapError("evaluate.context_length must be >= 3 (<s>, one word, </s>)")
+        if self.vocab_size < 16:
+            raise RecapError("evaluate.vocab_size must be >= 16")
+        if self.weight_decay < 0:
+            raise RecapError("evaluate.weight_decay must be >= 0")
+        if self.width % self.heads:
+            raise RecapError(f"evaluate.width ({self.width}) must be a multiple of evaluate.heads ({self.heads})")
+        if self.image_size % self.patch_size:
+            raise RecapError(f"evaluate.image_size ({self.image_size}) must be a multiple of "
+                             f"evaluate.patch_size ({self.patch_size})")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise RecapError(f"evaluate.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+
+@dataclass(frozen=True)
 class RecapConfig:
+    download: DownloadConfig = field(default_factory=DownloadConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: dict[str, Any]) -> "RecapConfig":

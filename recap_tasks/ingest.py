@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from recap_tasks import lake as tables
 from recap_tasks import progress as shard_progress
@@ -35,6 +38,7 @@ class ShardResult:
     detail: str | None = None
     skipped: bool = False  # already ingested by an earlier run
     reasons: dict[str, int] = field(default_factory=dict)
+    download_failed: int = 0  # rows of the shard's download record that never became a sample
 
 
 @dataclass
@@ -58,6 +62,7 @@ class IngestResult:
             "shards_truncated": [s.shard_id for s in self.shards if s.truncated],
             "rows": self.rows,
             "rejected": self.rejected,
+            "download_failed": sum(s.download_failed for s in self.shards),
         }
 
 
@@ -127,7 +132,9 @@ def ingest_shard(path: Path, lake: Lake, *, config: IngestConfig, run_id: str, f
             caption, info, digest = verdict.caption, verdict.info, verdict.sha256
             good.append({
                 "uid": make_uid(shard_id, sample.key, sample.occurrence), "key": sample.key, "url": sample.url,
-                "org_caption": caption, "sha256": digest, "width": info.width, "height": info.height,
+                "org_caption": caption, "sha256": digest, "source_uid": _source_uid(sample.meta),
+                "references": _references(sample.meta),
+                "width": info.width, "height": info.height,
                 "image_format": info.format, "source_uri": str(path), "source_format": source_format,
                 "image_offset": sample.image_offset, "image_size": sample.image_size,
                 "source_row": sample.source_row,
@@ -158,11 +165,91 @@ def ingest_shard(path: Path, lake: Lake, *, config: IngestConfig, run_id: str, f
             lake.delete(tables.REJECTED, [shard_id], f"stage = 'ingest' AND uid IN ({sql_list(sorted(whole))})")
             log.info("shard %s: %d samples cut off before are whole now", shard_id, len(whole))
     result.rejected = lake.insert_new(tables.REJECTED, pa.Table.from_pylist(bad, schema=tables.schemas.REJECTED.arrow))
+    failed = _download_failures(path, shard_id, run_id, now) if path.suffix == ".tar" else None
+    if failed is not None:
+        if previous:
+            # The shard was rewritten (`recap download --retry-failed`): its download verdicts now are
+            # the ones in its parquet; a retried sample that succeeded is a pair, not a rejection.
+            lake.delete(tables.REJECTED, [shard_id], "stage = 'download'")
+        lake.insert_new(tables.REJECTED, pa.Table.from_pylist(failed, schema=tables.schemas.REJECTED.arrow))
+        result.download_failed = len(failed)
+        shard_progress.record(lake, "download", [shard_id], run_id=run_id)
     # Recorded last: a shard is done only once both tables hold its rows.
     shard_progress.record(lake, "ingest", [shard_id], run_id=run_id, sources={shard_id: {
         "source_uri": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
         "truncated": report.truncated, "detail": report.detail}})
     return result
+
+
+def _download_failures(path: Path, shard_id: str, run_id: str, now) -> list[dict] | None:
+    """The metadata rows a downloader could not turn into samples, from the parquet beside the tar.
+
+    recap download and img2dataset both write `<shard>.parquet` with one row per metadata row and
+    its `status`; failures become `rejected` rows of stage `download` (uid from the key, as the
+    sample would have had). None when the tar has no download record.
+    """
+    beside = path.with_suffix(".parquet")
+    if not beside.is_file():
+        return None
+    try:
+        names = pq.ParquetFile(beside).schema_arrow.names
+        if "status" not in names or "key" not in names:
+            return None
+        wanted = [c for c in ("key", "status", "reason", "error_message") if c in names]
+        rows = pq.read_table(beside, columns=wanted).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        log.warning("shard %s: download record %s unreadable (%s); its failures are not counted", shard_id, beside, exc)
+        return None
+    stats = path.with_name(f"{path.stem}_stats.json")
+    if not stats.is_file():
+        log.info("shard %s: no %s beside it (img2dataset still writing, or an older layout)", shard_id, stats.name)
+    out = []
+    for r in rows:
+        if r["status"] == "success" or r["key"] is None:
+            continue
+        key = str(r["key"])
+        out.append({"uid": make_uid(shard_id, key), "key": _printable(key[:1024]), "shard_id": shard_id,
+                    "stage": "download",
+                    "reason": r.get("reason") or download_reason(r["status"], r.get("error_message")),
+                    "detail": _printable((r.get("error_message") or r["status"] or "")[:1000]), "run_id": run_id,
+                    "rejected_at": now})
+    return out
+
+
+def download_reason(status: str | None, message: str | None) -> str:
+    """A snake_case reason for an img2dataset failure, from its status and error message."""
+    text = (message or "").lower()
+    http = re.search(r"http error (\d{3})", text)
+    if http:
+        return f"http_{http.group(1)}"
+    for needle, reason in (("timed out", "timeout"), ("timeout", "timeout"), ("x-robots-tag", "opted_out"),
+                           ("hash", "sha256_mismatch"), ("name or service not known", "dns_error"),
+                           ("getaddrinfo", "dns_error"), ("ssl", "tls_error"), ("connection", "connection_error")):
+        if needle in text:
+            return reason
+    return "image_decode_error" if status == "failed_to_resize" else "download_failed"
+
+
+def _source_uid(meta: dict) -> str | None:
+    """The source dataset's own id of a sample: ours (`source_uid`, recap download), DataComp's `uid`
+    or LAION's `SAMPLE_ID` (img2dataset's save_additional_columns)."""
+    for name in ("source_uid", "uid", "SAMPLE_ID"):
+        value = meta.get(name)
+        if value is not None and not isinstance(value, (dict, list)):
+            return str(value)
+    return None
+
+
+def _references(meta: dict) -> str | None:
+    """Human reference captions or object labels in a sample's metadata, as a JSON list of strings:
+    COCO-style `captions` (webdataset .json), `references`, or `objects`/`labels`."""
+    for name in ("captions", "references", "objects", "labels"):
+        value = meta.get(name)
+        if isinstance(value, list):
+            texts = [v for v in value if isinstance(v, str) and v.strip()]
+            if texts:
+                return json.dumps(texts, ensure_ascii=False)
+    return None
 
 
 class _Rejection(NamedTuple):

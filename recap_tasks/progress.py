@@ -7,12 +7,16 @@ again. "Which shards are pending for stage X", `recap status`, the report funnel
 planner sum these records; none of them reads the row tables. (datatrove's completion markers and
 img2dataset's `_stats.json` are the model.)
 
-| stage   | rows_in                      | rows_out           | rejected                     |
-|---------|------------------------------|--------------------|------------------------------|
-| ingest  | samples read from the source | pairs              | ingest rejections            |
-| filter  | pairs with a verdict         | kept               | dropped by the filter        |
-| caption | kept pairs settled           | captioned          | caption rejections           |
-| publish | captioned pairs settled      | published          | quarantined                  |
+| stage    | rows_in                      | rows_out           | rejected                     |
+|----------|------------------------------|--------------------|------------------------------|
+| download | metadata rows of the shard   | samples in the tar | download failures            |
+| ingest   | samples read from the source | pairs              | ingest rejections            |
+| filter   | pairs with a verdict         | kept               | dropped by the filter        |
+| caption  | kept pairs settled           | captioned          | caption rejections           |
+| publish  | captioned pairs settled      | published          | quarantined                  |
+
+`download` exists only for shards a downloader wrote (`recap download`, img2dataset: a parquet
+with per-row `status` beside the tar); ingest records it when it reads the shard.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from recap_tasks import schemas
 from recap_tasks.lake import PROGRESS, Lake, _normalize
 from recap_tasks.runs import utcnow
 
-STAGES = ("ingest", "filter", "caption", "publish")
+STAGES = ("download", "ingest", "filter", "caption", "publish")
 # Each stage's input is the previous stage's output: a shard is pending for `stage` while the
 # previous stage's rows_out exceeds this stage's rows_in.
 UPSTREAM = {"filter": "ingest", "caption": "filter", "publish": "caption"}
@@ -134,6 +138,11 @@ def _rejected(lake: Lake, shard_ids: list[str], stage: str) -> dict:
     return _group(rej, ok=pa.array([False] * rej.num_rows), reason=rej.column("reason"))
 
 
+def _count_download(lake: Lake, shard_ids: list[str]) -> dict:
+    # What the downloader wrote is what ingest read (pairs + ingest rejections).
+    return _merge(_count_ingest(lake, shard_ids), _rejected(lake, shard_ids, "download"))
+
+
 def _count_ingest(lake: Lake, shard_ids: list[str]) -> dict:
     return _merge(_group(lake.read("pairs", ["shard_id"], shards=shard_ids)), _rejected(lake, shard_ids, "ingest"))
 
@@ -153,7 +162,8 @@ def _count_publish(lake: Lake, shard_ids: list[str]) -> dict:
     return _merge(_group(lake.read("recap", ["shard_id"], shards=shard_ids)), quarantined)
 
 
-_COUNTERS = {"ingest": _count_ingest, "filter": _count_filter, "caption": _count_caption, "publish": _count_publish}
+_COUNTERS = {"download": _count_download, "ingest": _count_ingest, "filter": _count_filter,
+             "caption": _count_caption, "publish": _count_publish}
 
 
 def summary(lake: Lake) -> dict:
@@ -173,6 +183,9 @@ def summary(lake: Lake) -> dict:
         return dict(sorted(total.items()))
 
     passed, read = col("ingest", "rows_out"), col("ingest", "rows_in")
+    # A metadata row whose download failed never reached ingest, yet is an input row of the lake.
+    download_failed = col("download", "rejected")
+    read = read + download_failed
     kept, judged = col("filter", "rows_out"), col("filter", "rows_in")
     captioned, cap_settled = col("caption", "rows_out"), col("caption", "rows_in")
     published, pub_settled = col("publish", "rows_out"), col("publish", "rows_in")
@@ -181,11 +194,12 @@ def summary(lake: Lake) -> dict:
     # Each shard's rows are in exactly one place: no stage may have settled more than it was given.
     bad = (pending_filter < 0) | (pending_caption < 0) | (unpublished < 0)
     truncated = per["ingest"]["truncated"].fillna(False)
-    by_stage = {s: r for s, r in (("ingest", reasons("ingest")), ("filter", reasons("filter")),
-                                  ("caption", reasons("caption"))) if r}
+    by_stage = {s: r for s, r in (("download", reasons("download")), ("ingest", reasons("ingest")),
+                                  ("filter", reasons("filter")), ("caption", reasons("caption"))) if r}
     return {
         "shards": len(shards),
         "ingested": int(read.sum()),
+        "downloaded": {"rows": int(col("download", "rows_in").sum()), "failed": int(download_failed.sum())},
         "passed_ingest": int(passed.sum()),
         "rejected_by_stage": by_stage,
         "kept": int(kept.sum()),

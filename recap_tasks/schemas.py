@@ -33,6 +33,11 @@ PAIRS = TableSchema(
             pa.field("url", pa.string()),
             pa.field("org_caption", pa.string()),
             pa.field("sha256", pa.string()),  # of the image bytes as stored in the source
+            # The source dataset's own id (DataComp `uid`, LAION `SAMPLE_ID`), to join back to it.
+            pa.field("source_uid", pa.string()),
+            # JSON list of human reference captions or object labels the sample carried (COCO's 5
+            # `captions`), for the report's hallucination measure; null when it carried none.
+            pa.field("references", pa.string()),
             pa.field("width", pa.int32()),
             pa.field("height", pa.int32()),
             pa.field("image_format", pa.string()),  # PIL format name: JPEG, PNG, WEBP
@@ -59,7 +64,7 @@ REJECTED = TableSchema(
             pa.field("key", pa.string()),
             pa.field("shard_id", pa.string()),
             pa.field(SHARD_KEY, pa.string()),
-            pa.field("stage", pa.string()),  # ingest | filter | caption | validate
+            pa.field("stage", pa.string()),  # download | ingest | filter | caption | validate
             pa.field("reason", pa.string()),  # short snake_case, doubles as a statistics key
             pa.field("detail", pa.string()),  # human-readable context (exception text, values)
             pa.field("run_id", pa.string()),
@@ -139,6 +144,7 @@ RECAP = TableSchema(
             pa.field("re_length", pa.int32()),  # words
             pa.field("org_length", pa.int32()),
             pa.field("uid", pa.string(), nullable=False),
+            pa.field("source_uid", pa.string()),  # the source dataset's id (DataComp uid, LAION SAMPLE_ID)
             pa.field("width", pa.int32()),
             pa.field("height", pa.int32()),
             pa.field("shard_id", pa.string()),
@@ -183,7 +189,7 @@ PROGRESS = TableSchema(
     pa.schema(
         [
             pa.field("shard_id", pa.string(), nullable=False),
-            pa.field("stage", pa.string(), nullable=False),  # ingest | filter | caption | publish
+            pa.field("stage", pa.string(), nullable=False),  # download | ingest | filter | caption | publish
             pa.field("rows_in", pa.int64()),  # rows the stage has for the shard
             pa.field("rows_out", pa.int64()),  # passed / kept / captioned / published
             pa.field("rejected", pa.int64()),  # rejected at this stage (publish: quarantined)

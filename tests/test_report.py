@@ -44,3 +44,70 @@ def test_unknown_run_is_a_clear_error(demo_lake):
     lake, _ = demo_lake
     with pytest.raises(RecapError, match="no validated batch 'nope'"):
         build_report(lake, run_id="nope")
+
+
+@pytest.fixture(scope="module")
+def coco_report(tmp_path_factory, shared_data, tiny_model):
+    """One real COCO shard (5 human captions per image in its .json) through the pipeline."""
+    from dataclasses import replace
+
+    from recap_tasks.config import RecapConfig
+
+    tar = sorted((shared_data / "coco-mini-wds").glob("*.tar"))[0]
+    lake = Lake(tmp_path_factory.mktemp("coco") / "lake")
+    config = RecapConfig.load()
+    config = replace(config, validate=replace(config.validate, require_english=False))
+    summary = run_pipeline([str(tar)], lake, model=str(tiny_model), config=config, run_id="coco1")
+    return lake, summary["report"]
+
+
+def test_report_has_thumbnails_worst_rows_and_the_paper_measures(coco_report):
+    import io
+    import json
+
+    from PIL import Image
+
+    lake, path = coco_report
+    page = open(path).read()
+    thumbs = re.findall(r"<img class=thumb alt='[^']+' src='data:image/jpeg;base64,([^']+)'>", page)
+    assert len(thumbs) >= 8  # the samples, and again in the worst-rows tables
+    with Image.open(io.BytesIO(base64.b64decode(thumbs[0]))) as im:
+        assert max(im.size) == 160
+    for heading in ("Recaptions against originals", "coverage of the joint vocabulary", "CLIP score wins",
+                    "hallucination CHAIR-i", "Lowest CLIP score of the recaption", "Most hallucinated objects",
+                    "Quarantined by the quality gate"):
+        assert heading in page
+    metrics = json.loads((lake.root / "_reports" / "runs" / "coco1" / "metrics.json").read_text())
+    rows = metrics["rows"]
+    assert rows > 50 and metrics["hallucination"]["rows"] == rows  # every COCO row carries references
+    # The original COCO caption is one of the references: it names nothing they leave out.
+    assert metrics["hallucination_original"]["chair_i"] == 0.0
+    assert 0 < metrics["vocabulary"]["recaption_coverage"] <= 1
+    index = (lake.root / "_reports" / "index.html").read_text()
+    assert "alt='caption quality trends'" in index
+
+
+@pytest.mark.slow
+def test_report_images_render_in_a_browser(coco_report, tmp_path):
+    """Headless Chromium opens the report: every thumbnail and plot decodes; screenshots kept."""
+    from tests.airflow.browser import browser_available, headless_chromium
+    from tests.helpers import REPO
+
+    reason = browser_available()
+    if reason:
+        pytest.skip(reason)
+    _, path = coco_report
+    out = REPO / "test-artifacts" / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    driver = headless_chromium(str(tmp_path / "profile"))
+    try:
+        driver.get(f"file://{path}")
+        sizes = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.className, i.complete, i.naturalWidth]);")
+        assert len([s for s in sizes if s[0] == "thumb"]) >= 8
+        assert all(complete and width > 0 for _, complete, width in sizes), sizes
+        driver.save_screenshot(str(out / "report-top.png"))
+        driver.execute_script("document.querySelector('h2:nth-of-type(3)').scrollIntoView();")
+        driver.save_screenshot(str(out / "report-samples.png"))
+    finally:
+        driver.quit()

@@ -11,6 +11,7 @@ import os
 from datetime import timedelta
 
 from airflow.sdk import Asset, Param, get_current_context, task
+from airflow.sdk.exceptions import AirflowSkipException
 
 from recap_airflow.pods import GPU_POOL, CaptionRunnerFactory
 from recap_airflow.runners import RUNNERS
@@ -19,6 +20,8 @@ from recap_airflow.stages import CONFIG_PROFILE, FILTER_PROFILES
 DEFAULT_LAKE = os.environ.get("RECAP_LAKE", os.path.expanduser("~/recap-lake"))
 DEFAULT_MODEL = os.environ.get("RECAP_MODEL", "")
 DEFAULT_RUNNER = os.environ.get("RECAP_RUNNER", "local")
+# What the source field names: shards with images, or image-URL metadata to download first.
+SOURCE_KINDS = ("shards", "metadata")
 
 # The published Delta table; its asset events carry {"lake", "run_id", "rows"} in `extra`.
 PUBLISHED = Asset(name="recap_published", uri=f"file://{DEFAULT_LAKE}/recap", group="recap")
@@ -39,6 +42,9 @@ def common_params(*, scheduled: bool = False) -> dict[str, Param]:
     """
     runner = DEFAULT_RUNNER if DEFAULT_RUNNER in RUNNERS else "local"
     return {
+        "source_kind": Param("shards", enum=list(SOURCE_KINDS), title="Source kind",
+                             description="shards: webdataset .tar or .parquet with images; metadata: a metadata "
+                                         "parquet/CSV of image URLs (DataComp, LAION), downloaded first"),
         "lake": Param(DEFAULT_LAKE, type="string", minLength=1, title="Lake",
                       description="Lake root folder; for runner=kubernetes a path on the shared lake volume"),
         "model": Param(DEFAULT_MODEL, type="string", minLength=0 if scheduled else 1, title="Captioning model",
@@ -68,6 +74,27 @@ def max_work_units() -> int:
     from airflow.configuration import conf
 
     return conf.getint("core", "max_map_length", fallback=1024)
+
+
+def download_task(*, unconfigured: str | None = None):
+    """The `download` task: for source kind `metadata`, download the images into shards (under
+    RECAP_DOWNLOAD_DIR, else LAKE/_downloads) and return them as the source; else the source as is.
+
+    `unconfigured`: a scheduled DAG without a source or model skips with this message.
+    """
+
+    @task(execution_timeout=timedelta(hours=12))
+    def download() -> str:
+        from recap_airflow import stages
+
+        params, _, _ = run_context()
+        if unconfigured and (not params["source"] or not params["model"]):
+            # Not configured is not a failure: an unpaused, unconfigured deployment stays green.
+            raise AirflowSkipException(unconfigured)
+        return stages.download(source=params["source"], source_kind=params["source_kind"], lake=params["lake"],
+                               dry_run=bool(params.get("dry_run")))
+
+    return download()
 
 
 def recaption_stages(chunks, *, factory: CaptionRunnerFactory | None = None):

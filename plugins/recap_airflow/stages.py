@@ -49,7 +49,10 @@ def fail_fast(func):
         from airflow.sdk.exceptions import AirflowFailException
 
         from recap_tasks.errors import RecapError
+        from recap_tasks.runs import quiet_libraries
 
+        # Task logs as quiet as the CLI's: Recap's summary lines, library INFO only with RECAP_VERBOSE=1.
+        quiet_libraries(os.environ.get("RECAP_VERBOSE") == "1")
         try:
             return func(*args, **kwargs)
         except RecapError as exc:
@@ -84,6 +87,42 @@ def plan(*, source: str, lake: str, shard_limit: int = 0, max_chunks: int, only_
     chunks = chunk(shards, max_chunks=max_chunks)
     log.info("%d shards in %d work units", len(shards), len(chunks))
     return chunks
+
+
+@fail_fast
+def download(*, source: str, source_kind: str, lake: str, dry_run: bool = False) -> str:
+    """The shard source for `plan`: `source` itself (kind `shards`), or for kind `metadata` the folders
+    its metadata files were downloaded to (one per file, kept across runs: a rerun resumes)."""
+    if source_kind == "shards":
+        return source
+    if source_kind != "metadata":
+        raise ValueError(f"unknown source kind {source_kind!r}")
+    import hashlib
+    from pathlib import Path
+
+    from recap_tasks.config import RecapConfig
+    from recap_tasks.download import download as download_metadata
+    from recap_tasks.download import list_metadata
+    from recap_tasks.errors import RecapError
+    from recap_tasks.lake import Lake
+    from recap_tasks.shards import split_sources
+
+    files = list_metadata(split_sources(source))
+    root = os.environ.get("RECAP_DOWNLOAD_DIR")
+    if not root:
+        target = Lake(lake)
+        if not target.is_local:
+            raise RecapError(f"lake {target.uri} is in object storage: set RECAP_DOWNLOAD_DIR to a local or "
+                             f"mounted folder for downloaded shards")
+        root = str(target.root / "_downloads")
+    outs = [Path(root) / f"{f.stem}-{hashlib.sha1(str(f).encode()).hexdigest()[:8]}" for f in files]
+    if dry_run:
+        log.info("would download %s", {str(f): str(o) for f, o in zip(files, outs)})
+        return ""
+    config = RecapConfig.load().download
+    for f, out in zip(files, outs):
+        log.info("download %s -> %s: %s", f, out, download_metadata([str(f)], out, config=config).summary())
+    return ",".join(str(o) for o in outs)
 
 
 @fail_fast

@@ -26,7 +26,7 @@ print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "
                   "seconds": seconds}))
 """
 
-STAGES = {"ingest", "filter", "caption_units", "choose_runner", "caption_pod", "caption_local", "validate",
+STAGES = {"download", "ingest", "filter", "caption_units", "choose_runner", "caption_pod", "caption_local", "validate",
           "publish", "report"}
 
 
@@ -53,7 +53,7 @@ def test_pipeline_shape_form_and_gpu_pool(report):
     pipeline = dags["recap_pipeline"]
     assert set(pipeline["tasks"]) == STAGES | {"plan", "proceed"}
     assert set(pipeline["mapped"]) == {"ingest", "filter", "caption_pod", "caption_local"}
-    assert {"source", "shard_limit", "lake", "model", "batch_size", "filter_profile", "runner",
+    assert {"source", "source_kind", "shard_limit", "lake", "model", "batch_size", "filter_profile", "runner",
             "dry_run"} == set(pipeline["params"])
     assert pipeline["retries"]["validate"] == 0  # a failed quality gate is a verdict
     # GPU work is capped by one pool whatever the runner.

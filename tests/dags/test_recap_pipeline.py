@@ -35,3 +35,31 @@ def test_unconfigured_incremental_dag_skips(airflow_env, tmp_path):
     assert result["tasks"]["find_new_shards[-1]"].endswith("skipped"), result
     assert not result["state"].endswith("failed"), result
     assert "recap_incremental is not configured" in logs
+
+
+def test_metadata_source_is_downloaded_then_recaptioned(airflow_env, tmp_path, tiny_model):
+    """Source kind `metadata`: the download task fetches the URLs (a local server) into shards under
+    LAKE/_downloads, and the run publishes them with their source uids."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable
+
+    from tests.helpers import REPO, jpeg
+    from tests.http_server import ImageServer
+
+    config = tmp_path / "config.yaml"
+    config.write_text((REPO / "tests" / "tiny-model.yaml").read_text() + "download:\n  allow_private_networks: true\n")
+    with ImageServer({f"{i}.jpg": jpeg(320, 240, (50 * i, 90, 30)) for i in range(3)}) as server:
+        meta = tmp_path / "meta" / "part-0.parquet"
+        meta.parent.mkdir()
+        pq.write_table(pa.table({"uid": ["a1", "b2", "c3", "d4"],
+                                 "url": [server.url(f"img/{i}.jpg") for i in range(3)] + [server.url("missing")],
+                                 "text": ["a red square on a plain background"] * 4}), meta)
+        conf = {"source": str(meta.parent), "source_kind": "metadata", "lake": str(tmp_path / "lake"),
+                "model": str(tiny_model), "runner": "local"}
+        result, logs = dag_test("recap_pipeline", conf, {**airflow_env, "RECAP_CONFIG": str(config)}, timeout=900)
+    assert result["state"].endswith("success"), (result, logs[-3000:])
+    assert result["tasks"]["download[-1]"] == "success"
+    published = DeltaTable(str(tmp_path / "lake" / "recap")).to_pandas()
+    assert sorted(published["source_uid"]) == ["a1", "b2", "c3"]
+    assert len(list((tmp_path / "lake" / "_downloads").glob("part-0-*/00000_stats.json"))) == 1

@@ -1,0 +1,293 @@
+"""Download: URL metadata -> img2dataset-layout shards, safely, against a local HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tests.helpers import REPO, jpeg
+from tests.http_server import ImageServer
+
+from recap_tasks import lake as tables
+from recap_tasks.config import DownloadConfig
+from recap_tasks.download import download
+from recap_tasks.errors import RecapError
+from recap_tasks.fetch import blocked_address, opt_out
+from recap_tasks.ingest import ingest
+from recap_tasks.lake import Lake
+from recap_tasks.readers import make_uid
+from recap_tasks.status import format_status, lake_status
+
+IMAGES = {f"{i}.jpg": jpeg(320 + 8 * i, 240, (40 * i % 255, 90, 160)) for i in range(12)}
+# Loopback is where the test server is: allowed explicitly, as a user on a private network would.
+LOCAL = DownloadConfig(allow_private_networks=True, timeout=0.5, deadline=1.0, max_image_bytes=1 << 20, threads=8)
+
+
+@pytest.fixture
+def server():
+    with ImageServer(IMAGES) as s:
+        yield s
+
+
+def write_metadata(path: Path, columns: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def shard_rows(out: Path, name: str = "00000") -> dict[str, dict]:
+    return {r["key"]: r for r in pq.read_table(out / f"{name}.parquet").to_pylist()}
+
+
+def sha(name: str) -> str:
+    return hashlib.sha256(IMAGES[name]).hexdigest()
+
+
+def test_every_failure_has_its_reason(tmp_path, server):
+    cases = [  # (url, expected sha256, reason or None for success)
+        (server.url("img/0.jpg"), sha("0.jpg"), None),
+        (server.url("redirect/1.jpg"), None, None),
+        (server.url("missing"), None, "http_404"),
+        (server.url("error"), None, "http_503"),
+        (server.url("slow"), None, "timeout"),
+        (server.url("loop"), None, "too_many_redirects"),
+        (server.url("big"), None, "too_large"),
+        (server.url("optout/2.jpg?tag=noai"), None, "opted_out"),
+        (server.url("optout/3.jpg?tag=recap:%20noimageai"), None, "opted_out"),
+        (server.url("optout/4.jpg?tag=otherbot:%20noai"), None, None),  # another agent's opt-out
+        (server.url("img/5.jpg"), sha("0.jpg"), "sha256_mismatch"),
+        (server.url("html"), None, "not_an_image"),
+        ("ftp://example.com/x.jpg", None, "unsupported_scheme"),
+        ("http://[::1", None, "invalid_url"),
+        (None, None, "missing_url"),
+    ]
+    meta = write_metadata(tmp_path / "meta.parquet", {
+        "uid": [f"uid{i:02d}" for i in range(len(cases))],
+        "url": [c[0] for c in cases], "text": [f"caption number {i}" for i in range(len(cases))],
+        "sha256": [c[1] for c in cases], "original_width": list(range(len(cases)))})
+    t0 = time.perf_counter()
+    result = download([str(meta)], tmp_path / "out", config=LOCAL)
+    assert time.perf_counter() - t0 < 10  # bounded: the slow server does not hold the run
+    out = tmp_path / "out"
+    rows = shard_rows(out)
+    got = {r["uid"]: r["reason"] for r in rows.values()}
+    assert got == {f"uid{i:02d}": reason for i, (_, _, reason) in enumerate(cases)}
+    stats = json.loads((out / "00000_stats.json").read_text())
+    assert stats["count"] == len(cases) and stats["successes"] == 3
+    assert stats["reasons"]["opted_out"] == 2 and result.summary()["failed"] == len(cases) - 3
+    # The tar holds the successes in img2dataset's layout, every metadata column kept in the .json.
+    with tarfile.open(out / "00000.tar") as tf:
+        names = sorted(tf.getnames())
+        meta0 = json.loads(tf.extractfile("000000000.json").read())
+        assert tf.extractfile("000000000.jpg").read() == IMAGES["0.jpg"]
+        assert tf.extractfile("000000000.txt").read() == b"caption number 0"
+    # Keys: 5-digit shard, 4-digit index (10,000 per shard), as img2dataset writes them.
+    assert names == [f"00000000{k}.{e}" for k in (0, 1, 9) for e in ("jpg", "json", "txt")]
+    assert meta0["source_uid"] == "uid00" and meta0["sha256"] == sha("0.jpg") and meta0["original_width"] == 0
+    assert meta0["status"] == "success" and meta0["url"] == server.url("img/0.jpg")
+    assert server.hits["/loop"] == LOCAL.max_redirects + 1
+
+
+def test_private_addresses_are_refused_by_default(tmp_path, server):
+    port = server.port
+    urls = [server.url("img/0.jpg"), f"http://localhost:{port}/img/0.jpg", f"http://[::1]:{port}/img/0.jpg",
+            f"http://2130706433:{server.port}/img/0.jpg", f"http://127.1:{server.port}/img/0.jpg",
+            "http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/x.jpg", "http://[::ffff:192.168.1.1]/x.jpg"]
+    meta = write_metadata(tmp_path / "meta.parquet", {"url": urls, "text": ["a caption"] * len(urls)})
+    download([str(meta)], tmp_path / "out", config=DownloadConfig(timeout=0.5, deadline=1.0))
+    assert {r["reason"] for r in shard_rows(tmp_path / "out").values()} == {"private_address"}
+    assert sum(server.hits.values()) == 0  # refused before any request was sent
+
+
+def test_blocked_addresses_and_opt_out_rules():
+    for ip in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.0.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
+               "::1", "fe80::1", "fd00:ec2::254", "::ffff:127.0.0.1", "64:ff9b::a00:1", "2002:a00:1::", "224.0.0.1"):
+        assert blocked_address(ip), ip
+    for ip in ("93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "8.8.8.8"):
+        assert not blocked_address(ip), ip
+    directives = ("noai", "noimageai", "noindex", "noimageindex")
+    assert opt_out(["noai"], directives, "recap") == "noai"
+    assert opt_out(["nofollow, NoImageAI"], directives, "recap") == "noimageai"
+    assert opt_out(["recap: noindex"], directives, "recap") == "noindex"
+    assert opt_out(["googlebot: noai"], directives, "recap") is None
+    assert opt_out(["unavailable_after: 25 Jun 2010 15:00:00 PST, noai"], directives, "recap") == "noai"
+    assert opt_out(["none"], directives, "recap") == "none"  # none = noindex, nofollow
+    assert opt_out(["nofollow"], directives, "recap") is None
+
+
+def test_ingest_reads_download_failures_and_accounts_every_row(tmp_path, server):
+    urls = [server.url("img/0.jpg"), server.url("missing"), server.url("img/1.jpg"), server.url("optout/2.jpg")]
+    meta = write_metadata(tmp_path / "meta.parquet", {
+        "URL": urls, "TEXT": ["a red square on a plain background"] * 4, "SAMPLE_ID": [11, 12, 13, 14]})
+    download([str(meta)], tmp_path / "dl", config=LOCAL)
+    lake = Lake(tmp_path / "lake")
+    result = ingest([str(tmp_path / "dl")], lake)
+    assert result.rows == 2 and result.summary()["download_failed"] == 2
+    rejected = {r["key"]: r for r in lake.read(tables.REJECTED).to_pylist()}
+    assert {k: (r["stage"], r["reason"]) for k, r in rejected.items()} == {
+        "000000001": ("download", "http_404"), "000000003": ("download", "opted_out")}
+    assert rejected["000000001"]["uid"] == make_uid("dl/00000.tar", "000000001")
+    pairs = {r["key"]: r for r in lake.read(tables.PAIRS).to_pylist()}
+    assert pairs["000000000"]["source_uid"] == "11" and pairs["000000002"]["source_uid"] == "13"
+    status = lake_status(lake)
+    assert status["ingested"] == 4 and status["passed_ingest"] == 2 and status["balanced"]
+    assert status["downloaded"] == {"rows": 4, "failed": 2}
+    assert status["rejected"]["by_stage"]["download"] == {"http_404": 1, "opted_out": 1}
+    text = format_status(status)
+    assert "downloaded" in text and "download http_404" in " ".join(text.split())
+    again = ingest([str(tmp_path / "dl")], lake)  # unchanged shard: skipped, nothing added
+    assert again.shards[0].skipped and lake.read(tables.REJECTED).num_rows == 2
+
+
+def test_img2dataset_output_failures_are_counted_too(tmp_path):
+    """img2dataset's own parquet (status, error_message, no reason column) is read the same way."""
+    from tests.helpers import sample, write_tar
+
+    shard = write_tar(tmp_path / "i2d" / "00000.tar", sample("000000000"))
+    pq.write_table(pa.table({
+        "key": ["000000000", "000000001", "000000002", "000000003"], "url": ["u0", "u1", "u2", "u3"],
+        "status": ["success", "failed_to_download", "failed_to_download", "failed_to_resize"],
+        "error_message": [None, "HTTP Error 404: Not Found", "<urlopen error timed out>", "cannot identify image"],
+        "uid": ["a", "b", "c", "d"]}), shard.with_suffix(".parquet"))
+    lake = Lake(tmp_path / "lake")
+    ingest([str(shard)], lake)
+    reasons = {r["key"]: r["reason"] for r in lake.read(tables.REJECTED).to_pylist() if r["stage"] == "download"}
+    assert reasons == {"000000001": "http_404", "000000002": "timeout", "000000003": "image_decode_error"}
+    status = lake_status(lake)
+    assert status["ingested"] == 4 and status["balanced"]
+
+
+def test_retry_failed_refetches_transient_failures_only(tmp_path, server):
+    urls = [server.url("img/0.jpg"), server.url("flaky/1.jpg"), server.url("missing"), server.url("flaky/2.jpg")]
+    meta = write_metadata(tmp_path / "meta.parquet", {"url": urls, "text": ["a red square on a plain background"] * 4})
+    out, lake = tmp_path / "dl", Lake(tmp_path / "lake")
+    download([str(meta)], out, config=LOCAL)
+    assert [r["reason"] for r in shard_rows(out).values()] == [None, "http_503", "http_404", "http_503"]
+    ingest([str(out)], lake)
+    assert lake_status(lake)["rejected"]["by_stage"]["download"] == {"http_404": 1, "http_503": 2}
+    skipped = download([str(meta)], out, config=LOCAL)  # without --retry-failed: a finished shard is kept
+    assert skipped.skipped == 1 and server.hits["/flaky/1.jpg"] == 1
+    retried = download([str(meta)], out, config=LOCAL, retry_failed=True)
+    assert retried.summary()["successes"] == 3
+    assert server.hits["/img/0.jpg"] == 1 and server.hits["/missing"] == 1  # neither fetched again
+    with tarfile.open(out / "00000.tar") as tf:
+        assert sorted(n for n in tf.getnames() if n.endswith(".jpg")) == ["000000000.jpg", "000000001.jpg",
+                                                                          "000000003.jpg"]
+    ingest([str(out)], lake)  # the rewritten shard is read again: retried samples become pairs
+    status = lake_status(lake)
+    assert status["passed_ingest"] == 3 and status["rejected"]["by_stage"]["download"] == {"http_404": 1}
+    assert status["ingested"] == 4 and status["balanced"]
+
+
+def test_shards_resume_after_kill_9(tmp_path, server):
+    """A killed download redoes only the unfinished shard; finished shards are never fetched again."""
+    urls = [server.url(f"img/{i}.jpg") for i in range(6)] + [server.url("hold/6.jpg")] + \
+        [server.url(f"img/{i}.jpg") for i in range(7, 9)]
+    meta = write_metadata(tmp_path / "meta.parquet", {"url": urls, "text": ["a red square on a plain background"] * 9})
+    config = tmp_path / "dl.yaml"
+    config.write_text("download:\n  timeout: 30\n  deadline: 60\n  threads: 2\n")
+    out = tmp_path / "dl"
+    cmd = [sys.executable, "-m", "recap_tasks", "download", str(meta), "--out", str(out), "--config", str(config),
+           "--samples-per-shard", "3", "--allow-private-networks"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "RECAP_QUIET": "1"})
+    try:
+        assert server.holding.wait(60), "the download never reached the held URL"
+        assert (out / "00001_stats.json").exists() and not (out / "00002_stats.json").exists()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (out / "00002.tar.part").exists() and not (out / "00002.tar").exists()
+    server.release()
+    result = download([str(meta)], out, config=DownloadConfig(allow_private_networks=True, samples_per_shard=3,
+                                                              processes=2, timeout=5))
+    assert result.skipped == 2 and result.summary()["successes"] == 9
+    assert all(server.hits[f"/img/{i}.jpg"] == 1 for i in range(6))  # finished shards: not fetched again
+    assert server.hits["/hold/6.jpg"] == 2 and not list(out.glob("*.part"))
+    assert [p.name for p in sorted(out.glob("*.tar"))] == ["00000.tar", "00001.tar", "00002.tar"]
+    lake = Lake(tmp_path / "lake")
+    assert ingest([str(out)], lake).rows == 9 and lake_status(lake)["balanced"]
+
+
+def test_cli_csv_columns_and_a_folder_of_other_metadata_is_refused(tmp_path, server):
+    from recap_tasks.cli import main
+
+    csv = tmp_path / "meta.csv"
+    csv.write_text("link,alt,id\n" + "".join(f"{server.url(f'img/{i}.jpg')},photo number {i},{100 + i}\n"
+                                             for i in range(3)))
+    out = tmp_path / "dl"
+    args = ["download", str(csv), "--out", str(out), "--url-column", "link", "--caption-column", "alt",
+            "--uid-column", "id", "--allow-private-networks", "--samples-per-shard", "1", "--processes", "2"]
+    assert main(args) == 0  # three shards over two worker processes
+    rows = [r for name in ("00000", "00001", "00002") for r in shard_rows(out, name).values()]
+    assert [r["source_uid"] for r in rows] == ["100", "101", "102"]
+    assert [r["key"] for r in rows] == ["000000", "000010", "000020"]
+    assert all(r["status"] == "success" for r in rows)
+    other = write_metadata(tmp_path / "other.parquet", {"url": [server.url("img/0.jpg")], "text": ["x y z"]})
+    with pytest.raises(RecapError, match="holds a download of other metadata"):
+        download([str(other)], out, config=LOCAL)
+    assert main(["download", str(tmp_path / "nope.parquet"), "--out", str(out)]) == 2
+
+
+def test_metadata_without_a_url_column_is_a_clear_error(tmp_path):
+    meta = write_metadata(tmp_path / "meta.parquet", {"link": ["http://x/y.jpg"], "text": ["a b c"]})
+    with pytest.raises(RecapError, match="cannot tell which column holds the url"):
+        download([str(meta)], tmp_path / "out", config=LOCAL)
+
+
+def _old_schema_tables(lake: Lake) -> None:
+    """`pairs` and `recap` as a lake made before `source_uid` existed holds them."""
+    from deltalake import DeltaTable
+
+    from recap_tasks import schemas
+
+    for schema in (schemas.PAIRS, schemas.RECAP):
+        old = pa.schema([f for f in schema.arrow if f.name != "source_uid"])
+        DeltaTable.create(lake.path(schema.name), old, partition_by=list(schema.partition_by))
+
+
+def test_datacomp_and_laion_metadata_flow_to_published_rows(tmp_path, server, tiny_model):
+    """download -> ingest -> filter -> caption -> validate -> publish: the source uid and sha256 reach
+    the published row, in DataComp's and in LAION's column names, into a lake whose tables predate them."""
+    from deltalake import DeltaTable
+
+    from recap_tasks.pipeline import run_pipeline
+
+    captions = ["a red square on a plain background", "two dogs playing in the snow",
+                "a bowl of fruit on a wooden table"]
+    datacomp = write_metadata(tmp_path / "datacomp" / "0000.parquet", {
+        "uid": ["9f0e", "77aa", "31bc", "c0de"],
+        "url": [server.url("img/0.jpg"), server.url("img/1.jpg"), server.url("missing"), server.url("img/2.jpg")],
+        "text": captions[:2] + ["gone", captions[2]],
+        "original_width": [320, 328, 0, 336], "original_height": [240] * 4,
+        "sha256": [sha("0.jpg"), sha("1.jpg"), None, sha("2.jpg")]})
+    laion = write_metadata(tmp_path / "laion" / "part-0.parquet", {
+        "SAMPLE_ID": [1001, 1002, 1003], "URL": [server.url("img/3.jpg"), server.url("optout/4.jpg"),
+                                                  server.url("img/5.jpg")],
+        "TEXT": captions, "WIDTH": [344, 352, 360], "HEIGHT": [240] * 3, "similarity": [0.31, 0.33, 0.29]})
+    download([str(datacomp)], tmp_path / "dl" / "datacomp", config=LOCAL)
+    download([str(laion)], tmp_path / "dl" / "laion", config=LOCAL)
+    lake = Lake(tmp_path / "lake")
+    _old_schema_tables(lake)
+    summary = run_pipeline([str(tmp_path / "dl" / "datacomp"), str(tmp_path / "dl" / "laion")], lake,
+                           model=str(tiny_model), run_id="dl1")
+    assert summary["publish"]["inserted"] == 5, summary
+    published = DeltaTable(lake.path(tables.RECAP)).to_pandas().set_index("source_uid")
+    assert sorted(published.index) == ["1001", "1003", "77aa", "9f0e", "c0de"]
+    assert published.loc["9f0e", "sha256"] == sha("0.jpg") and published.loc["1003", "sha256"] == sha("5.jpg")
+    assert published.loc["77aa", "org_caption"] == captions[1] and published.loc["1001", "key"] == "000000000"
+    status = summary["status"]
+    assert status["balanced"] and status["ingested"] == 7 and status["published"] == 5
+    assert status["rejected"]["by_stage"]["download"] == {"http_404": 1, "opted_out": 1}
