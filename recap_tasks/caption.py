@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from recap_tasks import lake as tables
 from recap_tasks import progress as shard_progress
-from recap_tasks.captioning import Captioner
+from recap_tasks.captioning import Captioner, load_captioner
 from recap_tasks.config import CaptionConfig, RecapConfig
 from recap_tasks.errors import RecapError
 from recap_tasks.hygiene import clean_caption, distinct_ngram_ratio, echoes_prompt, is_refusal
@@ -30,7 +30,7 @@ from recap_tasks.runs import new_run_id, progress, utcnow
 log = logging.getLogger(__name__)
 
 _POINTER = ["uid", "key", "org_caption", "sha256", "shard_id", "source_uri", "source_format", "image_offset",
-            "image_size", "source_row", "image_column"]
+            "image_size", "source_row", "image_column", "width", "height"]
 
 
 @dataclass
@@ -87,26 +87,31 @@ def run_caption(lake: Lake, *, model: str | None = None, captioner: Captioner | 
         shard_progress.record(lake, "caption", targets, run_id=run_id)
         log.info("caption %s: nothing to caption", run_id)
         return result
-    if captioner is None:
-        if model is None:
-            raise ValueError("run_caption needs a model id/path or a captioner")
-        from recap_tasks.captioning.transformers_backend import TransformersCaptioner
+    if captioner is not None:
+        return _caption(lake, captioner, config, run_id, targets, pending, result)
+    if model is None:
+        raise ValueError("run_caption needs a model id/path or a captioner")
+    with load_captioner(model, config) as owned:  # a vLLM engine process ends with the stage
+        return _caption(lake, owned, config, run_id, targets, pending, result)
 
-        captioner = TransformersCaptioner(model, config)
+
+def _caption(lake: Lake, captioner: Captioner, config: CaptionConfig, run_id: str, targets: list[str],
+             pending: pa.Table, result: CaptionResult) -> CaptionResult:
     scorer = None
     if config.clip_model:
         from recap_tasks.captioning.clip_scorer import ClipScorer
 
         scorer = ClipScorer(config.clip_model, device=config.device)
     prov = captioner.provenance()
-    backoff = _Backoff(captioner, config.batch_size)
+    batch_size = captioner.batch_size or config.batch_size
+    backoff = _Backoff(captioner, batch_size)
     bar = progress(desc="caption", total=pending.num_rows, unit="img")
     with ThreadPoolExecutor(max_workers=config.decode_workers, thread_name_prefix="recap-decode") as pool:
         for shard_id in sorted(set(pending.column("shard_id").to_pylist())):
-            rows = pending.filter(pc.equal(pending.column("shard_id"), shard_id))
+            rows = _by_expected_length(pending.filter(pc.equal(pending.column("shard_id"), shard_id)))
             part: list[dict] = []
             rejects: list[dict] = []
-            for batch in _prefetch(pool, rows, lake, captioner, config, run_id):
+            for batch in _prefetch(pool, rows, lake, captioner, batch_size, config.prefetch_batches, run_id):
                 rejects += batch.rejects
                 texts = backoff.caption(batch.images, batch.prepared) if batch.images else []
                 part += _rows(batch, texts, scorer, prov, config, shard_id, run_id)
@@ -125,14 +130,36 @@ def run_caption(lake: Lake, *, model: str | None = None, captioner: Captioner | 
     return result
 
 
-def _prefetch(pool: ThreadPoolExecutor, rows: pa.Table, lake: Lake, captioner: Captioner, config: CaptionConfig,
-              run_id: str) -> Iterator[_Batch]:
+def _by_expected_length(rows: pa.Table) -> pa.Table:
+    """A shard's rows ordered so that batch mates are alike: static batches wait for their longest
+    caption and pad to their longest prompt.
+
+    Nothing predicts a caption's length before generation; the image's compressed bytes per pixel
+    (visual detail) is a free proxy from the pairs table. Images are first grouped by size (factors
+    of two in pixels), which resolution-dependent models (LLaVA-NeXT's AnyRes, Qwen-VL) turn into
+    prompt lengths. Captions do not depend on the order (greedy, left padding), only which rows
+    share a commit does.
+    """
+    if rows.num_rows < 2 or "width" not in rows.column_names:
+        return rows
+    pixels = pc.cast(pc.max_element_wise(pc.multiply(pc.cast(pc.fill_null(rows.column("width"), 1), pa.float64()),
+                                                     pc.cast(pc.fill_null(rows.column("height"), 1), pa.float64())),
+                                         1.0), pa.float64())
+    size_class = pc.round(pc.log2(pixels))
+    detail = pc.divide(pc.cast(pc.fill_null(rows.column("image_size"), 0), pa.float64()), pixels)
+    keyed = rows.append_column("_size", size_class).append_column("_detail", detail)
+    order = pc.sort_indices(keyed, [("_size", "ascending"), ("_detail", "ascending"), ("uid", "ascending")])
+    return rows.take(order)
+
+
+def _prefetch(pool: ThreadPoolExecutor, rows: pa.Table, lake: Lake, captioner: Captioner, batch_size: int,
+              prefetch_batches: int, run_id: str) -> Iterator[_Batch]:
     """Batches in order, each read, decoded and prepared in the pool, up to `prefetch_batches` ahead."""
-    starts = list(range(0, rows.num_rows, config.batch_size))
+    starts = list(range(0, rows.num_rows, batch_size))
     futures = []
     for start in starts:
-        futures.append(pool.submit(_load, rows.slice(start, config.batch_size), lake, captioner, run_id))
-        if len(futures) > config.prefetch_batches:
+        futures.append(pool.submit(_load, rows.slice(start, batch_size), lake, captioner, run_id))
+        if len(futures) > prefetch_batches:
             yield futures.pop(0).result()
     for f in futures:
         yield f.result()

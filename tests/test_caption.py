@@ -80,3 +80,43 @@ def test_vanished_source_is_a_caption_rejection(tmp_path, tiny_model):
 def test_unloadable_model_is_a_clear_error(tmp_path):
     with pytest.raises(RecapError, match="cannot load captioning model"):
         TransformersCaptioner(str(tmp_path / "no-such-model"), CaptionConfig())
+
+
+def test_test_model_is_laid_out_for_vllm_too(tiny_model):
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_model / "model.safetensors"), "pt") as f:
+        vision = [k for k in f.keys() if k.startswith("vision_tower.")]
+    assert vision and all(k.startswith("vision_tower.vision_model.") for k in vision)  # as released LLaVAs
+    text = json.loads((tiny_model / "config.json").read_text())["text_config"]
+    assert text["hidden_size"] // text["num_attention_heads"] in (32, 64, 80, 96, 112, 128)  # vLLM CPU kernels
+
+
+def test_missing_vllm_environment_is_one_clear_line(tmp_path, tiny_model, monkeypatch):
+    from recap_tasks.captioning import load_captioner
+
+    monkeypatch.delenv("RECAP_VLLM_PYTHON", raising=False)
+    config = CaptionConfig(backend="vllm", vllm_python=str(tmp_path / "nowhere" / "python"))
+    with pytest.raises(RecapError, match=r"no vLLM environment at .*caption.vllm_python.*RECAP_VLLM_PYTHON.*"
+                                         r"\./dev setup-vllm") as err:
+        load_captioner(str(tiny_model), config)
+    assert "\n" not in str(err.value)
+
+
+def test_backend_is_a_checked_setting():
+    from recap_tasks.cli import _config, build_parser
+
+    with pytest.raises(RecapError, match="caption.backend"):
+        CaptionConfig(backend="sglang")
+    args = build_parser().parse_args(["caption", "--lake", "L", "--model", "M", "--backend", "vllm"])
+    assert _config(args).caption.backend == "vllm"
+
+
+def test_shard_rows_are_grouped_by_size_then_detail():
+    import pyarrow as pa
+
+    from recap_tasks.caption import _by_expected_length
+
+    rows = pa.table({"uid": ["a", "b", "c", "d"], "width": [1000, 100, 1000, 100], "height": [1000, 100, 1000, 100],
+                     "image_size": [900_000, 9_000, 100_000, 1_000]})
+    assert _by_expected_length(rows).column("uid").to_pylist() == ["d", "b", "c", "a"]

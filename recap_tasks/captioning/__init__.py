@@ -15,6 +15,9 @@ class Captioner(ABC):
     loader can prepare the next batch while the current one generates.
     """
 
+    # Images per generate() call this backend wants; None: caption.batch_size.
+    batch_size: int | None = None
+
     @abstractmethod
     def prepare(self, images: list[Image.Image]) -> Any:
         """Model inputs for a batch of images."""
@@ -32,3 +35,23 @@ class Captioner(ABC):
     @abstractmethod
     def provenance(self) -> dict:
         """What produced the captions: model id/path, revision, prompt, decoding settings."""
+
+    def close(self) -> None:
+        """Release the model (and any engine process)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_captioner(model: str, config) -> Captioner:
+    """The captioner of `config.backend` ("transformers" or "vllm") for a model id or local path."""
+    if config.backend == "vllm":
+        from recap_tasks.captioning.vllm_backend import VllmCaptioner
+
+        return VllmCaptioner(model, config)
+    from recap_tasks.captioning.transformers_backend import TransformersCaptioner
+
+    return TransformersCaptioner(model, config)

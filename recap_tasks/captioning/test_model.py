@@ -76,8 +76,9 @@ def make_test_model(out_dir: str | Path, *, seed: int = 0, image_size: int = 32)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=2, image_size=image_size, patch_size=patch),
+        # Head size 32 (2 heads, 1 KV head): vLLM's CPU attention kernels take 32, 64, 80, 96, ... only.
         text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
-                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                 max_position_embeddings=512, pad_token_id=vocab["<pad>"],
                                 bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"]),
         image_token_index=vocab["<image>"],
@@ -104,9 +105,26 @@ def make_test_model(out_dir: str | Path, *, seed: int = 0, image_size: int = 32)
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=CHAT_TEMPLATE, image_token="<image>")
     model.save_pretrained(out)
+    _vision_weights_as_released(out)
     processor.save_pretrained(out)
     (out / "RECAP_TEST_MODEL.json").write_text(json.dumps({
         "what": "tiny randomly initialised LLaVA for tests and offline demos; its captions are meaningless",
         "seed": seed, "parameters": sum(p.numel() for p in model.parameters()),
     }, indent=2))
     return out
+
+
+def _vision_weights_as_released(out: Path) -> None:
+    """Name the vision tower's weights as released LLaVA checkpoints do (`vision_tower.vision_model.*`).
+
+    transformers 5 saves them as `vision_tower.embeddings.*` and loads either form; vLLM loads only
+    the released one, so the same folder then serves both backends.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = out / "model.safetensors"
+    weights = load_file(path)
+    renamed = {("vision_tower.vision_model." + k.removeprefix("vision_tower.")
+                if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
+               for k, v in weights.items()}
+    save_file(renamed, path, metadata={"format": "pt"})

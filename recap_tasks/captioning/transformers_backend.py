@@ -89,7 +89,7 @@ class TransformersCaptioner(Captioner):
             "prompt_id": self.config.prompt_id,
             "generation": json.dumps({**self.generation_kwargs(), "prompt_id": self.config.prompt_id,
                                       "dtype": str(self.model.dtype).removeprefix("torch."),
-                                      "revision": self.revision}, sort_keys=True),
+                                      "revision": self.revision, "backend": "transformers"}, sort_keys=True),
         }
 
 
