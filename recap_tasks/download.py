@@ -16,7 +16,6 @@ recap_tasks.fetch (SSRF refusal, bounded redirects, time and bytes, X-Robots-Tag
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
@@ -37,6 +36,8 @@ import pyarrow.parquet as pq
 from recap_tasks.config import DownloadConfig, RecapConfig
 from recap_tasks.errors import RecapError
 from recap_tasks.fetch import Fetcher, FetchFailed, FetchPolicy
+from recap_tasks.readers import expand_files
+from recap_tasks.readers.parquet import pick_column
 from recap_tasks.runs import progress, utcnow
 
 log = logging.getLogger(__name__)
@@ -105,20 +106,8 @@ def list_metadata(sources: list[str]) -> list[Path]:
     """Metadata files (.parquet, .csv, .tsv) under folders, globs and file names, sorted, unique."""
     found: dict[Path, None] = {}
     for source in sources:
-        p = Path(source).expanduser()
-        if p.is_dir():
-            matches = sorted(q for q in p.iterdir() if q.suffix in METADATA_SUFFIXES and q.is_file())
-        elif any(ch in source for ch in "*?["):
-            matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(source), recursive=True)
-                             if Path(m).suffix in METADATA_SUFFIXES and Path(m).is_file())
-        elif p.is_file():
-            if p.suffix not in METADATA_SUFFIXES:
-                raise RecapError(f"{source}: not a metadata file (.parquet, .csv or .tsv)")
-            matches = [p]
-        else:
-            raise RecapError(f"metadata not found: {source}")
-        if not matches:
-            raise RecapError(f"no .parquet, .csv or .tsv metadata in {source}")
+        matches = expand_files(source, METADATA_SUFFIXES, what="a metadata file (.parquet, .csv or .tsv)",
+                               plural=".parquet, .csv or .tsv metadata", noun="metadata")
         found.update((m.resolve(), None) for m in matches)
     return list(found)
 
@@ -202,15 +191,7 @@ def _columns(path: Path, schema: pa.Schema, config: DownloadConfig) -> Columns:
     names = schema.names
 
     def pick(wanted: str | None, candidates: tuple[str, ...], what: str, required: bool) -> str | None:
-        if wanted is not None:
-            if wanted not in names:
-                raise RecapError(f"{path}: no column {wanted!r} for the {what} (columns: {names})")
-            return wanted
-        found = next((c for c in candidates if c in names), None)
-        if found is None and required:
-            raise RecapError(f"{path}: cannot tell which column holds the {what} (tried {list(candidates)}; "
-                             f"columns: {names}); set download.{what}_column or pass --{what}-column")
-        return found
+        return pick_column(names, wanted, candidates, what, path, required, section="download")
 
     return Columns(url=pick(config.url_column, URL_CANDIDATES, "url", True),
                    caption=pick(config.caption_column, CAPTION_CANDIDATES, "caption", True),

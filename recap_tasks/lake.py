@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from deltalake import DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError
 
 from recap_tasks import schemas
@@ -200,20 +200,34 @@ class Lake:
     # Writing -----------------------------------------------------------------------------
 
     def insert_new(self, table: str, data: pa.Table, keys: Iterable[str] = ("uid",)) -> int:
-        """Insert rows whose keys are not in the table yet (MERGE ... WHEN NOT MATCHED INSERT).
+        """Insert rows whose keys are not in the table yet (MERGE ... WHEN NOT MATCHED INSERT, done
+        on the partitions of the shards in `data`: read their keys, append the new rows).
 
-        The MERGE reads only the partitions of the shards in `data`. Returns the number of rows
-        inserted. Retries on concurrent-commit conflicts.
+        A delta-rs MERGE plans over every file of the table, so its cost grows with the lake; an
+        append does not. Each commit carries one app transaction per partition it writes to, so
+        concurrent inserters into one shard conflict (delta-rs fails a commit whose app ids a
+        concurrent commit also wrote) and the loser retries against the winner's rows. Returns
+        the number of rows inserted.
         """
         if data.num_rows == 0:
             return 0
         data = _conform(data, schemas.TABLES[table])
         self.ensure(table)
-        predicate = " AND ".join([self.partition_predicate(table, data), *(f"t.{k} = s.{k}" for k in keys)])
-        metrics = self.commit(table, lambda dt: dt.merge(data, predicate=predicate, source_alias="s",
-                                                         target_alias="t", merge_schema=True)
-                              .when_not_matched_insert_all().execute())
-        return int(metrics.get("num_target_rows_inserted", 0))
+        keys = list(keys)
+        parts = sorted(set(data.column(schemas.SHARD_KEY).to_pylist()))
+
+        def attempt(dt: DeltaTable) -> int:
+            present = self.read_partitions(table, dt, parts, columns=keys)
+            new = data
+            if present.num_rows:
+                new = data.filter(not_in(_key_strings(data, keys), _key_strings(present, keys)))
+            if new.num_rows == 0:
+                return 0
+            self.append_to(dt, new, commit_properties=CommitProperties(
+                app_transactions=partition_transactions(dt, f"recap-insert:{table}:", parts)))
+            return new.num_rows
+
+        return self.commit(table, attempt)
 
     def partition_predicate(self, table: str, data: pa.Table) -> str:
         """The MERGE condition that limits target `t` to the partitions source `s` (conformed) holds."""
@@ -236,15 +250,18 @@ class Lake:
                 time.sleep(0.05 * 2**n * (1 + random.random()))
         raise AssertionError("unreachable")
 
-    def read_partitions(self, table: str, dt: DeltaTable, keys: list[str]) -> pa.Table:
-        """Every row of the partitions `keys` (shard keys) in the snapshot `dt`, all columns."""
+    def read_partitions(self, table: str, dt: DeltaTable, keys: list[str], *,
+                        columns: list[str] | None = None) -> pa.Table:
+        """The rows of the partitions `keys` (shard keys) in the snapshot `dt` (all columns, conformed,
+        or just `columns`)."""
         schema = schemas.TABLES[table]
         if not keys:
-            return schema.empty_table()
+            return schema.empty_table().select(columns) if columns else schema.empty_table()
         present = set(dt.schema().to_arrow().names)
         ds = dt.to_pyarrow_dataset(file_pruning_predicate=[(schemas.SHARD_KEY, "in", keys)])
-        data = _normalize(ds.to_table(columns=[c for c in schema.arrow.names if c in present], use_threads=False))
-        return _conform(data, schema)
+        data = _normalize(ds.to_table(columns=[c for c in (columns or schema.arrow.names) if c in present],
+                                      use_threads=False))
+        return data if columns else _conform(data, schema)
 
     def replace_partitions(self, dt: DeltaTable, keys: list[str], data: pa.Table, **kwargs) -> None:
         """Overwrite the partitions `keys` of the snapshot `dt` with `data` (conformed) in one commit.
@@ -255,6 +272,11 @@ class Lake:
         """
         write_deltalake(dt, data, mode="overwrite", predicate=f"{schemas.SHARD_KEY} IN ({sql_list(keys)})",
                         schema_mode="merge", **kwargs)
+
+    def append_to(self, dt: DeltaTable, data: pa.Table, **kwargs) -> None:
+        """Append `data` (conformed) as a commit on the snapshot `dt` (its version is the one
+        conflicts are checked against: run it inside `commit` to retry)."""
+        write_deltalake(dt, data, mode="append", schema_mode="merge", **kwargs)
 
     def delete(self, table: str, shard_ids: Iterable[str], where: str) -> int:
         """DELETE the rows of `shard_ids` matching the SQL predicate `where`; returns rows deleted."""
@@ -385,6 +407,20 @@ def sql_list(values: Iterable[str]) -> str:
 
 def _sql_string(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
+
+
+def partition_transactions(dt: DeltaTable, prefix: str, keys: list[str]) -> list[Transaction]:
+    """One app transaction per partition key (`prefix` + key), each one version past the snapshot's:
+    two commits that write the same partition then conflict instead of both committing."""
+    return [Transaction(app_id=f"{prefix}{k}", version=(dt.transaction_version(f"{prefix}{k}") or 0) + 1)
+            for k in keys]
+
+
+def _key_strings(data: pa.Table, keys: list[str]) -> pa.Array:
+    """The key columns of each row as one string (one column: that column as a string)."""
+    if len(keys) == 1:
+        return data.column(keys[0]).combine_chunks().cast(pa.string())
+    return pc.binary_join_element_wise(*[pc.fill_null(data.column(k).cast(pa.string()), "") for k in keys], "\x1f")
 
 
 def not_in(values: pa.Array, existing: pa.Array) -> pa.Array:

@@ -14,12 +14,13 @@ from recap_tasks import lake as tables
 from recap_tasks import progress as shard_progress
 from recap_tasks.batches import Batch, all_batches, candidate_rows, read_uids
 from recap_tasks.errors import RecapError, ValidationFailed
-from recap_tasks.lake import Lake, _conform, not_in
+from recap_tasks.lake import Lake, _conform, not_in, partition_transactions
 from recap_tasks.runs import new_run_id, utcnow
 
 log = logging.getLogger(__name__)
 
 APP_ID_PREFIX = "recap-publish:"
+SHARD_APP_ID_PREFIX = "recap-publish-shard:"
 
 
 @dataclass
@@ -59,10 +60,10 @@ def run_publish(lake: Lake, *, batch_id: str | None = None, run_id: str | None =
     rows = rows.append_column("published_at", pa.array([now] * rows.num_rows, pa.timestamp("us", tz="UTC")))
     schema = tables.schemas.RECAP.arrow
     data = _conform(rows.select([c for c in schema.names if c in rows.column_names]), tables.schemas.RECAP)
-    commit = CommitProperties(app_transactions=[Transaction(app_id=app_id, version=1)],
-                              custom_metadata={"recap.batch_id": batch.batch_id, "recap.run_id": run_id})
-    # MERGE by uid, done on the batch's own partitions: read them, apply the batch, write them back
-    # in one commit. A MERGE would plan over every file of the table (it grows with the lake).
+    metadata = {"recap.batch_id": batch.batch_id, "recap.run_id": run_id}
+    # MERGE by uid, done on the batch's own partitions: read them, then append the new uids (or, when
+    # the batch re-captions published uids, overwrite those partitions). A delta-rs MERGE or
+    # predicate overwrite plans over every file of the table; an append does not.
     keys = sorted(set(data.column(tables.schemas.SHARD_KEY).to_pylist()))
 
     def attempt(dt):
@@ -70,9 +71,18 @@ def run_publish(lake: Lake, *, batch_id: str | None = None, run_id: str | None =
             return 0, 0  # a concurrent publisher of the same batch won
         current = lake.read_partitions(tables.RECAP, dt, keys)
         take, inserted, updated = _apply(current, data)
-        if take.num_rows:
+        if take.num_rows == 0:
+            return 0, 0
+        # One app transaction per partition written, besides the batch's: delta-rs fails a commit
+        # whose app ids a concurrent commit also wrote, so two publishers of one shard serialise
+        # (the loser retries, re-reads the partition and skips what the winner added).
+        txns = [Transaction(app_id=app_id, version=1), *partition_transactions(dt, SHARD_APP_ID_PREFIX, keys)]
+        commit = CommitProperties(app_transactions=txns, custom_metadata=metadata)
+        if updated:
             kept = current.filter(not_in(current.column("uid"), take.column("uid").combine_chunks()))
             lake.replace_partitions(dt, keys, pa.concat_tables([kept, take]), commit_properties=commit)
+        else:
+            lake.append_to(dt, take, commit_properties=commit)
         return inserted, updated
 
     try:

@@ -88,7 +88,17 @@ def validated_template(tmp_path_factory, tiny_model):
     return _processed(tmp_path_factory.mktemp("template"), tiny_model, n=6, batch="b1", publish=False)
 
 
-@pytest.mark.parametrize("stage", ["publish", "ingest", "filter"])
+def _twin_batch(lake_dir, name: str) -> None:
+    """A second validated batch holding the same rows as b1 (two validations that raced)."""
+    import json
+
+    batches = lake_dir / "_batches"
+    record = json.loads((batches / "b1.json").read_text())
+    (batches / f"{name}.json").write_text(json.dumps({**record, "batch_id": name}))
+    shutil.copy(batches / "b1.uids.parquet", batches / f"{name}.uids.parquet")
+
+
+@pytest.mark.parametrize("stage", ["publish", "publish-two-batches", "ingest", "filter"])
 def test_four_concurrent_writers_on_a_fresh_lake_never_duplicate(stage, pool, validated_template, tmp_path):
     for rep in range(20):
         work = tmp_path / f"rep{rep}"
@@ -105,14 +115,19 @@ def test_four_concurrent_writers_on_a_fresh_lake_never_duplicate(stage, pool, va
             lake = Lake(root)
             progress.record(lake, "ingest", ["src/00000.tar"], run_id="seed")
             args, fn = "", _filter
+        elif stage == "publish-two-batches":
+            _twin_batch(work / "lake", "b2")
+            args, fn = None, _publish
         else:
             args, fn = "b1", _publish
-        results = pool.starmap(fn, [(root, args)] * 4)
+        calls = [(root, b) for b in ("b1", "b2", "b1", "b2")] if args is None else [(root, args)] * 4
+        results = pool.starmap(fn, calls)
         lake = Lake(root)
-        table = {"publish": tables.RECAP, "ingest": tables.PAIRS, "filter": tables.FILTER_RESULTS}[stage]
+        table = {"publish": tables.RECAP, "publish-two-batches": tables.RECAP, "ingest": tables.PAIRS,
+                 "filter": tables.FILTER_RESULTS}[stage]
         uids = lake.read(table, ["uid"]).column("uid").to_pylist()
         assert len(uids) == len(set(uids)) == 6, (rep, results)
-        if stage == "publish":
+        if stage.startswith("publish"):
             assert sum(results) == 6  # one publisher inserted them, the others found the batch committed
         shutil.rmtree(work)
 

@@ -173,15 +173,15 @@ def lookup(lake: Lake, kind: str, lows: np.ndarray, highs: np.ndarray, columns: 
     out = []
     for path in actions.column("path").filter(pa.array(hits)).to_pylist():
         with lake.fs.open_input_file(f"{lake._fs_root}/{DEDUP_INDEX}/{path}") as f:
-            pf = pq.ParquetFile(f)
+            # pre_buffer off: it coalesces reads into large ranges, 4x slower for scattered small row groups.
+            pf = pq.ParquetFile(f, pre_buffer=False)
             meta = pf.metadata
             groups = _candidate_groups(meta, meta.schema.to_arrow_schema().get_field_index("key"), los, his)
             if not groups:
                 continue
             # Pass 1: the keys of every candidate row group, in one read.
             keys = pf.read_row_groups(groups, columns=["key"], use_threads=False).column("key").to_numpy()
-            at = np.searchsorted(los, keys, "right") - 1
-            hit_rows = np.flatnonzero((at >= 0) & (keys <= his[np.maximum(at, 0)]))
+            hit_rows = _in_ranges(keys, los, his)
             if keep is not None and len(hit_rows):
                 hit_rows = hit_rows[keep(keys[hit_rows])]
             if len(hit_rows) == 0:
@@ -195,6 +195,18 @@ def lookup(lake: Lake, kind: str, lows: np.ndarray, highs: np.ndarray, columns: 
             local = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in matched])
             out.append(full.filter(pa.array(np.isin(local, hit_rows))))
     return pa.concat_tables(out) if out else empty
+
+
+def _in_ranges(keys: np.ndarray, los: np.ndarray, his: np.ndarray) -> np.ndarray:
+    """Positions of the `keys` that lie in one of the sorted, disjoint ranges [los, his]."""
+    if len(keys) > 1 and np.all(keys[1:] >= keys[:-1]):  # a sorted file (as written and maintained)
+        starts, ends = np.searchsorted(keys, los, "left"), np.searchsorted(keys, his, "right")
+        hit = ends > starts
+        if not hit.any():
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.arange(a, b) for a, b in zip(starts[hit], ends[hit])])
+    at = np.searchsorted(los, keys, "right") - 1
+    return np.flatnonzero((at >= 0) & (keys <= his[np.maximum(at, 0)]))
 
 
 def _meets(los: np.ndarray, his: np.ndarray, lows: np.ndarray, highs: np.ndarray) -> np.ndarray:

@@ -78,21 +78,30 @@ def expand_sources(sources: list[str]) -> list[Path]:
         if not source or not source.strip():
             raise RecapError("an empty source names no shards: give a folder, glob or shard file")
         p = Path(source).expanduser()
-        if p.is_dir():
-            matches = sorted(q for q in p.iterdir() if q.suffix in SHARD_SUFFIXES and q.is_file())
-        elif any(ch in source for ch in "*?["):
-            matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(source), recursive=True))
-            matches = [m for m in matches if m.suffix in SHARD_SUFFIXES and m.is_file()]
-        elif p.is_file():
-            if p.suffix not in SHARD_SUFFIXES:
-                raise RecapError(f"{source}: not a .tar or .parquet shard")
-            matches = [p]
-        else:
-            raise RecapError(f"source not found: {source}")
-        if not matches:
-            raise RecapError(f"no .tar or .parquet shards in {source}")
-        for m in matches:
-            if m.suffix == ".parquet" and m.with_suffix(".tar").is_file() and m is not p:
+        for m in expand_files(source, SHARD_SUFFIXES, what="a .tar or .parquet shard", plural=".tar or .parquet shards",
+                              noun="source"):
+            if m.suffix == ".parquet" and m.with_suffix(".tar").is_file() and m != p:
                 continue  # img2dataset writes a metadata parquet beside each tar: not a source
             found[m.resolve()] = None
     return list(found)
+
+
+def expand_files(source: str, suffixes, *, what: str, plural: str, noun: str) -> list[Path]:
+    """The files with `suffixes` that a folder, glob or file name `source` names (sorted); RecapError
+    when it names none (`what`: "a .tar or .parquet shard", `plural`: ".tar or .parquet shards",
+    `noun`: "source")."""
+    p = Path(source).expanduser()
+    if p.is_dir():
+        matches = sorted(q for q in p.iterdir() if q.suffix in suffixes and q.is_file())
+    elif any(ch in source for ch in "*?["):
+        matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(source), recursive=True))
+        matches = [m for m in matches if m.suffix in suffixes and m.is_file()]
+    elif p.is_file():
+        if p.suffix not in suffixes:
+            raise RecapError(f"{source}: not {what}")
+        matches = [p]
+    else:
+        raise RecapError(f"{noun} not found: {source}")
+    if not matches:
+        raise RecapError(f"no {plural} in {source}")
+    return matches

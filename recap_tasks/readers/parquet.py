@@ -17,8 +17,10 @@ KEY_CANDIDATES = ("key", "id", "uid")
 URL_CANDIDATES = ("url", "URL", "image_url")
 
 
-def _pick(names: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, path: Path,
-          required: bool) -> str | None:
+def pick_column(names: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, path: Path,
+                required: bool, *, section: str = "ingest") -> str | None:
+    """The column holding `what`: `wanted` when set (must exist), else the first of `candidates`
+    present; RecapError naming the `section.<what>_column` setting when a required one is missing."""
     if wanted is not None:
         if wanted not in names:
             raise RecapError(f"{path}: no column {wanted!r} for the {what} (columns: {names})")
@@ -27,7 +29,7 @@ def _pick(names: list[str], wanted: str | None, candidates: tuple[str, ...], wha
     if found is None and required:
         raise RecapError(
             f"{path}: cannot tell which column holds the {what} (tried {list(candidates)}; columns: {names}); "
-            f"set ingest.{what}_column in the config or pass --{what}-column"
+            f"set {section}.{what}_column in the config or pass --{what}-column"
         )
     return found
 
@@ -47,10 +49,10 @@ class ParquetReader:
         self.report = ShardReport()
         pf = pq.ParquetFile(path)
         names = pf.schema_arrow.names
-        image_col = _pick(names, self.columns[0], IMAGE_CANDIDATES, "image", path, True)
-        caption_col = _pick(names, self.columns[1], CAPTION_CANDIDATES, "caption", path, True)
-        key_col = _pick(names, self.columns[2], KEY_CANDIDATES, "key", path, False)
-        url_col = _pick(names, self.columns[3], URL_CANDIDATES, "url", path, False)
+        image_col = pick_column(names, self.columns[0], IMAGE_CANDIDATES, "image", path, True)
+        caption_col = pick_column(names, self.columns[1], CAPTION_CANDIDATES, "caption", path, True)
+        key_col = pick_column(names, self.columns[2], KEY_CANDIDATES, "key", path, False)
+        url_col = pick_column(names, self.columns[3], URL_CANDIDATES, "url", path, False)
         if not (pa.types.is_binary(pf.schema_arrow.field(image_col).type)
                 or pa.types.is_large_binary(pf.schema_arrow.field(image_col).type)):
             raise RecapError(f"{path}: column {image_col!r} is {pf.schema_arrow.field(image_col).type}, not image bytes")

@@ -148,3 +148,20 @@ def test_index_for_another_radius_is_refused_with_the_command_that_rebuilds_it(t
     with pytest.raises(RecapError, match="max_phash_distance=2.*recap maintain --migrate"):
         dedup_index.history(lake, rows, 2)
     assert dedup_index.history(lake, rows, 4).column("uid").to_pylist() == ["a"]  # 1 bit apart
+
+
+def test_index_range_hits_are_the_same_for_sorted_and_unsorted_keys():
+    import numpy as np
+
+    from recap_tasks.filters import dedup_index
+
+    rng = np.random.default_rng(3)
+    keys = np.sort(rng.integers(-2**63, 2**63 - 1, 20000, dtype=np.int64))
+    los = np.sort(rng.choice(keys, 50, replace=False))
+    his = los + 2**50
+    his[:-1] = np.minimum(his[:-1], los[1:] - 1)  # disjoint
+    want = np.flatnonzero(np.any((keys[:, None] >= los) & (keys[:, None] <= his), axis=1))
+    assert np.array_equal(dedup_index._in_ranges(keys, los, his), want)
+    shuffled = rng.permutation(len(keys))
+    got = dedup_index._in_ranges(keys[shuffled], los, his)
+    assert np.array_equal(np.sort(shuffled[got]), want)
