@@ -36,7 +36,7 @@ QUARANTINE = "quarantine"
 PROGRESS = "progress"
 DEDUP_INDEX = "dedup_index"
 
-_MERGE_RETRIES = 8
+_COMMIT_RETRIES = 8
 
 
 class Lake:
@@ -229,23 +229,15 @@ class Lake:
 
         return self.commit(table, attempt)
 
-    def partition_predicate(self, table: str, data: pa.Table) -> str:
-        """The MERGE condition that limits target `t` to the partitions source `s` (conformed) holds."""
-        parts = []
-        for column in schemas.TABLES[table].partition_by:
-            values = sql_list(sorted(pc.unique(data.column(column)).to_pylist()))
-            parts.append(f"t.{column} = s.{column} AND t.{column} IN ({values})")
-        return " AND ".join(parts) or "TRUE"
-
     def commit(self, table: str, attempt):
         """`attempt(latest DeltaTable)`, retried with backoff while concurrent commits conflict."""
-        for n in range(_MERGE_RETRIES):
+        for n in range(_COMMIT_RETRIES):
             dt = self.delta(table)
             self.check_layout(table, dt)
             try:
                 return attempt(dt)
             except CommitFailedError:
-                if n == _MERGE_RETRIES - 1:
+                if n == _COMMIT_RETRIES - 1:
                     raise
                 time.sleep(0.05 * 2**n * (1 + random.random()))
         raise AssertionError("unreachable")
