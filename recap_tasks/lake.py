@@ -36,7 +36,7 @@ QUARANTINE = "quarantine"
 PROGRESS = "progress"
 DEDUP_INDEX = "dedup_index"
 
-_COMMIT_RETRIES = 8
+_COMMIT_RETRIES = 12
 
 
 class Lake:
@@ -239,7 +239,7 @@ class Lake:
             except CommitFailedError:
                 if n == _COMMIT_RETRIES - 1:
                     raise
-                time.sleep(0.05 * 2**n * (1 + random.random()))
+                time.sleep(min(1.0, 0.05 * 2**n) * (1 + random.random()))
         raise AssertionError("unreachable")
 
     def read_partitions(self, table: str, dt: DeltaTable, keys: list[str], *,

@@ -52,16 +52,27 @@ def _balanced_and_unique(lake: Lake) -> None:
 
 # 1. Concurrent first writers -------------------------------------------------------------------
 
+def _readable_errors(fn):
+    """Worker errors as plain RuntimeErrors: delta-rs exceptions do not pickle back to the pool."""
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except Exception as exc:
+            raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
 def _publish(root: str, batch: str) -> int:
-    return run_publish(Lake(root), batch_id=batch).inserted
+    return _readable_errors(lambda: run_publish(Lake(root), batch_id=batch).inserted)()
 
 
 def _ingest(root: str, source: str) -> int:
-    return ingest([source], Lake(root)).rows
+    return _readable_errors(lambda: ingest([source], Lake(root)).rows)()
 
 
 def _filter(root: str, _: str) -> int:
-    return run_filter(Lake(root), config=LOCAL).rows_in
+    return _readable_errors(lambda: run_filter(Lake(root), config=LOCAL).rows_in)()
 
 
 @pytest.fixture(scope="module")
