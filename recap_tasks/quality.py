@@ -170,9 +170,9 @@ def hygiene(is_refusal: Sequence[bool | None], prompt_echo: Sequence[bool | None
             "repetitive": repetitive}
 
 
-def length_stats(texts: Iterable[str | None]) -> dict:
-    """Mean and median word counts."""
-    counts = sorted(len(words(t)) for t in texts)
+def length_stats(counts: Iterable[int | None]) -> dict:
+    """Mean and median of word counts (the tables' `re_length` / `org_length`)."""
+    counts = sorted(c for c in counts if c is not None)
     if not counts:
         return {"mean": None, "median": None}
     mid = len(counts) // 2

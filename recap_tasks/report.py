@@ -84,7 +84,8 @@ _SAMPLES, _WORST = 8, 5
 
 def _run_rows(lake: Lake, batch: Batch):
     """The run's rows (published, or those checked for a refused batch) with their caption flags,
-    references and image pointers; and where they came from."""
+    references and image pointers; where they came from; and the shards' pairs (pointers, original
+    captions, references), read once for the whole page."""
     published = lake.read(tables.RECAP, ["uid", "re_caption", "org_caption", "re_length", "org_length",
                                         "re_clip_score", "org_clip_score", "model", "url"], shards=batch.shards)
     uids = read_uids(lake, batch)
@@ -96,9 +97,10 @@ def _run_rows(lake: Lake, batch: Batch):
         rows = candidate_rows(lake, batch.shards, uids).select(published.column_names)
         source = "checked rows of this run (not published)"
     flags = lake.read(tables.CAPTIONS, ["uid", "is_refusal", "prompt_echo", "distinct_ngram_ratio"], shards=batch.shards)
-    pairs = lake.read(tables.PAIRS, [*_POINTERS, "references"], shards=batch.shards)
-    rows = rows.join(flags, "uid", join_type="left outer").join(pairs, "uid", join_type="left outer")
-    return rows.sort_by("uid"), source
+    pairs = lake.read(tables.PAIRS, [*_POINTERS, "org_caption", "references"], shards=batch.shards)
+    rows = rows.join(flags, "uid", join_type="left outer").join(pairs.drop_columns(["org_caption"]), "uid",
+                                                               join_type="left outer")
+    return rows.sort_by("uid"), source, pairs
 
 
 def run_metrics(rows, *, min_distinct_ratio: float) -> dict:
@@ -109,7 +111,9 @@ def run_metrics(rows, *, min_distinct_ratio: float) -> dict:
     hallucination_org = quality.chair(org, refs)
     return {
         "rows": rows.num_rows,
-        "length": {"recaption": quality.length_stats(re_), "original": quality.length_stats(org)},
+        # The published word counts (hygiene.word_count), the same the cards and histograms show.
+        "length": {"recaption": quality.length_stats(rows.column("re_length").to_pylist()),
+                   "original": quality.length_stats(rows.column("org_length").to_pylist())},
         "vocabulary": quality.vocabulary(org, re_),
         "clip_win_rate": quality.win_rate(rows.column("re_clip_score").to_pylist(),
                                           rows.column("org_clip_score").to_pylist()),
@@ -130,7 +134,7 @@ def _run_page(lake: Lake, batch: Batch) -> str:
     from recap_tasks.config import ValidateConfig
 
     status = lake_status(lake)
-    rows, source = _run_rows(lake, batch)
+    rows, source, pairs = _run_rows(lake, batch)
     metrics = run_metrics(rows, min_distinct_ratio=ValidateConfig().min_distinct_ngram_ratio)
     per_row_bad = metrics.pop("_per_row_hallucinated")
     lake.write_json(f"_reports/runs/{batch.batch_id}/metrics.json", {"batch_id": batch.batch_id, **metrics})
@@ -162,7 +166,7 @@ def _run_page(lake: Lake, batch: Batch) -> str:
     scored = [r for r in records if r.get("re_clip_score") is not None]
     lowest_clip = sorted(scored, key=lambda r: r["re_clip_score"])[:_WORST]
     most_hal = sorted((r for r in records if hal_of.get(r["uid"])), key=lambda r: -len(hal_of[r["uid"]]))[:_WORST]
-    quarantined = _quarantined_rows(lake, batch)
+    quarantined = _quarantined_rows(lake, batch, pairs)
     thumbs = _thumbnails(lake, [*samples, *lowest_clip, *most_hal, *quarantined])
     parts = [
         f"<h1>Recap quality report: {html.escape(batch.batch_id)}</h1>",
@@ -222,13 +226,13 @@ def _paper_table(m: dict) -> str:
     return f"<table><tr><th>measure</th><th>original</th><th>recaption</th><th>note</th></tr>{body}</table>"
 
 
-def _quarantined_rows(lake: Lake, batch: Batch) -> list[dict]:
+def _quarantined_rows(lake: Lake, batch: Batch, pairs) -> list[dict]:
+    """The batch's quarantined rows (at most _WORST) with their original captions and image pointers."""
     q = lake.read(tables.QUARANTINE, ["uid", "batch_id", "failed", "re_caption"], shards=batch.shards)
     q = q.filter(pc.equal(q.column("batch_id"), batch.batch_id)).slice(0, _WORST)
     if q.num_rows == 0:
         return []
-    pairs = lake.read(tables.PAIRS, [*_POINTERS, "org_caption"], shards=batch.shards)
-    rows = q.join(pairs, "uid", join_type="inner").to_pylist()
+    rows = q.join(pairs.drop_columns(["references"]), "uid", join_type="inner").to_pylist()
     for r in rows:
         r["note"] = "failed: " + ", ".join(r.get("failed") or [])
     return rows
