@@ -1,17 +1,22 @@
 """Incremental run cost against the size of the lake: one new real shard into lakes of N rows.
 
-Usage: python benchmarks/scale.py [--rows 0 1000000 10000000] [--shard-rows 10000] [--data ../shared/data]
-                                 [--repeat 3] [--workdir DIR (keeps and reuses the seeded lakes)]
+Usage: python benchmarks/scale.py [--rows 0 1000000 10000000 | --shards 1000 130000] [--shard-rows 10000]
+                                 [--data ../shared/data] [--repeat 3] [--workdir DIR (keeps and reuses the seeded lakes)]
 
-For each N: a lake is seeded with N synthetic, fully processed rows (ingested, filtered, captioned,
-published; N / shard-rows shards, DataComp's 10k rows per shard by default) written through the
+Two kinds of scale: rows (`--rows`, in shards of --shard-rows, DataComp's 10k by default) and
+metadata (`--shards N --shard-rows 10`: the mission's 130,000 shards as tiny shards, so the table
+count of files, partitions and app transactions is the real one at a fraction of the bytes).
+
+For each size: a lake is seeded with synthetic, fully processed rows (ingested, filtered, captioned,
+published) written through the
 project's own writers (`Lake.append`, the dedup index, progress records) and left as `recap
 maintain` leaves a lake: tables compacted and checkpointed, the dedup index sorted by key. Then, in a fresh process, one new real shard
 (every COCO pair of ../shared/data/coco-mini-wds, 239 pairs, as one tar) runs stage by stage:
 ingest, filter (caption_length, image_size, caption_boilerplate, image_dedup: the corpus filters
 look the shard's images up in the lake's dedup index), caption (tiny random LLaVA), validate,
-publish, report, and `recap status`. Prints seconds per stage, the ratio to N=0, and the peak RSS
-of the run's process. Seeding happens in its own process and is not timed.
+publish, report, and `recap status`. Prints seconds per stage, the ratio to the first size, the peak
+RSS of the run's process, and per table of the seeded lake: data files, partitions, app
+transactions and the size of its Delta checkpoint. Seeding happens in its own process and is not timed.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from _machine import describe  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 CHAIN = {"filters": ["caption_length", "image_size", "caption_boilerplate", "image_dedup"]}
 STAGES = ["ingest", "filter", "caption", "validate", "publish", "report", "status"]
+TABLE_OPS = ["open pairs", "read 1 shard", "insert 100"]  # timed before the stages, not in the total
 WORDS = ("a photo of the red dog running on a sunny beach near blue water with people and tall trees "
          "in the background under clouds").split()
 
@@ -50,6 +56,7 @@ def seed(lake_dir: Path, rows: int, shard_rows: int, chunk_rows: int = 1_000_000
     import pyarrow as pa
 
     from recap_tasks import progress
+    from recap_tasks.config import FilterConfig
     from recap_tasks.filters import dedup_index
     from recap_tasks.lake import Lake
     from recap_tasks.maintenance import maintain
@@ -76,16 +83,17 @@ def seed(lake_dir: Path, rows: int, shard_rows: int, chunk_rows: int = 1_000_000
         key = np.char.zfill(idx.astype(str), 9)
         base = {"uid": pa.array(uid, pa.string()), "shard_id": pa.array(shard, pa.string())}
         ts = pa.array([now] * n, pa.timestamp("us", tz="UTC"))
-        lake.append("pairs", pa.table({**base, "key": key, "url": np.char.add("https://example.com/", key),
+        # Row tables through insert_new, as the stages write them (one app transaction per bucket).
+        lake.insert_new("pairs", pa.table({**base, "key": key, "url": np.char.add("https://example.com/", key),
                                        "org_caption": org, "sha256": pa.array(sha, pa.string()),
                                        "width": pa.array(np.full(n, 640), pa.int32()),
                                        "height": pa.array(np.full(n, 480), pa.int32()), "image_format": ["JPEG"] * n,
                                        "source_uri": pa.array(np.char.add("/data/", shard), pa.string()),
                                        "source_format": ["wds"] * n, "image_offset": idx * 1024,
                                        "image_size": np.full(n, 1024), "run_id": ["seed"] * n, "ingested_at": ts}))
-        lake.append("filter_results", pa.table({**base, "kept": np.ones(n, bool), "phash": phash,
+        lake.insert_new("filter_results", pa.table({**base, "kept": np.ones(n, bool), "phash": phash,
                                                 "run_id": ["seed"] * n, "filtered_at": ts}))
-        lake.append("captions", pa.table({**base, "re_caption": re_, "model": ["seed-model"] * n,
+        lake.insert_new("captions", pa.table({**base, "re_caption": re_, "model": ["seed-model"] * n,
                                           "prompt": ["p"] * n, "run_id": ["seed"] * n, "captioned_at": ts}))
         lake.append("recap", pa.table({**base, "url": np.char.add("https://example.com/", key), "re_caption": re_,
                                        "org_caption": org, "sha256": pa.array(sha, pa.string()), "key": key,
@@ -94,7 +102,7 @@ def seed(lake_dir: Path, rows: int, shard_rows: int, chunk_rows: int = 1_000_000
                                        "model": ["seed-model"] * n, "caption_run_id": ["seed"] * n,
                                        "publish_run_id": ["seed"] * n, "published_at": ts}))
         index_parts.append(dedup_index.entries(pa.table({"uid": base["uid"], "sha256": pa.array(sha, pa.string()),
-                                                         "phash": phash}), 4))
+                                                         "phash": phash}), FilterConfig().max_phash_distance))
         shard_ids = sorted(set(shard.tolist()))
         for stage in progress.STAGES:
             progress.record(lake, stage, shard_ids, run_id="seed")
@@ -110,6 +118,38 @@ def seed(lake_dir: Path, rows: int, shard_rows: int, chunk_rows: int = 1_000_000
     # As a maintained lake: compacted, checkpointed (what `recap maintain` does on a schedule).
     maintain(lake, tables=[t for t in ("pairs", "rejected", "filter_results", "captions", "recap", "quarantine",
                                        "progress") if lake.exists(t)])
+
+
+def table_metadata(lake_dir: Path) -> dict:
+    """Per table: data files, partitions, app transactions and checkpoint size (the latest one)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable
+
+    out = {}
+    for table in ("pairs", "rejected", "filter_results", "captions", "recap", "quarantine", "progress",
+                  "dedup_index"):
+        log_dir = lake_dir / table / "_delta_log"
+        if not log_dir.is_dir():
+            continue
+        dt = DeltaTable(str(lake_dir / table))
+        actions = pa.table(dt.get_add_actions(flatten=True))
+        parts = [c for c in actions.column_names if c.startswith("partition.")]
+        checkpoints = sorted(log_dir.glob("*.checkpoint*.parquet"))
+        txns = 0
+        if checkpoints:
+            latest = checkpoints[-1].name.split(".")[0]
+            files = [f for f in checkpoints if f.name.startswith(latest)]
+            txns = sum(pc.sum(pc.is_valid(pq.read_table(f, columns=["txn"]).column("txn"))).as_py() or 0
+                       for f in files)
+            size = sum(f.stat().st_size for f in files)
+        else:
+            size = 0
+        out[table] = {"files": actions.num_rows, "partitions": len({tuple(r.values()) for r in
+                                                                      actions.select(parts).to_pylist()}) if parts else 1,
+                      "app_transactions": txns, "checkpoint_mb": size / 1e6}
+    return out
 
 
 def coco_shard(data: Path, out: Path) -> Path:
@@ -137,7 +177,6 @@ def run_once(lake_dir: Path, shard: Path, model: Path, config_file: Path) -> dic
     from recap_tasks.validate import run_validate
 
     config = RecapConfig.load(config_file)
-    lake = Lake(lake_dir)
     out: dict = {}
 
     def timed(name, fn):
@@ -145,6 +184,18 @@ def run_once(lake_dir: Path, shard: Path, model: Path, config_file: Path) -> dic
         value = fn()
         out[name] = time.perf_counter() - t0
         return value
+
+    # The table-level costs the issue measured: open `pairs`, read one shard, insert 100 rows of a new shard.
+    import pyarrow as pa
+    from deltalake import DeltaTable
+
+    timed("open pairs", lambda: DeltaTable(str(lake_dir / "pairs")).version())
+    lake = Lake(lake_dir)
+    timed("read 1 shard", lambda: lake.read("pairs", shards=["seed/000000.tar"]))
+    new_rows = pa.table({"uid": [f"probe{i:027d}" for i in range(100)], "shard_id": ["probe/000000.tar"] * 100,
+                         "key": [f"{i:09d}" for i in range(100)]})
+    timed("insert 100", lambda: lake.insert_new("pairs", new_rows))
+    lake.delete("pairs", ["probe/000000.tar"], "uid LIKE 'probe%'")
 
     timed("ingest", lambda: ingest([str(shard)], lake, config=config.ingest, run_id="bench"))
     f = timed("filter", lambda: run_filter(lake, config=config.filter, run_id="bench"))
@@ -162,6 +213,7 @@ def run_once(lake_dir: Path, shard: Path, model: Path, config_file: Path) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[0, 1_000_000, 10_000_000])
+    parser.add_argument("--shards", type=int, nargs="+", help="seed by shard count (rows = shards x --shard-rows)")
     parser.add_argument("--shard-rows", type=int, default=10_000)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--workdir", type=Path, help="keep seeded lakes here and reuse them (default: a temporary folder)")
@@ -175,6 +227,8 @@ def main() -> None:
     if args._run:
         print(json.dumps(run_once(*map(Path, args._run))))
         return
+    if args.shards:
+        args.rows = [n * args.shard_rows for n in args.shards]
     if not (args.data / "coco-mini-wds").is_dir():
         sys.exit(f"scale.py: no {args.data}/coco-mini-wds; pass --data DIR (the shared data folder)")
     from recap_tasks.captioning.test_model import make_test_model
@@ -191,7 +245,8 @@ def main() -> None:
                                       "caption": {"batch_size": 16}, "validate": {"require_english": False}}))
         shard = coco_shard(args.data, work / "new" / "coco-all.tar")
         print(f"machine: {describe()}")
-        print(f"new shard: {shard.name}, lake shards of {args.shard_rows:,} rows, best of {args.repeat} per N")
+        print(f"new shard: {shard.name}, lake shards of {args.shard_rows:,} rows, best of {args.repeat} per N; "
+              f"shards per N: {', '.join(f'{n // args.shard_rows:,}' for n in args.rows)}")
         results = {}
         for n in args.rows:
             seeded = work / f"seed-{n}-{args.shard_rows}"
@@ -202,6 +257,10 @@ def main() -> None:
                                 str(seeded), str(n)], check=True)
                 (seeded / ".seeded").write_text(f"{n} rows\n")
                 print(f"  N={n:,}: seeded in {time.perf_counter() - t0:.0f} s", flush=True)
+            meta = table_metadata(seeded)
+            for table, m in meta.items():
+                print(f"  N={n:,} {table:<15} files {m['files']:>6,}  partitions {m['partitions']:>6,}  app "
+                      f"transactions {m['app_transactions']:>6,}  checkpoint {m['checkpoint_mb']:.2f} MB", flush=True)
             runs = []
             for _ in range(args.repeat):
                 lake = work / f"run-{n}"
@@ -214,23 +273,23 @@ def main() -> None:
                 runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 shutil.rmtree(lake, ignore_errors=True)
             # Best of the repeats per stage (these machines are shared); the largest peak RSS.
-            results[n] = {**{s: min(r[s] for r in runs) for s in STAGES}, "rows": runs[-1]["rows"],
+            results[n] = {**{s: min(r[s] for r in runs) for s in STAGES + TABLE_OPS}, "rows": runs[-1]["rows"],
                           "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
             print(f"  N={n:,}: rows {results[n]['rows']}", flush=True)
             if not args.workdir:
                 shutil.rmtree(seeded, ignore_errors=True)
         base = results[args.rows[0]]
-        header = f"{'stage':<10}" + "".join(f"{f'N={n:,}':>14}" for n in args.rows) + \
+        header = f"{'stage':<12}" + "".join(f"{f'N={n:,}':>14}" for n in args.rows) + \
             "".join(f"{f'x N={n:,}':>16}" for n in args.rows[1:])
         print(header)
-        for stage in STAGES:
-            line = f"{stage:<10}" + "".join(f"{results[n][stage]:>13.3f}s" for n in args.rows)
+        for stage in TABLE_OPS + STAGES:
+            line = f"{stage:<12}" + "".join(f"{results[n][stage]:>13.3f}s" for n in args.rows)
             line += "".join(f"{results[n][stage] / base[stage]:>15.2f}x" for n in args.rows[1:])
             print(line)
         total = {n: sum(results[n][s] for s in STAGES) for n in args.rows}
-        print(f"{'total':<10}" + "".join(f"{total[n]:>13.2f}s" for n in args.rows)
+        print(f"{'total':<12}" + "".join(f"{total[n]:>13.2f}s" for n in args.rows)
               + "".join(f"{total[n] / total[args.rows[0]]:>15.2f}x" for n in args.rows[1:]))
-        print(f"{'peak RSS':<10}" + "".join(f"{results[n]['peak_rss_mib']:>10.0f} MiB" for n in args.rows)
+        print(f"{'peak RSS':<12}" + "".join(f"{results[n]['peak_rss_mib']:>10.0f} MiB" for n in args.rows)
               + "".join(f"{results[n]['peak_rss_mib'] / base['peak_rss_mib']:>15.2f}x" for n in args.rows[1:]))
 
 

@@ -118,8 +118,12 @@ class FilterConfig:
     # Images are decoded once per row at most this long side for the model filters (faces, NSFW,
     # pHash, CLIP); blurring works on the full-size original.
     max_decode_side: int = 640
-    # Near-duplicate images: perceptual hashes within this many bits (of 64) are one image.
-    max_phash_distance: int = 4
+    # Near-duplicate images: perceptual hashes within this many bits (of 64) are one image. The
+    # index bands the pHash into radius+1 exact-match bands: 2 -> 3 bands of 21-22 bits, so a lookup
+    # meets ~N/2M candidates per band (~600 at 1.3B images); each bit more of radius narrows the
+    # bands and multiplies that (4 -> 13-bit bands, ~160k). Re-encoded and resized copies of photos
+    # land within 2 bits (BENCHMARKS.md, dedup index); crops are beyond any small radius.
+    max_phash_distance: int = 2
     # The same normalised caption on more distinct images than this is boilerplate.
     max_caption_repeats: int = 3
     # CLIP score (cosine of image and caption embeddings); a model id or local path turns the

@@ -106,6 +106,12 @@ class Lake:
             dt.update_incremental()
         return dt
 
+    def forget(self, table: str) -> None:
+        """Drop what this object cached of `table` (after it was rewritten by another path)."""
+        self._open.pop(table, None)
+        self._checked.discard(table)
+        self._known.discard(table)
+
     def write_delta(self, table: str, data: pa.Table, **kwargs) -> None:
         write_deltalake(self.path(table), data, storage_options=self.storage_options or None, **kwargs)
 
@@ -152,7 +158,7 @@ class Lake:
         self._known.add(table)
 
     def check_layout(self, table: str, dt: DeltaTable | None = None) -> None:
-        """A table written by an older Recap (no shard partitions) must be migrated first."""
+        """A table written by an older Recap (another partitioning) must be migrated first."""
         if table in self._checked:
             return
         want = list(schemas.TABLES[table].partition_by)
@@ -167,7 +173,8 @@ class Lake:
     def read(self, table: str, columns: list[str] | None = None, *, shards: Iterable[str] | None = None) -> pa.Table:
         """Read a table (or the named columns); an absent table reads as empty.
 
-        With `shards` (shard ids), only those shards' partitions are opened: the cost follows the
+        With `shards` (shard ids), only those shards' files are opened: their buckets' partitions,
+        pruned by the files' shard_key statistics, then row groups by theirs. The cost follows the
         shards asked for, not the size of the table.
         """
         schema = schemas.TABLES[table]
@@ -178,12 +185,12 @@ class Lake:
         dt = self.delta(table)
         if keys is not None:
             self.check_layout(table, dt)
-        present = set(dt.schema().to_arrow().names)
-        stored = [c for c in wanted if c in present]
-        pruning = None if keys is None else [(schemas.SHARD_KEY, "in", keys)]
-        # use_threads=False: a threaded scan makes the process abort at exit (delta-rs #2184).
-        data = _normalize(dt.to_pyarrow_dataset(file_pruning_predicate=pruning)
-                          .to_table(columns=stored, use_threads=False))
+            data = self.read_shards(table, dt, keys, columns=wanted)
+        else:
+            present = set(dt.schema().to_arrow().names)
+            # use_threads=False: a threaded scan makes the process abort at exit (delta-rs #2184).
+            data = _normalize(dt.to_pyarrow_dataset().to_table(columns=[c for c in wanted if c in present],
+                                                               use_threads=False))
         # Columns added to the schema after the table was written read as nulls.
         for name in wanted:
             if name not in data.column_names:
@@ -201,30 +208,30 @@ class Lake:
 
     def insert_new(self, table: str, data: pa.Table, keys: Iterable[str] = ("uid",)) -> int:
         """Insert rows whose keys are not in the table yet (MERGE ... WHEN NOT MATCHED INSERT, done
-        on the partitions of the shards in `data`: read their keys, append the new rows).
+        on the shards in `data`: read their keys, append the new rows).
 
-        A delta-rs MERGE plans over every file of the table, so its cost grows with the lake; an
-        append does not. Each commit carries one app transaction per partition it writes to, so
-        concurrent inserters into one shard conflict (delta-rs fails a commit whose app ids a
-        concurrent commit also wrote) and the loser retries against the winner's rows. Returns
-        the number of rows inserted.
+        A delta-rs MERGE plans over every file of the table; an append does not. Each commit
+        carries one app transaction per bucket it writes to (at most 256 per table, whatever the
+        shard count), so concurrent inserters into one shard conflict (delta-rs fails a commit
+        whose app ids a concurrent commit also wrote) and the loser retries against the winner's
+        rows. Returns the number of rows inserted.
         """
         if data.num_rows == 0:
             return 0
-        data = _conform(data, schemas.TABLES[table])
+        data = _clustered(_conform(data, schemas.TABLES[table]))
         self.ensure(table)
         keys = list(keys)
-        parts = sorted(set(data.column(schemas.SHARD_KEY).to_pylist()))
+        shards = sorted(set(data.column(schemas.SHARD_KEY).to_pylist()))
 
         def attempt(dt: DeltaTable) -> int:
-            present = self.read_partitions(table, dt, parts, columns=keys)
+            present = self.read_shards(table, dt, shards, columns=keys)
             new = data
             if present.num_rows:
                 new = data.filter(not_in(_key_strings(data, keys), _key_strings(present, keys)))
             if new.num_rows == 0:
                 return 0
             self.append_to(dt, new, commit_properties=CommitProperties(
-                app_transactions=partition_transactions(dt, f"recap-insert:{table}:", parts)))
+                app_transactions=bucket_transactions(dt, f"recap-insert:{table}:", shards)))
             return new.num_rows
 
         return self.commit(table, attempt)
@@ -242,27 +249,36 @@ class Lake:
                 time.sleep(min(1.0, 0.05 * 2**n) * (1 + random.random()))
         raise AssertionError("unreachable")
 
-    def read_partitions(self, table: str, dt: DeltaTable, keys: list[str], *,
-                        columns: list[str] | None = None) -> pa.Table:
-        """The rows of the partitions `keys` (shard keys) in the snapshot `dt` (all columns, conformed,
-        or just `columns`)."""
+    def read_shards(self, table: str, dt: DeltaTable, keys: list[str], *,
+                    columns: list[str] | None = None) -> pa.Table:
+        """The rows of the shards `keys` (shard keys) in the snapshot `dt`: all columns, conformed,
+        or just `columns` (as stored).
+
+        Files are chosen by partition (the keys' buckets) and by the min/max shard_key statistics
+        each file carries in the Delta log (`shard_predicate`); pyarrow then skips row groups by
+        their own statistics.
+        """
         schema = schemas.TABLES[table]
         if not keys:
             return schema.empty_table().select(columns) if columns else schema.empty_table()
         present = set(dt.schema().to_arrow().names)
-        ds = dt.to_pyarrow_dataset(file_pruning_predicate=[(schemas.SHARD_KEY, "in", keys)])
-        data = _normalize(ds.to_table(columns=[c for c in (columns or schema.arrow.names) if c in present],
-                                      use_threads=False))
+        wanted = [c for c in (columns or schema.arrow.names) if c in present]
+        dataset = dt.to_pyarrow_dataset(file_pruning_predicate=shard_predicate(keys))
+        data = _normalize(dataset.to_table(columns=wanted, filter=pc.field(schemas.SHARD_KEY).isin(keys),
+                                           use_threads=False))
         return data if columns else _conform(data, schema)
 
-    def replace_partitions(self, dt: DeltaTable, keys: list[str], data: pa.Table, **kwargs) -> None:
-        """Overwrite the partitions `keys` of the snapshot `dt` with `data` (conformed) in one commit.
+    def replace_shards(self, dt: DeltaTable, keys: list[str], data: pa.Table, **kwargs) -> None:
+        """Overwrite the rows of the shards `keys` in the snapshot `dt` with `data` in one commit.
 
-        Only those partitions are named (delta-rs finds their files from partition values, without
-        planning over the rest of the table, unlike a MERGE). A concurrent commit that touched them
-        makes this one fail with CommitFailedError: run it inside `commit` to retry.
+        The predicate names the keys' buckets (partitions) and keys: delta-rs rewrites only the
+        files holding those shards' rows (keeping their other rows). A concurrent commit that
+        touched them makes this one fail with CommitFailedError: run it inside `commit` to retry.
         """
-        write_deltalake(dt, data, mode="overwrite", predicate=f"{schemas.SHARD_KEY} IN ({sql_list(keys)})",
+        buckets = sorted({schemas.bucket_of(k) for k in keys})
+        write_deltalake(dt, _clustered(data), mode="overwrite",
+                        predicate=f"{schemas.SHARD_BUCKET} IN ({sql_list(buckets)}) AND "
+                                  f"{schemas.SHARD_KEY} IN ({sql_list(keys)})",
                         schema_mode="merge", **kwargs)
 
     def append_to(self, dt: DeltaTable, data: pa.Table, **kwargs) -> None:
@@ -272,10 +288,12 @@ class Lake:
 
     def delete(self, table: str, shard_ids: Iterable[str], where: str) -> int:
         """DELETE the rows of `shard_ids` matching the SQL predicate `where`; returns rows deleted."""
-        keys = sql_list(sorted({shard_key(s) for s in shard_ids}))
+        keys = sorted({shard_key(s) for s in shard_ids})
         if not keys or not self.exists(table):
             return 0
-        metrics = self.commit(table, lambda dt: dt.delete(f"{schemas.SHARD_KEY} IN ({keys}) AND ({where})"))
+        buckets = sql_list(sorted({schemas.bucket_of(k) for k in keys}))
+        predicate = f"{schemas.SHARD_BUCKET} IN ({buckets}) AND {schemas.SHARD_KEY} IN ({sql_list(keys)}) AND ({where})"
+        metrics = self.commit(table, lambda dt: dt.delete(predicate))
         return int(metrics.get("num_deleted_rows", 0))
 
     def append(self, table: str, data: pa.Table, **kwargs) -> None:
@@ -283,7 +301,7 @@ class Lake:
         if data.num_rows == 0:
             return
         self.ensure(table)
-        self.write_delta(table, _conform(data, schemas.TABLES[table]), mode="append", **kwargs)
+        self.write_delta(table, _clustered(_conform(data, schemas.TABLES[table])), mode="append", **kwargs)
 
     # Small records beside the tables (batches, run summaries, reports) ----------------------
 
@@ -374,15 +392,16 @@ def _normalize(data: pa.Table) -> pa.Table:
 def _conform(data: pa.Table, schema: schemas.TableSchema) -> pa.Table:
     """Order and cast columns to the table's declared schema; unknown columns are an error.
 
-    A shard table's partition column is always derived from `shard_id`.
+    A shard table's key and bucket columns are always derived from `shard_id`.
     """
     extra = set(data.column_names) - set(schema.arrow.names)
     if extra:
         raise ValueError(f"columns {sorted(extra)} are not in the {schema.name} table schema")
-    if schemas.SHARD_KEY in schema.partition_by:
-        keys = pa.array([shard_key(s) for s in data.column("shard_id").to_pylist()], pa.string())
-        data = data.drop_columns([c for c in data.column_names if c == schemas.SHARD_KEY])
-        data = data.append_column(schemas.SHARD_KEY, keys)
+    if schemas.SHARD_BUCKET in schema.partition_by:
+        keys = [shard_key(s) for s in data.column("shard_id").to_pylist()]
+        data = data.drop_columns([c for c in data.column_names if c in (schemas.SHARD_KEY, schemas.SHARD_BUCKET)])
+        data = data.append_column(schemas.SHARD_KEY, pa.array(keys, pa.string()))
+        data = data.append_column(schemas.SHARD_BUCKET, pa.array([schemas.bucket_of(k) for k in keys], pa.string()))
     columns = []
     for field in schema.arrow:
         if field.name in data.column_names:
@@ -401,11 +420,32 @@ def _sql_string(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def partition_transactions(dt: DeltaTable, prefix: str, keys: list[str]) -> list[Transaction]:
-    """One app transaction per partition key (`prefix` + key), each one version past the snapshot's:
-    two commits that write the same partition then conflict instead of both committing."""
-    return [Transaction(app_id=f"{prefix}{k}", version=(dt.transaction_version(f"{prefix}{k}") or 0) + 1)
-            for k in keys]
+def bucket_transactions(dt: DeltaTable, prefix: str, keys: list[str]) -> list[Transaction]:
+    """One app transaction per bucket of the shard `keys` (`prefix` + bucket), each one version past
+    the snapshot's: two commits that write the same bucket then conflict instead of both committing
+    (the loser retries and re-reads its shards). Bounded: one app id per bucket, not per shard."""
+    buckets = sorted({schemas.bucket_of(k) for k in keys})
+    return [Transaction(app_id=f"{prefix}{b}", version=(dt.transaction_version(f"{prefix}{b}") or 0) + 1)
+            for b in buckets]
+
+
+# Above this many shards in one read, files are pruned by bucket only (a long IN list costs more to
+# evaluate against every file's statistics than it saves: such a read spans most files anyway).
+_PRUNE_KEYS_MAX = 1000
+
+
+def shard_predicate(keys: list[str]) -> list[tuple]:
+    """File pruning for the shards `keys`: their buckets (partitions), then the files whose min/max
+    shard_key statistics in the Delta log admit one of the keys."""
+    pruning = [(schemas.SHARD_BUCKET, "in", sorted({schemas.bucket_of(k) for k in keys}))]
+    if len(keys) <= _PRUNE_KEYS_MAX:
+        pruning.append((schemas.SHARD_KEY, "in", sorted(keys)))
+    return pruning
+
+
+def _clustered(data: pa.Table) -> pa.Table:
+    """Rows of a shard table sorted by shard_key, as every file of a bucket is written."""
+    return data.sort_by(schemas.SHARD_KEY) if schemas.SHARD_KEY in data.column_names else data
 
 
 def _key_strings(data: pa.Table, keys: list[str]) -> pa.Array:

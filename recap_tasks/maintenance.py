@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 # Vacuum deletes files no longer referenced by the latest version. A reader still on an older
 # version, or anyone time-travelling to one, needs them: Delta's own default keeps 7 days.
 MIN_RETENTION_HOURS = 168
+# Rows per row group in a compacted shard-table file: about one DataComp shard (10k rows), so a read
+# of one shard from a bucket's ~1 GB of files reads about its own rows.
+SHARD_ROW_GROUP = 16_384
 
 
 def maintain(lake: Lake, *, tables: list[str] | None = None, retention_hours: int = MIN_RETENTION_HOURS,
@@ -37,6 +40,8 @@ def maintain(lake: Lake, *, tables: list[str] | None = None, retention_hours: in
         before = len(dt.file_uris())
         if dry_run:
             compacted = {}
+        elif name in schemas.SHARD_TABLES:
+            compacted = cluster_buckets(dt)
         elif name == DEDUP_INDEX:
             # Sorted by key: files and row groups then cover narrow key ranges, and lookups read
             # only the row groups their keys fall in.
@@ -57,6 +62,27 @@ def maintain(lake: Lake, *, tables: list[str] | None = None, retention_hours: in
                      "version": lake.version(name)}
         log.info("maintain %s: %s", name, out[name])
     return out
+
+
+def cluster_buckets(dt) -> dict:
+    """Compact each bucket that gained files since the last run into files sorted by shard_key
+    (z-order on the one column), with row groups small enough that a read of one shard skips the
+    rest. Buckets with a single file are already in that shape (writers sort what they append) and
+    are not rewritten: a maintain run costs the buckets that changed, not the table."""
+    from deltalake import WriterProperties
+
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    if actions.num_rows == 0:
+        return {}
+    buckets = actions.column(f"partition.{schemas.SHARD_BUCKET}").to_pylist()
+    counts: dict[str, int] = {}
+    for b in buckets:
+        counts[b] = counts.get(b, 0) + 1
+    changed = sorted(b for b, n in counts.items() if n > 1)
+    if not changed:
+        return {}
+    return dt.optimize.z_order([schemas.SHARD_KEY], partition_filters=[(schemas.SHARD_BUCKET, "in", changed)],
+                               writer_properties=WriterProperties(max_row_group_size=SHARD_ROW_GROUP))
 
 
 def history(lake: Lake, table: str = "recap", limit: int | None = 20) -> list[dict]:
@@ -87,17 +113,17 @@ def snapshot(lake: Lake, table: str = "recap", *, version: int | None = None, as
 
 
 def migrate(lake: Lake, *, run_id: str = "migrate") -> dict:
-    """Rewrite a lake made before shard partitions: tables partitioned by shard, per-shard progress
-    records (from the old ingest ledger and the tables), the dedup index, and batch shard lists.
+    """Rewrite a lake made by an older Recap: row tables into shard buckets (from no partitions, or
+    one partition per shard), per-shard progress records (from the old ingest ledger and the
+    tables), the dedup index, and batch shard lists. Run it with no stage writing to the lake.
 
-    Reads every table once (the one O(lake) step, done once); safe to rerun: a table already in
-    the new layout is left as it is, records and index entries are recomputed idempotently.
+    Reads every table once (the one O(lake) step, done once), a bucket at a time; safe to rerun: a
+    table already in the new layout is left as it is, records and index entries are recomputed
+    idempotently.
     """
     from recap_tasks import progress
     from recap_tasks.batches import all_batches, read_uids
     from recap_tasks.filters import dedup_index
-    from recap_tasks.lake import _conform, _normalize
-
     if not lake.exists():
         raise RecapError(f"no lake at {lake.uri}")
     out: dict = {"tables": {}}
@@ -105,30 +131,31 @@ def migrate(lake: Lake, *, run_id: str = "migrate") -> dict:
         if not lake.exists(name):
             continue
         dt = lake.delta(name)
-        if list(dt.metadata().partition_columns) == list(schemas.TABLES[name].partition_by):
-            out["tables"][name] = "already partitioned"
+        have = list(dt.metadata().partition_columns)
+        if have == list(schemas.TABLES[name].partition_by):
+            out["tables"][name] = "already in the bucket layout"
             continue
-        data = dt.to_pyarrow_dataset().to_table(use_threads=False)
-        data = _conform(_normalize(data), schemas.TABLES[name])
-        lake.write_delta(name, data, mode="overwrite", schema_mode="overwrite",
-                         partition_by=list(schemas.TABLES[name].partition_by))
-        out["tables"][name] = f"{data.num_rows} rows repartitioned by shard"
+        rows = _rewrite_bucketed(lake, name, dt)
+        out["tables"][name] = f"{rows} rows rewritten from {have or 'no partitions'} into shard buckets"
         log.info("migrate %s: %s", name, out["tables"][name])
-    # Progress records: the old ingest ledger holds what ingest knew of each source file.
-    sources = {}
-    for rel in lake.list("_ledger/ingest", ".json"):
-        entry = lake.read_json(rel) or {}
-        if entry.get("shard_id"):
-            sources[entry["shard_id"]] = {k: entry.get(k) for k in ("source_uri", "size", "mtime_ns", "truncated",
-                                                                    "detail")}
-    pairs = lake.read("pairs", ["uid", "shard_id", "sha256"])
-    rejected = lake.read("rejected", ["shard_id"])
-    shard_ids = sorted(set(sources) | set(pairs.column("shard_id").to_pylist())
-                       | set(rejected.column("shard_id").to_pylist()))
-    stages = [s for s in progress.STAGES if s != "download"]  # lakes this old never read download records
-    for stage in stages:
-        progress.record(lake, stage, shard_ids, run_id=run_id, sources=sources if stage == "ingest" else None)
-    out["progress_records"] = len(shard_ids) * len(stages)
+    # Progress records (lakes before them had none): the old ingest ledger holds what ingest knew
+    # of each source file. A lake that has them keeps them as they are.
+    pairs = None
+    if not lake.exists(progress.PROGRESS):
+        sources = {}
+        for rel in lake.list("_ledger/ingest", ".json"):
+            entry = lake.read_json(rel) or {}
+            if entry.get("shard_id"):
+                sources[entry["shard_id"]] = {k: entry.get(k) for k in ("source_uri", "size", "mtime_ns", "truncated",
+                                                                        "detail")}
+        pairs = lake.read("pairs", ["uid", "shard_id", "sha256"])
+        rejected = lake.read("rejected", ["shard_id"])
+        shard_ids = sorted(set(sources) | set(pairs.column("shard_id").to_pylist())
+                           | set(rejected.column("shard_id").to_pylist()))
+        stages = [s for s in progress.STAGES if s != "download"]  # lakes this old never read download records
+        for stage in stages:
+            progress.record(lake, stage, shard_ids, run_id=run_id, sources=sources if stage == "ingest" else None)
+        out["progress_records"] = len(shard_ids) * len(stages)
     # The dedup index, from the rows the filter kept: built when absent, rebuilt when it was written
     # by an older Recap or for another pHash radius.
     from recap_tasks.config import RecapConfig
@@ -140,19 +167,89 @@ def migrate(lake: Lake, *, run_id: str = "migrate") -> dict:
     except RecapError:
         stale = True
     if (stale or not lake.exists(DEDUP_INDEX)) and lake.exists("filter_results"):
+        pairs = pairs or lake.read("pairs", ["uid", "shard_id", "sha256"])
         out["dedup_index_entries"] = dedup_index.add_kept(
             lake, lake.read("filter_results", ["uid", "kept", "phash"]),
             dict(zip(pairs.column("uid").to_pylist(), pairs.column("sha256").to_pylist())),
             max_distance, replace=True)
     # Batches now name their shards (reports and publish read only those).
-    shard_of = dict(zip(pairs.column("uid").to_pylist(), pairs.column("shard_id").to_pylist()))
-    for batch in all_batches(lake):
-        if not batch.shards:
-            try:
-                uids = read_uids(lake, batch).to_pylist()
-            except FileNotFoundError:
-                continue
-            batch.shards = sorted({shard_of[u] for u in uids if u in shard_of})
-            batch.save(lake)
+    unnamed = [b for b in all_batches(lake) if not b.shards]
+    if unnamed:
+        pairs = pairs or lake.read("pairs", ["uid", "shard_id", "sha256"])
+        shard_of = dict(zip(pairs.column("uid").to_pylist(), pairs.column("shard_id").to_pylist()))
+    for batch in unnamed:
+        try:
+            uids = read_uids(lake, batch).to_pylist()
+        except FileNotFoundError:
+            continue
+        batch.shards = sorted({shard_of[u] for u in uids if u in shard_of})
+        batch.save(lake)
     log.info("migrate %s: %s", lake.uri, out)
     return out
+
+
+def _rewrite_bucketed(lake: Lake, name: str, dt) -> int:
+    """Rewrite table `name` (snapshot `dt`, another layout) partitioned by shard bucket, each bucket
+    sorted by shard_key; returns its rows. Streams one old bucket's rows at a time.
+
+    A local table is written fresh beside the old one, which is then moved to `_migrated/` (kept
+    for rollback; delete it once satisfied): the new log starts without the old layout's
+    per-shard app transactions, which an in-place overwrite would carry into every checkpoint. On
+    object storage the table is overwritten in place (one commit; those entries stay)."""
+    from deltalake import CommitProperties, Transaction, write_deltalake
+
+    from recap_tasks.batches import all_batches
+    from recap_tasks.lake import _clustered, _conform, _normalize
+    from recap_tasks.publish import APP_ID_PREFIX
+
+    schema = schemas.TABLES[name]
+    old = list(dt.metadata().partition_columns)
+    counted = [0]
+
+    import pyarrow.parquet as pq
+
+    actions = pa.table(dt.get_add_actions(flatten=True)).to_pylist()
+    groups: dict[str, list[str]] = {}
+    for action in actions:  # one partition per shard: the old files bucket by bucket; else one group
+        key = action.get(f"partition.{schemas.SHARD_KEY}") if old == [schemas.SHARD_KEY] else None
+        groups.setdefault(schemas.bucket_of(key) if key else "", []).append(action["path"])
+
+    def batches():
+        # The old files are read with pyarrow's own filesystem: a delta-rs read inside the delta-rs
+        # write that consumes this stream would nest its runtime.
+        for _, paths in sorted(groups.items()):
+            parts = []
+            for path in paths:
+                data = _normalize(pq.read_table(f"{lake._fs_root}/{name}/{path}", filesystem=lake.fs))
+                data = data.drop_columns([c for c in data.column_names
+                                          if c in (schemas.SHARD_KEY, schemas.SHARD_BUCKET)])
+                parts.append(_conform(data, schema))  # shard key and bucket recomputed from shard_id
+            data = _clustered(pa.concat_tables(parts)) if parts else schema.empty_table()
+            counted[0] += data.num_rows
+            yield from data.to_batches()
+
+    txns = []
+    if name == "recap":  # publish's exactly-once marks must survive the rewrite
+        for batch in all_batches(lake):
+            version = dt.transaction_version(APP_ID_PREFIX + batch.batch_id)
+            if version is not None:
+                txns.append(Transaction(app_id=APP_ID_PREFIX + batch.batch_id, version=version))
+    commit = CommitProperties(app_transactions=txns or None, custom_metadata={"recap.operation": "migrate"})
+    reader = pa.RecordBatchReader.from_batches(schema.arrow, batches())
+    kwargs = dict(partition_by=list(schema.partition_by), storage_options=lake.storage_options or None,
+                  commit_properties=commit)
+    if lake.is_local:
+        import shutil
+        import time
+
+        fresh = lake.root / "_migrated" / f"{name}.new"
+        shutil.rmtree(fresh, ignore_errors=True)
+        write_deltalake(str(fresh), reader, mode="error", **kwargs)
+        kept = lake.root / "_migrated" / f"{name}.{time.strftime('%Y%m%dT%H%M%S')}"
+        (lake.root / name).rename(kept)
+        fresh.rename(lake.root / name)
+        log.info("migrate %s: the old table is kept in %s", name, kept)
+    else:
+        write_deltalake(lake.path(name), reader, mode="overwrite", schema_mode="overwrite", **kwargs)
+    lake.forget(name)
+    return counted[0]

@@ -14,13 +14,13 @@ from recap_tasks import lake as tables
 from recap_tasks import progress as shard_progress
 from recap_tasks.batches import Batch, all_batches, candidate_rows, read_uids
 from recap_tasks.errors import RecapError, ValidationFailed
-from recap_tasks.lake import Lake, _conform, not_in, partition_transactions
+from recap_tasks.lake import Lake, _conform, bucket_transactions, not_in
 from recap_tasks.runs import new_run_id, utcnow
 
 log = logging.getLogger(__name__)
 
 APP_ID_PREFIX = "recap-publish:"
-SHARD_APP_ID_PREFIX = "recap-publish-shard:"
+BUCKET_APP_ID_PREFIX = "recap-publish-bucket:"
 
 
 @dataclass
@@ -61,26 +61,25 @@ def run_publish(lake: Lake, *, batch_id: str | None = None, run_id: str | None =
     schema = tables.schemas.RECAP.arrow
     data = _conform(rows.select([c for c in schema.names if c in rows.column_names]), tables.schemas.RECAP)
     metadata = {"recap.batch_id": batch.batch_id, "recap.run_id": run_id}
-    # MERGE by uid, done on the batch's own partitions: read them, then append the new uids (or, when
-    # the batch re-captions published uids, overwrite those partitions). A delta-rs MERGE or
-    # predicate overwrite plans over every file of the table; an append does not.
+    # Insert-or-replace by uid, done on the batch's own shards: read their published rows, then append
+    # the new uids (or, when the batch re-captions published uids, overwrite those shards' rows).
     keys = sorted(set(data.column(tables.schemas.SHARD_KEY).to_pylist()))
 
     def attempt(dt):
         if dt.transaction_version(app_id) is not None:
             return 0, 0  # a concurrent publisher of the same batch won
-        current = lake.read_partitions(tables.RECAP, dt, keys)
+        current = lake.read_shards(tables.RECAP, dt, keys)
         take, inserted, updated = _apply(current, data)
         if take.num_rows == 0:
             return 0, 0
-        # One app transaction per partition written, besides the batch's: delta-rs fails a commit
-        # whose app ids a concurrent commit also wrote, so two publishers of one shard serialise
-        # (the loser retries, re-reads the partition and skips what the winner added).
-        txns = [Transaction(app_id=app_id, version=1), *partition_transactions(dt, SHARD_APP_ID_PREFIX, keys)]
+        # One app transaction per bucket written, besides the batch's: delta-rs fails a commit whose
+        # app ids a concurrent commit also wrote, so two publishers of one shard serialise (the
+        # loser retries, re-reads the shard and skips what the winner added).
+        txns = [Transaction(app_id=app_id, version=1), *bucket_transactions(dt, BUCKET_APP_ID_PREFIX, keys)]
         commit = CommitProperties(app_transactions=txns, custom_metadata=metadata)
         if updated:
             kept = current.filter(not_in(current.column("uid"), take.column("uid").combine_chunks()))
-            lake.replace_partitions(dt, keys, pa.concat_tables([kept, take]), commit_properties=commit)
+            lake.replace_shards(dt, keys, pa.concat_tables([kept, take]), commit_properties=commit)
         else:
             lake.append_to(dt, take, commit_properties=commit)
         return inserted, updated
@@ -97,7 +96,7 @@ def run_publish(lake: Lake, *, batch_id: str | None = None, run_id: str | None =
 
 
 def _apply(current: pa.Table, batch: pa.Table) -> tuple[pa.Table, int, int]:
-    """The batch rows to write over `current` (the published rows of its partitions): new uids, and
+    """The batch rows to write over `current` (the published rows of its shards): new uids, and
     uids re-captioned since (another caption or model); the same caption again is left as it is."""
     known = pc.is_in(batch.column("uid"), value_set=current.column("uid").combine_chunks())
     new = batch.filter(pc.invert(known))

@@ -9,16 +9,26 @@ import pyarrow as pa
 _TS = pa.timestamp("us", tz="UTC")
 
 
-# Every table of per-shard rows is partitioned by the shard's key (readers.shard_key): a stage
-# called for some shards reads and MERGEs into only their partitions, whatever the lake's size.
+# Every table of per-shard rows carries the shard's key (readers.shard_key: 16 hex digits of
+# sha1(shard id)) and is partitioned by its bucket, the key's first BUCKET_DIGITS hex digits: 256
+# partitions whatever the shard count (~1-2 GB each at 1.3B rows, Delta's advised partition size).
+# Within a bucket, files are written and compacted sorted by shard_key, so the per-file statistics
+# in the Delta log (and the row groups' own) prune a read to the shard's files and row groups.
 SHARD_KEY = "shard_key"
+SHARD_BUCKET = "shard_bucket"
+BUCKET_DIGITS = 2
+
+
+def bucket_of(shard_key: str) -> str:
+    """The partition (bucket) of a shard key."""
+    return shard_key[:BUCKET_DIGITS]
 
 
 @dataclass(frozen=True)
 class TableSchema:
     name: str
     arrow: pa.Schema
-    partition_by: tuple[str, ...] = (SHARD_KEY,)
+    partition_by: tuple[str, ...] = (SHARD_BUCKET,)
 
     def empty_table(self) -> pa.Table:
         return self.arrow.empty_table()
@@ -49,7 +59,8 @@ PAIRS = TableSchema(
             pa.field("source_row", pa.int64()),  # parquet: row index in the file
             pa.field("image_column", pa.string()),  # parquet: column holding the bytes
             pa.field("shard_id", pa.string()),  # "<folder>/<file>": the work unit
-            pa.field(SHARD_KEY, pa.string()),  # partition: readers.shard_key(shard_id)
+            pa.field(SHARD_KEY, pa.string()),  # readers.shard_key(shard_id): the clustering key
+            pa.field(SHARD_BUCKET, pa.string()),  # partition: bucket_of(shard_key)
             pa.field("run_id", pa.string()),
             pa.field("ingested_at", _TS),
         ]
@@ -64,6 +75,7 @@ REJECTED = TableSchema(
             pa.field("key", pa.string()),
             pa.field("shard_id", pa.string()),
             pa.field(SHARD_KEY, pa.string()),
+            pa.field(SHARD_BUCKET, pa.string()),
             pa.field("stage", pa.string()),  # download | ingest | filter | caption | validate
             pa.field("reason", pa.string()),  # short snake_case, doubles as a statistics key
             pa.field("detail", pa.string()),  # human-readable context (exception text, values)
@@ -80,6 +92,7 @@ FILTER_RESULTS = TableSchema(
             pa.field("uid", pa.string(), nullable=False),
             pa.field("shard_id", pa.string()),
             pa.field(SHARD_KEY, pa.string()),
+            pa.field(SHARD_BUCKET, pa.string()),
             pa.field("kept", pa.bool_()),
             pa.field("reason", pa.string()),  # null when kept
             # Scores are kept beside the verdict so thresholds can change without recomputing.
@@ -109,6 +122,7 @@ CAPTIONS = TableSchema(
             pa.field("uid", pa.string(), nullable=False),
             pa.field("shard_id", pa.string()),
             pa.field(SHARD_KEY, pa.string()),
+            pa.field(SHARD_BUCKET, pa.string()),
             pa.field("re_caption", pa.string()),
             pa.field("model", pa.string()),
             pa.field("prompt", pa.string()),
@@ -149,6 +163,7 @@ RECAP = TableSchema(
             pa.field("height", pa.int32()),
             pa.field("shard_id", pa.string()),
             pa.field(SHARD_KEY, pa.string()),
+            pa.field(SHARD_BUCKET, pa.string()),
             pa.field("model", pa.string()),
             pa.field("prompt", pa.string()),
             pa.field("generation", pa.string()),
@@ -171,6 +186,7 @@ QUARANTINE = TableSchema(
             pa.field("key", pa.string()),
             pa.field("shard_id", pa.string()),
             pa.field(SHARD_KEY, pa.string()),
+            pa.field(SHARD_BUCKET, pa.string()),
             pa.field("batch_id", pa.string()),
             pa.field("failed", pa.list_(pa.string())),
             pa.field("re_caption", pa.string()),
@@ -226,5 +242,5 @@ DEDUP_INDEX = TableSchema(
 )
 
 TABLES = {t.name: t for t in (PAIRS, REJECTED, FILTER_RESULTS, CAPTIONS, RECAP, QUARANTINE, PROGRESS, DEDUP_INDEX)}
-# Tables whose rows belong to one source shard each (partitioned by shard_key).
-SHARD_TABLES = tuple(t.name for t in TABLES.values() if t.partition_by == (SHARD_KEY,))
+# Tables whose rows belong to one source shard each (partitioned by shard bucket).
+SHARD_TABLES = tuple(t.name for t in TABLES.values() if t.partition_by == (SHARD_BUCKET,))

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pyarrow as pa
+import pytest
 from deltalake import write_deltalake
 
 from recap_tasks import progress, schemas
@@ -14,6 +15,7 @@ from recap_tasks.config import RecapConfig
 from recap_tasks.lake import Lake
 from recap_tasks.maintenance import migrate
 from recap_tasks.pipeline import run_pipeline
+from recap_tasks.publish import run_publish
 from recap_tasks.readers import shard_id_for, shard_key
 from recap_tasks.status import lake_status, reconcile
 
@@ -40,9 +42,14 @@ def test_incremental_run_never_reads_other_shards(tmp_path, sample_shards, tiny_
     key = shard_key(shard_id_for(old))
     damaged = 0
     for table in schemas.SHARD_TABLES:
-        for f in (lake.root / table).glob(f"{schemas.SHARD_KEY}={key}/*.parquet"):
-            f.write_bytes(b"not parquet")
-            damaged += 1
+        if not lake.exists(table):
+            continue
+        actions = pa.table(lake.delta(table).get_add_actions(flatten=True)).to_pylist()
+        for a in actions:  # the files whose statistics say they hold the old shard's rows
+            assert a[f"partition.{schemas.SHARD_BUCKET}"] == schemas.bucket_of(a[f"min.{schemas.SHARD_KEY}"])
+            if a[f"min.{schemas.SHARD_KEY}"] <= key <= a[f"max.{schemas.SHARD_KEY}"]:
+                (lake.root / table / a["path"]).write_bytes(b"not parquet")
+                damaged += 1
     assert damaged >= 4  # pairs, filter_results, captions, recap (+ rejected, quarantine if any)
     shutil.rmtree(lake.root / "_blurred", ignore_errors=True)
 
@@ -72,15 +79,30 @@ def test_a_copy_in_a_later_shard_is_found_through_the_index(tmp_path, sample_sha
     assert lake_status(lake)["balanced"]
 
 
-def _to_old_layout(lake: Lake) -> None:
-    """Rewrite a lake as Recap wrote it before shard partitions: unpartitioned tables without
-    shard_key, an ingest ledger of JSON files, no progress table or dedup index, no batch shards."""
+def _to_old_layout(lake: Lake, layout: str) -> None:
+    """Rewrite a lake as an older Recap wrote it.
+
+    "unpartitioned": the first layout (unpartitioned tables without shard_key, an ingest ledger of
+    JSON files, no progress table or dedup index, no batch shards). "per-shard": one partition per
+    shard_key, each write carrying one app transaction per shard (as before shard buckets)."""
+    from deltalake import CommitProperties, Transaction
+
     for table in schemas.SHARD_TABLES:
         if not lake.exists(table):
             continue
-        data = lake.read(table).drop_columns([schemas.SHARD_KEY])
+        data = lake.read(table).drop_columns([schemas.SHARD_BUCKET])
         shutil.rmtree(lake.root / table)
-        write_deltalake(lake.path(table), data)
+        if layout == "per-shard":
+            keys = sorted(set(data.column(schemas.SHARD_KEY).to_pylist()))
+            txns = [Transaction(app_id=f"recap-insert:{table}:{k}", version=1) for k in keys]
+            if table == "recap":
+                txns += [Transaction(app_id=f"recap-publish:{b.batch_id}", version=1) for b in all_batches(lake)]
+            write_deltalake(lake.path(table), data, partition_by=[schemas.SHARD_KEY],
+                            commit_properties=CommitProperties(app_transactions=txns))
+        else:
+            write_deltalake(lake.path(table), data.drop_columns([schemas.SHARD_KEY]))
+    if layout == "per-shard":
+        return
     for rec in progress.latest(lake, stages=("ingest",)).to_pylist():
         import hashlib
 
@@ -93,12 +115,14 @@ def _to_old_layout(lake: Lake) -> None:
         batch.save(lake)
 
 
-def test_migrate_rewrites_an_old_lake_and_runs_go_on(tmp_path, sample_shards, tiny_model):
+@pytest.mark.parametrize("layout", ["unpartitioned", "per-shard"])
+def test_migrate_rewrites_an_old_lake_and_runs_go_on(tmp_path, sample_shards, tiny_model, layout):
     config = _config(tmp_path)
     old, new = sorted(sample_shards.glob("*.tar"))
     lake = Lake(tmp_path / "lake")
     first = run_pipeline([str(old)], lake, model=str(tiny_model), config=config, run_id="first")
-    _to_old_layout(lake)
+    published = lake.read("recap").sort_by("uid")
+    _to_old_layout(lake, layout)
     try:
         run_pipeline([str(new)], Lake(lake.uri), model=str(tiny_model), config=config, run_id="refused")
     except Exception as exc:  # an old lake is refused with the command that fixes it
@@ -106,8 +130,20 @@ def test_migrate_rewrites_an_old_lake_and_runs_go_on(tmp_path, sample_shards, ti
     else:
         raise AssertionError("an old-layout lake must be refused before any write")
     out = migrate(Lake(lake.uri))
-    assert "repartitioned" in out["tables"]["pairs"]
+    assert "into shard buckets" in out["tables"]["pairs"]
     lake = Lake(lake.uri)
+    assert lake.read("recap").sort_by("uid").equals(published)
+    for table in schemas.SHARD_TABLES:  # no per-shard app transactions survive the rewrite
+        if lake.exists(table):
+            dt = lake.delta(table)
+            assert list(dt.metadata().partition_columns) == [schemas.SHARD_BUCKET]
+            assert all(dt.transaction_version(f"recap-insert:{table}:{k}") is None
+                       for k in set(published.column(schemas.SHARD_KEY).to_pylist()))
+    # The published batch is still known as published: publishing it again changes nothing.
+    again = run_publish(lake, batch_id=all_batches(lake)[0].batch_id)
+    if layout == "per-shard":  # its app transaction was carried into the new table
+        assert again.already_published
+    assert (again.inserted, again.updated) == (0, 0)
     status = lake_status(lake)
     assert status["balanced"] and status["published"] == first["publish"]["inserted"]
     assert all_batches(lake)[0].shards == [shard_id_for(old)]
@@ -115,5 +151,5 @@ def test_migrate_rewrites_an_old_lake_and_runs_go_on(tmp_path, sample_shards, ti
     second = run_pipeline([str(old), str(new)], lake, model=str(tiny_model), config=config, run_id="second")
     assert second["ingest"]["shards_skipped"] == 1 and second["publish"]["inserted"] > 0
     assert lake_status(lake)["balanced"]
-    assert migrate(lake)["tables"]["pairs"] == "already partitioned"
+    assert migrate(lake)["tables"]["pairs"] == "already in the bucket layout"
     assert pa.table(lake.delta("pairs").get_add_actions(flatten=True)).num_rows >= 2

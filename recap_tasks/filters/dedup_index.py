@@ -216,7 +216,53 @@ def _meets(los: np.ndarray, his: np.ndarray, lows: np.ndarray, highs: np.ndarray
 
 
 def _candidate_groups(meta: pq.FileMetaData, column: int, los: np.ndarray, his: np.ndarray) -> list[int]:
-    """Row groups whose [min, max] of the key column meets one of the probe ranges."""
+    """Row groups whose [min, max] of the key column meets one of the probe ranges.
+
+    Index files are sorted by key (written sorted, re-sorted by `recap maintain`), so each probe's
+    groups are found by bisecting the row groups' statistics: O(probes x log(row groups)) statistics
+    read instead of all of them (a file's footer holds ~N / 2,048 row groups). A file whose
+    statistics turn out not to be in order, or a probe set large enough that reading every
+    group's statistics is cheaper, takes the scan over all of them.
+    """
+    n = meta.num_row_groups
+    if n == 0:
+        return []
+    if len(los) * 2 * n.bit_length() >= n:
+        return _scan_groups(meta, column, los, his)
+    cache: dict[int, tuple[int, int] | None] = {}
+
+    def stats(g: int):
+        if g not in cache:
+            st = meta.row_group(g).column(column).statistics
+            cache[g] = (st.min, st.max) if st is not None and st.has_min_max else None
+        return cache[g]
+
+    out: list[int] = []
+    for lo, hi in zip(los.tolist(), his.tolist()):
+        a, b = 0, n
+        while a < b:  # the first group whose max reaches lo
+            m = (a + b) // 2
+            st = stats(m)
+            if st is None:
+                return _scan_groups(meta, column, los, his)
+            a, b = (m + 1, b) if st[1] < lo else (a, m)
+        g = a
+        while g < n:
+            st = stats(g)
+            if st is None:
+                return _scan_groups(meta, column, los, his)
+            if st[0] > hi:
+                break
+            out.append(g)
+            g += 1
+    seen = sorted(cache.items())
+    if any(p[1] is None or q[1] is None or p[1][1] > q[1][0] for p, q in zip(seen, seen[1:])):
+        return _scan_groups(meta, column, los, his)  # not sorted: bisecting could miss groups
+    return sorted(set(out))
+
+
+def _scan_groups(meta: pq.FileMetaData, column: int, los: np.ndarray, his: np.ndarray) -> list[int]:
+    """`_candidate_groups` by reading every row group's statistics."""
     n = meta.num_row_groups
     lows = np.empty(n, dtype=np.int64)
     highs = np.empty(n, dtype=np.int64)
