@@ -50,3 +50,13 @@ def test_download_benchmark_smoke():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split() for line in proc.stdout.splitlines() if line.strip()[:1] in ("1", "2")]
     assert [r[0] for r in rows] == ["1", "2"] and all(float(r[1]) > 0 for r in rows), proc.stdout
+
+
+def test_dedup_index_benchmark_smoke(tmp_path):
+    """The dedup index benchmark's code path on small indexes: seeding, lookups, recall on planted copies."""
+    proc = subprocess.run([sys.executable, "benchmarks/dedup_index.py", "--entries", "20000", "40000", "--radius", "2",
+                           "--batch", "40", "--repeat", "1", "--data", str(tmp_path / "no-data")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [line for line in proc.stdout.splitlines() if "new images:" in line]
+    assert len(runs) == 2 and all("recall 1.000" in line for line in runs), proc.stdout
