@@ -35,7 +35,7 @@ from recap_tasks.lake import DEDUP_INDEX, Lake
 log = logging.getLogger(__name__)
 
 SHA = "sha"
-ROW_GROUP = 2048  # entries per row group: what one probe costs at most, per file
+ROW_GROUP = 2048  # entries per row group: what one probe reads at most (16 KiB of keys), per file
 _BITS = 64
 _U64 = np.uint64
 
@@ -173,20 +173,24 @@ def lookup(lake: Lake, kind: str, lows: np.ndarray, highs: np.ndarray, columns: 
     actions = actions.filter(pc.equal(actions.column("partition.kind"), kind))
     if actions.num_rows == 0:
         return empty
-    hits = _meets(los, his, actions.column("min.key").to_numpy(zero_copy_only=False),
-                  actions.column("max.key").to_numpy(zero_copy_only=False))
+    file_lo = actions.column("min.key").to_numpy(zero_copy_only=False)
+    file_hi = actions.column("max.key").to_numpy(zero_copy_only=False)
+    hits = _meets(los, his, file_lo, file_hi)
     out = []
-    for path in actions.column("path").filter(pa.array(hits)).to_pylist():
+    for path, lo, hi in zip(actions.column("path").filter(pa.array(hits)).to_pylist(), file_lo[hits], file_hi[hits]):
+        # Only the probes this file's key range can hold (sorted files split the key space between them).
+        mine = (his >= lo) & (los <= hi)
+        f_los, f_his = los[mine], his[mine]
         with lake.fs.open_input_file(f"{lake._fs_root}/{DEDUP_INDEX}/{path}") as f:
             # pre_buffer off: it coalesces reads into large ranges, 4x slower for scattered small row groups.
             pf = pq.ParquetFile(f, pre_buffer=False)
             meta = pf.metadata
-            groups = _candidate_groups(meta, meta.schema.to_arrow_schema().get_field_index("key"), los, his)
+            groups = _candidate_groups(meta, meta.schema.to_arrow_schema().get_field_index("key"), f_los, f_his)
             if not groups:
                 continue
             # Pass 1: the keys of every candidate row group, in one read.
             keys = pf.read_row_groups(groups, columns=["key"], use_threads=False).column("key").to_numpy()
-            hit_rows = _in_ranges(keys, los, his)
+            hit_rows = _in_ranges(keys, f_los, f_his)
             if keep is not None and len(hit_rows):
                 hit_rows = hit_rows[keep(keys[hit_rows])]
             if len(hit_rows) == 0:
