@@ -125,20 +125,27 @@ def cmd_demo(args):
 
 
 def cmd_status(args):
-    from recap_tasks.status import format_status, lake_status, reconcile
+    from recap_tasks.status import format_status, format_verified, lake_status, verify
 
     lake = _lake(args, must_exist=True)
     status = lake_status(lake)
+    verified = None
     if args.verify or args.shard:
         from recap_tasks.progress import latest
 
         shards = args.shard or sorted(set(latest(lake).column("shard_id").to_pylist()))
-        status["verified"] = reconcile(lake, shards)
-        status["balanced"] = status["balanced"] and status["verified"]["balanced"]
+        verified = verify(lake, shards)
+        status["verified"] = verified
+        status["balanced"] = status["balanced"] and verified["ok"]
     if args.json:
         _print(status)
     else:
         print(format_status(status))
+        if verified is not None:
+            print(format_verified(verified))
+    if verified is not None and not verified["ok"]:
+        return 1  # a scheduled check alerts on the exit status
+    return 0
 
 
 def cmd_report(args):
@@ -357,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     try:
-        args.func(args)
+        code = args.func(args)
     except KeyboardInterrupt:
         print(f"recap {args.command}: interrupted; finished shards are kept, rerun to resume", file=sys.stderr)
         return 130
@@ -371,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(message.split())  # one line, whatever the cause's text held
         print(f"recap {args.command}: error: {message[:1500]}{hint}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def expected_error(exc: BaseException) -> str | None:

@@ -284,7 +284,7 @@ class Lake:
     def append_to(self, dt: DeltaTable, data: pa.Table, **kwargs) -> None:
         """Append `data` (conformed) as a commit on the snapshot `dt` (its version is the one
         conflicts are checked against: run it inside `commit` to retry)."""
-        write_deltalake(dt, data, mode="append", schema_mode="merge", **kwargs)
+        write_deltalake(dt, _clustered(data), mode="append", schema_mode="merge", **kwargs)
 
     def delete(self, table: str, shard_ids: Iterable[str], where: str) -> int:
         """DELETE the rows of `shard_ids` matching the SQL predicate `where`; returns rows deleted."""

@@ -83,6 +83,90 @@ def reconcile(lake: Lake, shard_ids: list[str]) -> dict:
             "balanced": balanced}
 
 
+# Table of a stage's output rows, and the progress record field that says how many it had.
+_RECORDED = (("pairs", "ingest", "rows_out"), ("filter_results", "filter", "rows_in"),
+             ("captions", "caption", "rows_out"), ("recap", "publish", "rows_out"))
+
+
+def verify(lake: Lake, shard_ids: list[str]) -> dict:
+    """Check `shard_ids` row by row, beyond `reconcile`'s places: every table's rows against the
+    shard's progress records (a table holding fewer rows than its stage recorded lost rows), no uid
+    twice in a table, and every uid of a published batch still published (or quarantined).
+
+    Returns {"checked": {place: rows}, "problems": [{"shard", "table", "kind", "detail"}], "ok"}.
+    A table holding *more* rows than its record is not a problem: a stage that crashed between its
+    data commit and its record is in flight, and its rerun records it.
+    """
+    from recap_tasks.batches import read_uids
+
+    places = reconcile(lake, shard_ids)
+    problems: list[dict] = []
+    checked: dict[str, int] = {}
+    records = progress.by_shard(lake, shard_ids=shard_ids)
+    for table, stage, field in _RECORDED:
+        rows = lake.read(table, ["uid", "shard_id"], shards=shard_ids)
+        checked[table] = rows.num_rows
+        per_shard = {r["values"]: r["counts"] for r in pc.value_counts(rows.column("shard_id")).to_pylist()} \
+            if rows.num_rows else {}
+        for shard in shard_ids:
+            recorded = (records.get(shard, {}).get(stage) or {}).get(field) or 0
+            held = per_shard.get(shard, 0)
+            if held < recorded:
+                problems.append({"shard": shard, "table": table, "kind": "lost",
+                                 "detail": f"{table} holds {held} rows, the {stage} record says {recorded}"})
+        counts = pc.value_counts(rows.column("uid")) if rows.num_rows else None
+        if counts is not None:
+            twice = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+            if len(twice):
+                dup = rows.filter(pc.is_in(rows.column("uid"), value_set=twice))
+                for shard in sorted(set(dup.column("shard_id").to_pylist())):
+                    n = pc.sum(pc.equal(dup.column("shard_id"), shard)).as_py()
+                    problems.append({"shard": shard, "table": table, "kind": "duplicated",
+                                     "detail": f"{n} rows of {table} share a uid with another row"})
+    settled = pa.concat_arrays([lake.uids("recap", shards=shard_ids), lake.uids("quarantine", shards=shard_ids)])
+    wanted = set(shard_ids)
+    published_uids = 0
+    for batch in all_batches(lake):
+        if not batch.published or not wanted.intersection(batch.shards):
+            continue
+        try:
+            uids = read_uids(lake, batch)
+        except FileNotFoundError:
+            continue
+        mine = lake.read("pairs", ["uid", "shard_id"], shards=sorted(wanted.intersection(batch.shards)))
+        mine = mine.filter(pc.is_in(mine.column("uid"), value_set=uids))
+        published_uids += mine.num_rows
+        gone = mine.filter(not_in(mine.column("uid"), settled))
+        for shard in sorted(set(gone.column("shard_id").to_pylist())):
+            n = pc.sum(pc.equal(gone.column("shard_id"), shard)).as_py()
+            problems.append({"shard": shard, "table": "recap", "kind": "lost",
+                             "detail": f"{n} rows of published batch {batch.batch_id} are neither published nor "
+                                       f"quarantined"})
+    checked["published batch uids"] = published_uids
+    if not places["balanced"]:
+        problems.append({"shard": ", ".join(shard_ids[:5]) + (" ..." if len(shard_ids) > 5 else ""),
+                         "table": "*", "kind": "unbalanced",
+                         "detail": "uids are not each in exactly one place (published, rejected, quarantined, in flight)"})
+    return {"shards": len(shard_ids), "places": places, "checked": checked,
+            "problems": sorted(problems, key=lambda p: (p["shard"], p["table"], p["kind"])), "ok": not problems}
+
+
+def format_verified(verified: dict) -> str:
+    lines = [f"verified {verified['shards']} shards uid by uid:"]
+    for place, n in verified["checked"].items():
+        lines.append(f"  {place:<22} {n:>9} rows checked")
+    places = verified["places"]
+    lines.append("  places: " + ", ".join(f"{k} {places[k]}" for k in ("published", "rejected", "quarantined",
+                                                                       "pending_filter", "pending_caption",
+                                                                       "captioned_unpublished")))
+    for p in verified["problems"][:50]:
+        lines.append(f"  PROBLEM {p['kind']} in {p['table']}, shard {p['shard']}: {p['detail']}")
+    if len(verified["problems"]) > 50:
+        lines.append(f"  ... and {len(verified['problems']) - 50} more problems")
+    lines.append(f"  verified: {'yes' if verified['ok'] else 'NO'}")
+    return "\n".join(lines)
+
+
 def format_status(status: dict) -> str:
     lines = [f"lake {status['lake']}",
              f"  ingested        {status['ingested']:>9}  (passed {status['passed_ingest']}, "

@@ -153,3 +153,36 @@ def test_migrate_rewrites_an_old_lake_and_runs_go_on(tmp_path, sample_shards, ti
     assert lake_status(lake)["balanced"]
     assert migrate(lake)["tables"]["pairs"] == "already in the bucket layout"
     assert pa.table(lake.delta("pairs").get_add_actions(flatten=True)).num_rows >= 2
+
+
+def test_table_metadata_is_per_bucket_not_per_shard(tmp_path):
+    """600 shards land in at most 256 partitions with one app transaction per bucket; a shard's read
+    finds only its rows; maintain leaves one file per bucket, sorted by shard_key; inserts stay
+    idempotent."""
+    import pyarrow.parquet as pq
+
+    from recap_tasks.maintenance import maintain
+
+    lake = Lake(tmp_path / "lake")
+    shards = [f"s/{i:05d}.tar" for i in range(600)]
+    rows = pa.table({"uid": [f"u{i}" for i in range(600)], "shard_id": shards, "key": [str(i) for i in range(600)]})
+    assert sum(lake.insert_new("pairs", rows.slice(start, 200)) for start in range(0, 600, 200)) == 600
+    dt = lake.delta("pairs")
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    buckets = set(actions.column(f"partition.{schemas.SHARD_BUCKET}").to_pylist())
+    assert buckets == {schemas.bucket_of(shard_key(s)) for s in shards} and len(buckets) <= 256
+    first = schemas.bucket_of(shard_key(shards[0]))
+    assert dt.transaction_version(f"recap-insert:pairs:{first}") >= 1
+    assert all(dt.transaction_version(f"recap-insert:pairs:{shard_key(s)}") is None for s in shards[:20])
+    assert lake.read("pairs", ["uid"], shards=[shards[5]]).column("uid").to_pylist() == ["u5"]
+
+    maintain(lake, tables=["pairs"])
+    dt = lake.delta("pairs")
+    actions = pa.table(dt.get_add_actions(flatten=True)).to_pylist()
+    assert len(actions) == len(buckets)  # one file per bucket after compaction
+    for a in actions:
+        keys = pq.read_table(lake.root / "pairs" / a["path"], columns=[schemas.SHARD_KEY]).column(0).to_pylist()
+        assert keys == sorted(keys) and {schemas.bucket_of(k) for k in keys} == {a[f"partition.{schemas.SHARD_BUCKET}"]}
+    assert sorted(lake.read("pairs", ["uid"], shards=[shards[5], shards[7]]).column("uid").to_pylist()) == ["u5", "u7"]
+    assert lake.insert_new("pairs", rows) == 0  # idempotent across the rewrite
+    assert lake.read("pairs").num_rows == 600

@@ -15,8 +15,9 @@ reads only row groups that can hold one of its keys. `recap maintain` re-sorts t
 on key) so files and row groups cover narrow, disjoint key ranges.
 
 With the default radius (2: three bands of 21-22 bits) a probe's band range holds ~N/2M entries:
-about one row group per probe up to ~4B images, so a lookup's cost per new image stays flat as the
-index grows (BENCHMARKS.md, dedup index).
+about one row group read per probe up to ~4B images. What still grows with the index is parsing
+the footers of the files the probes fall in (~9 us per 2,048 entries when a batch's probes span
+every file; BENCHMARKS.md, dedup index).
 """
 
 from __future__ import annotations

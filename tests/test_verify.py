@@ -1,0 +1,89 @@
+"""`recap status --verify` fails, naming the shard and the kind of loss, when a lake's rows do not add up."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pyarrow.compute as pc
+import pytest
+from deltalake import DeltaTable, write_deltalake
+
+from recap_tasks.cli import main
+from recap_tasks.lake import Lake
+from recap_tasks.pipeline import run_pipeline
+from tests.helpers import REPO
+
+
+@pytest.fixture(scope="module")
+def clean_lake(tmp_path_factory, sample_shards, tiny_model):
+    lake = Lake(tmp_path_factory.mktemp("verify") / "lake")
+    run_pipeline([str(sample_shards)], lake, model=str(tiny_model), run_id="clean")
+    assert lake.read("recap").num_rows > 0
+    return lake
+
+
+def _copy(clean_lake: Lake, tmp_path) -> Lake:
+    shutil.copytree(clean_lake.root, tmp_path / "lake")
+    return Lake(tmp_path / "lake")
+
+
+def _verify(lake: Lake, capsys) -> tuple[int, str]:
+    code = main(["status", "--verify", "--lake", str(lake.root)])
+    return code, capsys.readouterr().out
+
+
+def test_a_clean_lake_verifies_and_exits_0(clean_lake):
+    # In a child process: the exit status a scheduled check sees (no delta-rs abort at exit).
+    proc = subprocess.run([sys.executable, "-m", "recap_tasks", "status", "--verify", "--lake", str(clean_lake.root)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "verified: yes" in proc.stdout and "PROBLEM" not in proc.stdout
+    assert "recap" in proc.stdout and "rows checked" in proc.stdout
+
+
+def _one_row(lake: Lake, table: str) -> dict:
+    return lake.read(table).slice(0, 1).to_pylist()[0]
+
+
+def test_a_deleted_published_row_is_lost(clean_lake, tmp_path, capsys):
+    lake = _copy(clean_lake, tmp_path)
+    row = _one_row(lake, "recap")
+    DeltaTable(lake.path("recap")).delete(f"uid = '{row['uid']}'")
+    code, out = _verify(lake, capsys)
+    assert code == 1
+    assert f"PROBLEM lost in recap, shard {row['shard_id']}" in out
+    assert "neither published nor quarantined" in out and "verified: NO" in out
+
+
+def test_a_duplicated_published_row_is_found(clean_lake, tmp_path, capsys):
+    lake = _copy(clean_lake, tmp_path)
+    recap = lake.read("recap")
+    row = recap.filter(pc.equal(recap.column("uid"), recap.column("uid")[0]))
+    write_deltalake(lake.path("recap"), row, mode="append")
+    code, out = _verify(lake, capsys)
+    assert code == 1
+    assert f"PROBLEM duplicated in recap, shard {row.column('shard_id')[0].as_py()}" in out
+
+
+def test_a_deleted_caption_row_is_lost(clean_lake, tmp_path, capsys):
+    lake = _copy(clean_lake, tmp_path)
+    row = _one_row(lake, "captions")
+    DeltaTable(lake.path("captions")).delete(f"uid = '{row['uid']}'")
+    code, out = _verify(lake, capsys)
+    assert code == 1
+    assert f"PROBLEM lost in captions, shard {row['shard_id']}" in out
+
+
+def test_verify_json_lists_the_problems(clean_lake, tmp_path, capsys):
+    import json
+
+    lake = _copy(clean_lake, tmp_path)
+    row = _one_row(lake, "pairs")
+    DeltaTable(lake.path("pairs")).delete(f"uid = '{row['uid']}'")
+    code = main(["status", "--verify", "--json", "--lake", str(lake.root)])
+    status = json.loads(capsys.readouterr().out)
+    assert code == 1 and not status["balanced"]
+    kinds = {(p["table"], p["kind"], p["shard"]) for p in status["verified"]["problems"]}
+    assert ("pairs", "lost", row["shard_id"]) in kinds
