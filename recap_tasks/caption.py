@@ -260,7 +260,7 @@ def _rows(batch: _Batch, texts: list[str], scorer, prov: dict, config: CaptionCo
 
 
 def _commit(lake: Lake, part: list[dict], rejects: list[dict], result: CaptionResult) -> int:
-    """One part: rejections, then captions (MERGE insert-if-absent, so a replayed part adds nothing)."""
+    """One part: rejections, then captions (insert-if-absent by uid, so a replayed part adds nothing)."""
     if rejects:
         lake.insert_new(tables.REJECTED, pa.Table.from_pylist(rejects, schema=tables.schemas.REJECTED.arrow),
                         keys=("uid", "stage"))

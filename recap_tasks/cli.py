@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", action="append", help="only this shard id (repeatable); default: all pending")
     p = stage("validate", cmd_validate, "run the data-quality suite over captioned, unpublished rows")
     p.add_argument("--shard", action="append", help="only this shard id (repeatable); default: all pending")
-    p = stage("publish", cmd_publish, "MERGE the latest validated batch into LAKE/recap")
+    p = stage("publish", cmd_publish, "publish the latest validated batch into LAKE/recap (by uid, exactly once)")
     p.add_argument("--batch", type=_run_id, help="batch id to publish (default: the latest validated)")
     p = stage("run", cmd_run, "all stages in order, locally")
     source_options(p)

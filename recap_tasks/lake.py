@@ -139,9 +139,10 @@ class Lake:
     def ensure(self, table: str) -> None:
         """Create `table` empty, with its schema and partitioning, if it does not exist yet.
 
-        Tables are created empty and then only MERGEd into or appended to: concurrent first
-        writers cannot race a data-carrying create (delta-rs commits a losing `mode="error"`
-        write as a plain append); at worst a second empty create commits an empty version.
+        Tables are created empty and then only appended to (or overwritten by predicate):
+        concurrent first writers cannot race a data-carrying create (delta-rs commits a losing
+        `mode="error"` write as a plain append); at worst a second empty create commits an empty
+        version.
         """
         if table in self._known or self.exists(table):
             self._known.add(table)

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable, write_deltalake
@@ -87,3 +88,29 @@ def test_verify_json_lists_the_problems(clean_lake, tmp_path, capsys):
     assert code == 1 and not status["balanced"]
     kinds = {(p["table"], p["kind"], p["shard"]) for p in status["verified"]["problems"]}
     assert ("pairs", "lost", row["shard_id"]) in kinds
+
+
+def test_a_recaptioned_uid_replaces_its_published_row(clean_lake, tmp_path):
+    """Publish replaces a published uid whose caption changed (a predicate overwrite of its shard's
+    rows) and leaves every other row as it was."""
+    from recap_tasks.batches import Batch, write_uids
+    from recap_tasks.publish import run_publish
+
+    lake = _copy(clean_lake, tmp_path)
+    before = lake.read("recap").sort_by("uid")
+    target = before.column("uid")[0].as_py()
+    shard = before.column("shard_id")[0].as_py()
+    DeltaTable(lake.path("captions")).update(updates={"re_caption": "'a new caption of the image'"},
+                                             predicate=f"uid = '{target}'")
+    batch = Batch(batch_id="recaption", rows=1, success=True, validated_at="9999", shards=[shard])
+    write_uids(lake, batch, pa.array([target], pa.string()))
+    batch.save(lake)
+    result = run_publish(lake, batch_id="recaption")
+    assert (result.inserted, result.updated) == (0, 1)
+    after = lake.read("recap").sort_by("uid")
+    assert after.num_rows == before.num_rows
+    new = after.filter(pc.equal(after.column("uid"), target)).to_pylist()
+    assert [r["re_caption"] for r in new] == ["a new caption of the image"]
+    rest = pc.not_equal(after.column("uid"), target)
+    keep = ["uid", "re_caption", "shard_id", "publish_run_id"]
+    assert after.filter(rest).select(keep).equals(before.filter(pc.not_equal(before.column("uid"), target)).select(keep))

@@ -57,10 +57,11 @@ def shard_id_for(path: str | os.PathLike[str], dataset: str | None = None) -> st
 
 
 def shard_key(shard_id: str) -> str:
-    """The partition value of a shard in every lake table: 16 hex digits of sha1(shard id).
+    """A shard's key in every lake table: 16 hex digits of sha1(shard id). Tables are clustered by
+    it, and partitioned by its first digits (schemas.bucket_of).
 
     Shard ids hold `/` and any character a file name may; a fixed-width hex key is safe as a folder
-    name on every filesystem and object store, and spreads shards evenly.
+    name on every filesystem and object store, and spreads shards evenly over the buckets.
     """
     return hashlib.sha1(shard_id.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
