@@ -164,10 +164,15 @@ def cmd_maintain(args):
                     dry_run=args.dry_run, allow_short_retention=args.allow_short_retention))
 
 
-def _out_file(path: str) -> str:
-    folder = Path(path).expanduser().resolve().parent
+def _out_file(path: str, lake: Lake | None = None) -> str:
+    """An output path for a command that is not a stage: its folder must exist, and it must not lie
+    inside the lake (links resolved), where it would write into the lake's tables."""
+    target = Path(path).expanduser().resolve()
+    folder = target.parent
     if not folder.is_dir():
         raise RecapError(f"--out {path}: folder {folder} does not exist; create it first")
+    if lake is not None and lake.is_local and (target == lake.root or lake.root in target.parents):
+        raise RecapError(f"--out {path} is inside the lake {lake.uri}: write exports and snapshots outside it")
     return path
 
 
@@ -184,8 +189,9 @@ def cmd_snapshot(args):
 
     if args.version is None and args.as_of is None:
         raise RecapError("name a --version or an --as-of timestamp")
-    out = _out_file(args.out)
-    data = snapshot(_lake(args, must_exist=True), args.table, version=args.version, as_of=args.as_of)
+    lake = _lake(args, must_exist=True)
+    out = _out_file(args.out, lake)
+    data = snapshot(lake, args.table, version=args.version, as_of=args.as_of)
     pq.write_table(data, out)
     _print({"table": args.table, "version": args.version, "as_of": args.as_of, "rows": data.num_rows,
             "out": args.out})
@@ -194,7 +200,8 @@ def cmd_snapshot(args):
 def cmd_export(args):
     from recap_tasks.export import export_webdataset
 
-    _print(export_webdataset(_lake(args, must_exist=True), _out_file(args.out.rstrip("/")), shard_size=args.shard_size,
+    lake = _lake(args, must_exist=True)
+    _print(export_webdataset(lake, _out_file(args.out.rstrip("/"), lake), shard_size=args.shard_size,
                              version=args.version, p_original=args.p_original))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -141,6 +142,8 @@ class FilterConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "min_image_side", "max_aspect_ratio", "max_decode_side", "face_max_side", "batch_size")
+        _at_most(self, "batch_size", 65536)
+        _device(self, "clip_device")
         if self.max_aspect_ratio < 1:
             raise RecapError("filter.max_aspect_ratio must be >= 1 (it is long side / short side)")
         if not 0 <= self.max_phash_distance < 32:
@@ -191,6 +194,9 @@ class CaptionConfig:
     def __post_init__(self) -> None:
         _positive(self, "max_new_tokens", "batch_size", "commit_every", "decode_workers", "prefetch_batches",
                   "max_num_seqs")
+        _at_most(self, "batch_size", 4096)
+        _at_most(self, "max_new_tokens", 65536)
+        _device(self, "device")
         if not self.prompt.strip():
             raise RecapError("caption.prompt must not be empty")
         if self.backend not in ("transformers", "vllm"):
@@ -297,8 +303,7 @@ class EvaluateConfig:
         if self.image_size % self.patch_size:
             raise RecapError(f"evaluate.image_size ({self.image_size}) must be a multiple of "
                              f"evaluate.patch_size ({self.patch_size})")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
-            raise RecapError(f"evaluate.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        _device(self, "device")
 
 
 @dataclass(frozen=True)
@@ -369,6 +374,8 @@ class RecapConfig:
 
 def _check_type(name: str, value: Any, hint: Any) -> None:
     """A config value must have its field's declared type: one clear error, not a traceback later."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecapError(f"config {name}: must be a finite number, got {value!r}")
     if _fits(value, hint):
         return
     raise RecapError(f"config {name}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
@@ -405,5 +412,21 @@ def _type_name(hint: Any) -> str:
 def _positive(obj: object, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if value is None or value <= 0:
-            raise RecapError(f"{type(obj).__name__}.{name} must be positive, got {value!r}")
+        if value is None or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise RecapError(f"{type(obj).__name__}.{name} must be a positive number, got {value!r}")
+
+
+def _at_most(obj: object, name: str, limit: int) -> None:
+    value = getattr(obj, name)
+    if value > limit:
+        raise RecapError(f"{type(obj).__name__}.{name} must be at most {limit:,}, got {value!r}")
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def _device(obj: object, name: str) -> None:
+    """A torch device name: auto, cpu, cuda, cuda:N or mps."""
+    value = getattr(obj, name)
+    if not isinstance(value, str) or not _DEVICE.fullmatch(value):
+        raise RecapError(f"{type(obj).__name__}.{name} must be auto, cpu, cuda, cuda:N or mps, got {value!r}")

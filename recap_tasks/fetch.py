@@ -215,7 +215,10 @@ class Fetcher:
         chunks, size = [], 0
         try:
             while True:
-                chunk = response.read(64 * 1024)
+                # read1: what has arrived (up to 64 KiB), not "until 64 KiB or the end": a server
+                # dripping a byte at a time cannot hold one read past the read timeout, and the
+                # deadline is checked between reads.
+                chunk = response.read1(64 * 1024)
                 if not chunk:
                     break
                 size += len(chunk)
@@ -226,6 +229,10 @@ class Fetcher:
                 chunks.append(chunk)
         except FetchFailed:
             raise
+        except ProtocolError as exc:  # the connection closed before Content-Length bytes came
+            if length and length.isdigit():
+                raise FetchFailed("incomplete_body", f"{size} of {length} bytes") from None
+            raise _failure(exc) from None
         except Exception as exc:  # noqa: BLE001
             raise _failure(exc) from None
         if length and length.isdigit() and size != int(length):
@@ -257,10 +264,14 @@ def _failure(exc: BaseException) -> FetchFailed:
     if cause is not None:
         return FetchFailed("private_address", str(cause))
     text = str(exc)[:300]
-    if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError, socket.timeout, TimeoutError)):
-        return FetchFailed("timeout", text)
+    # urllib3's NewConnectionError (refused, unreachable) and NameResolutionError subclass its
+    # ConnectTimeoutError: test them first, or a refused connection reads as a timeout.
     if isinstance(exc, NameResolutionError):
         return FetchFailed("dns_error", text)
+    if isinstance(exc, NewConnectionError):
+        return FetchFailed("connection_error", text)
+    if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError, socket.timeout, TimeoutError)):
+        return FetchFailed("timeout", text)
     if isinstance(exc, SSLError):
         return FetchFailed("tls_error", text)
     if isinstance(exc, LocationParseError):

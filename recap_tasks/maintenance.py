@@ -23,6 +23,8 @@ SHARD_ROW_GROUP = 16_384
 def maintain(lake: Lake, *, tables: list[str] | None = None, retention_hours: int = MIN_RETENTION_HOURS,
              dry_run: bool = False, allow_short_retention: bool = False) -> dict:
     """Compact small files, checkpoint, and vacuum files older than `retention_hours`, per table."""
+    if retention_hours < 0:
+        raise RecapError(f"--retention-hours must be 0 or more, got {retention_hours}")
     if retention_hours < MIN_RETENTION_HOURS and not allow_short_retention:
         raise RecapError(
             f"vacuum retention of {retention_hours} h is below {MIN_RETENTION_HOURS} h: readers on older versions "

@@ -28,6 +28,7 @@ class ImageServer:
     def __init__(self, images: dict[str, bytes] | None = None, *, slow_seconds: float = 30.0):
         self.images = dict(images or {})
         self.hits: Counter = Counter()
+        self.dripped: Counter = Counter()  # bytes a /drip response got to send before the client left
         self.slow_seconds = slow_seconds
         self._closing = threading.Event()
         self._held = threading.Event()
@@ -67,6 +68,20 @@ class ImageServer:
                     if server.hits[path] == 1:
                         return self._send(503, b"try later", "text/plain")
                     return self._send(200, server.images[name], "image/jpeg")
+                if head == "drip":  # Content-Length 40, then one byte every 0.3 s
+                    return self._drip(40, 0.3, path)
+                if head == "short":  # Content-Length 100, 50 bytes, then the connection closes
+                    try:
+                        self.send_response(200)
+                        self.send_header("Content-Type", "image/jpeg")
+                        self.send_header("Content-Length", "100")
+                        self.end_headers()
+                        self.wfile.write(b"\xff\xd8\xff" + b"\0" * 47)
+                        self.wfile.flush()
+                        self.close_connection = True
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    return None
                 if head == "error":
                     return self._send(503, b"busy", "text/plain")
                 if head == "html":
@@ -82,6 +97,21 @@ class ImageServer:
                         self.send_header(k, v)
                     self.end_headers()
                     self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def _drip(self, length: int, every: float, path: str):
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Length", str(length))
+                    self.end_headers()
+                    for _ in range(length):
+                        self.wfile.write(b"\0")
+                        self.wfile.flush()
+                        server.dripped[path] += 1
+                        if server._closing.wait(every):
+                            return
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 

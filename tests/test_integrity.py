@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -318,6 +319,21 @@ def test_config_values_of_the_wrong_type(tmp_path, text, expected):
     assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("text,expected", [
+    ("download:\n  timeout: .nan\n", "download.timeout: must be a finite number, got nan"),
+    ("download:\n  deadline: .inf\n", "download.deadline: must be a finite number, got inf"),
+    ("caption:\n  batch_size: 100000000000000000000000000\n", "batch_size must be at most 4,096"),
+    ("caption:\n  device: toaster\n", "device must be auto, cpu, cuda, cuda:N or mps"),
+    ("filter:\n  clip_device: gpu0\n", "clip_device must be auto, cpu, cuda, cuda:N or mps"),
+])
+def test_config_values_that_pass_the_type_but_cannot_work(tmp_path, text, expected):
+    """Issue 19, items 5 and 7: NaN and infinities, absurd batch sizes and unknown devices are one line."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    proc = recap("filter", "--lake", str(tmp_path), "--config", str(cfg), check=False)
+    assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 def _one_line_error(proc, *needles: str) -> None:
     assert proc.returncode != 0, proc.stdout
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -343,6 +359,18 @@ def test_cli_errors_name_the_file_or_setting(tmp_path, small_lake):
     _one_line_error(recap("snapshot", "--lake", lake, "--version", "0", "--out", str(tmp_path / "no" / "x.parquet"),
                           check=False), "does not exist")
     _one_line_error(recap("history", "--lake", lake, "--limit", "-1", check=False), "positive")
+    # Issue 19, item 3: nothing but a stage writes inside the lake, links resolved.
+    before = sorted(p.relative_to(lake) for p in Path(lake).rglob("*"))
+    link = tmp_path / "lake-link"
+    link.symlink_to(lake)
+    for out in (lake, f"{lake}/recap", str(link / "recap")):
+        _one_line_error(recap("export", "--lake", lake, "--out", out, check=False), "is inside the lake")
+    _one_line_error(recap("snapshot", "--lake", lake, "--version", "0", "--out", f"{lake}/recap/x.parquet",
+                          check=False), "is inside the lake")
+    assert sorted(p.relative_to(lake) for p in Path(lake).rglob("*")) == before
+    # Issue 19, item 5: a negative retention is one line, also with --allow-short-retention.
+    _one_line_error(recap("maintain", "--lake", lake, "--retention-hours", "-5", "--allow-short-retention",
+                          check=False), "--retention-hours must be 0 or more")
     _one_line_error(recap("history", "--lake", lake, "--table", "../other/recap", check=False), "unknown table")
     a_file = tmp_path / "f"
     a_file.write_text("x")
