@@ -147,8 +147,10 @@ def _rejected(lake: Lake, shard_ids: list[str], stage: str) -> dict:
 
 
 def _count_download(lake: Lake, shard_ids: list[str]) -> dict:
-    # What the downloader wrote is what ingest read (pairs + ingest rejections).
-    return _merge(_count_ingest(lake, shard_ids), _rejected(lake, shard_ids, "download"))
+    # Out: what the downloader wrote, which is what ingest read (pairs and ingest rejections alike);
+    # rejected: the download failures only (ingest's rejections are counted at ingest, once).
+    written = {s: (n + sum(c.values()), Counter()) for s, (n, c) in _count_ingest(lake, shard_ids).items()}
+    return _merge(written, _rejected(lake, shard_ids, "download"))
 
 
 def _count_ingest(lake: Lake, shard_ids: list[str]) -> dict:

@@ -123,6 +123,21 @@ def verify(lake: Lake, shard_ids: list[str]) -> dict:
                     n = pc.sum(pc.equal(dup.column("shard_id"), shard)).as_py()
                     problems.append({"shard": shard, "table": table, "kind": "duplicated",
                                      "detail": f"{n} rows of {table} share a uid with another row"})
+    # Rejections per stage against the records that `recap status` sums (download and ingest, whose
+    # rows never became pairs; later stages' rejections are inside their stage's counts above).
+    rejected = lake.read("rejected", ["shard_id", "stage"], shards=shard_ids)
+    checked["rejected"] = rejected.num_rows
+    held_rej: dict[tuple[str, str], int] = {}
+    for r in rejected.to_pylist():
+        held_rej[r["shard_id"], r["stage"]] = held_rej.get((r["shard_id"], r["stage"]), 0) + 1
+    for shard in shard_ids:
+        for stage in ("download", "ingest"):
+            recorded = (records.get(shard, {}).get(stage) or {}).get("rejected") or 0
+            held = held_rej.get((shard, stage), 0)
+            if held < recorded:
+                problems.append({"shard": shard, "table": "rejected", "kind": "lost",
+                                 "detail": f"rejected holds {held} {stage} rejections, the {stage} record says "
+                                           f"{recorded}"})
     settled = pa.concat_arrays([lake.uids("recap", shards=shard_ids), lake.uids("quarantine", shards=shard_ids)])
     wanted = set(shard_ids)
     published_uids = 0

@@ -311,3 +311,31 @@ def test_datacomp_and_laion_metadata_flow_to_published_rows(tmp_path, server, ti
     status = summary["status"]
     assert status["balanced"] and status["ingested"] == 7 and status["published"] == 5
     assert status["rejected"]["by_stage"]["download"] == {"http_404": 1, "opted_out": 1}
+
+
+def test_a_downloaded_row_that_ingest_rejects_is_counted_once(tmp_path, server):
+    """Issue 19, 1: one good URL, the same URL with a null caption (ingest rejects it), one 404: three
+    metadata rows, three input rows in status, matching what the tables hold."""
+    meta = write_metadata(tmp_path / "meta.parquet", {
+        "url": [server.url("img/0.jpg"), server.url("img/0.jpg"), server.url("missing")],
+        "text": pa.array(["a red square on a plain background", None, "gone"], pa.string())})
+    download([str(meta)], tmp_path / "dl", config=LOCAL)
+    lake = Lake(tmp_path / "lake")
+    ingest([str(tmp_path / "dl")], lake)
+    pairs, rejected = lake.read(tables.PAIRS), lake.read(tables.REJECTED)
+    assert pairs.num_rows == 1 and sorted(rejected.column("stage").to_pylist()) == ["download", "ingest"]
+    status = lake_status(lake)
+    assert status["ingested"] == 3 == pairs.num_rows + rejected.num_rows
+    assert status["rejected"]["total"] == 2 and status["downloaded"] == {"rows": 3, "failed": 1}
+    assert set(status["rejected"]["by_stage"]["download"]) == {"http_404"} and status["balanced"]
+    # --verify checks the counts the summary sums: a record that over-counts is caught.
+    from recap_tasks.status import verify
+
+    assert verify(lake, ["dl/00000.tar"])["ok"]
+    from recap_tasks import progress
+
+    rec = progress.latest(lake, stages=("download",)).to_pylist()[0]
+    lake.append("progress", pa.Table.from_pylist([{**rec, "rejected": 2, "reasons": '{"http_404": 2}',
+                                                   "recorded_at": rec["recorded_at"].replace(year=2100)}]))
+    problems = verify(lake, ["dl/00000.tar"])["problems"]
+    assert [(p["table"], p["kind"]) for p in problems] == [("rejected", "lost")]
