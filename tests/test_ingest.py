@@ -78,11 +78,46 @@ def test_bad_sample_is_rejected_with_reason_and_nothing_lost(tmp_path, monkeypat
     result = ingest([str(shard)], lake, run_id="r1")
     assert result.rows == 2  # the good neighbours survive
     reasons = list(rejected_reasons(lake).values())
-    assert reason in reasons, reasons
+    assert reasons == [reason]  # one sample, one row (issue 19, 2)
     status = lake_status(lake)
     assert status["ingested"] == status["passed_ingest"] + sum(status["rejected"]["by_stage"]["ingest"].values())
     # Nothing was extracted anywhere: the escaping member never became a file.
     assert not list(tmp_path.rglob("x.jpg")) and not (tmp_path.parent / "x.jpg").exists()
+
+
+def test_every_sample_is_one_row_whatever_its_members(tmp_path):
+    """Issue 19, 2: a sample whose image is a symlink, and one whose members climb out of the shard,
+    are each one rejected row (its key, its first reason); a 33-sample tar counts 33."""
+    import io
+    import tarfile
+
+    shard = tmp_path / "src" / "00000.tar"
+    shard.parent.mkdir()
+    good = [m for i in range(30) for m in sample(f"{i:09d}")]
+    with tarfile.open(shard, "w") as tf:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+        for name, data in good[:30]:
+            add(name, data)
+        link = tarfile.TarInfo("x.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+        add("x.txt", b"a caption for a linked image")
+        add("../evil.jpg", jpeg())
+        add("../evil.txt", b"a caption that climbs out")
+        add("000000099.txt", b"a caption without an image")
+        for name, data in good[30:]:
+            add(name, data)
+    lake = Lake(tmp_path / "lake")
+    ingest([str(shard)], lake)
+    rejected = {r["key"]: r["reason"] for r in lake.read(tables.REJECTED).to_pylist()}
+    assert rejected == {"x": "unsafe_member_type", "../evil": "unsafe_member_name", "000000099": "missing_image"}
+    assert lake.read(tables.PAIRS).num_rows == 30
+    status = lake_status(lake)
+    assert status["ingested"] == 33 and status["balanced"]
 
 
 def test_duplicate_key_in_shard(tmp_path):

@@ -12,6 +12,7 @@ from recap_tasks.readers import RawSample, ShardReport
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 _BLOCK = tarfile.BLOCKSIZE
+_UNSAFE = "\0unsafe"  # a group's mark: one of the sample's members is unsafe (never a file extension)
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -60,12 +61,17 @@ class WebDatasetReader:
                     self.report = ShardReport(True, f"unreadable header after offset {end}: {exc}")
                     break
                 end = member.offset_data + ((member.size + _BLOCK - 1) // _BLOCK) * _BLOCK
+                key, ext = _split_name(member.name)
                 problem = _unsafe(member)
                 if problem:
-                    yield RawSample(key=member.name, error=problem, detail=f"member {member.name!r} ({member.type!r})",
-                                    occurrence=self._count(seen, member.name))
+                    # A row is a sample (a key): an unsafe member rejects its whole sample, once,
+                    # with the first member's reason; the sample's other members go with it.
+                    if group_key is not None and key != group_key:
+                        yield self._sample(group_key, group, seen, tf)
+                        group = {}
+                    group_key = key
+                    group.setdefault(_UNSAFE, (problem, f"member {member.name!r} ({member.type!r})"))
                     continue
-                key, ext = _split_name(member.name)
                 if member.offset_data + member.size > size:
                     # The shard was cut off inside this member: keep what came before, record the cut.
                     self.report = ShardReport(True, f"cut inside member {member.name!r} at byte {size}")
@@ -95,6 +101,9 @@ class WebDatasetReader:
     def _sample(self, key: str, group: dict, seen: dict[str, int], tf: tarfile.TarFile) -> RawSample:
         occurrence = self._count(seen, key)
         sample = RawSample(key=key, occurrence=occurrence)
+        if _UNSAFE in group:
+            sample.error, sample.detail = group[_UNSAFE]
+            return sample
         if occurrence:
             sample.error, sample.detail = "duplicate_key", f"key {key!r} appears {occurrence + 1} times in the shard"
             return sample
