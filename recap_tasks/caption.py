@@ -79,6 +79,12 @@ def run_caption(lake: Lake, *, model: str | None = None, captioner: Captioner | 
     """Caption every pending pair (or those of `shard_ids`), committing every `commit_every` rows."""
     config = config or RecapConfig.load().caption
     run_id = run_id or new_run_id()
+    if shard_ids is not None:
+        shard_progress.require_known(lake, shard_ids)
+    if captioner is None and model is not None:
+        from recap_tasks.preflight import check_model
+
+        check_model(model)  # a missing model folder fails even when nothing is pending
     targets = sorted(set(shard_ids)) if shard_ids is not None else shard_progress.pending_shards(lake, "caption")
     pending = pending_pairs(lake, targets)
     result = CaptionResult(run_id, pending=pending.num_rows)

@@ -133,6 +133,10 @@ def cmd_status(args):
     if args.verify or args.shard:
         from recap_tasks.progress import latest
 
+        from recap_tasks.progress import require_known
+
+        if args.shard:
+            require_known(lake, args.shard)
         shards = args.shard or sorted(set(latest(lake).column("shard_id").to_pylist()))
         verified = verify(lake, shards)
         status["verified"] = verified

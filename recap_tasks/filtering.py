@@ -76,6 +76,13 @@ def run_filter(lake: Lake, *, config: FilterConfig | None = None, run_id: str | 
     """
     config = config or RecapConfig.load().filter
     run_id = run_id or new_run_id()
+    if shard_ids is not None:
+        shard_progress.require_known(lake, shard_ids)
+    # The chain is built and checked (files, filter names, model paths) even when nothing is
+    # pending: a setting that cannot work fails the first scheduled run, not the first with data.
+    driver_chain = chain if chain is not None else build_chain(config)
+    for flt in driver_chain:
+        flt.check()
     targets = sorted(set(shard_ids)) if shard_ids is not None else shard_progress.pending_shards(lake, "filter")
     pairs = lake.read(tables.PAIRS, _COLUMNS, shards=targets)
     pending = pairs.filter(not_in(pairs.column("uid"), lake.uids(tables.FILTER_RESULTS, shards=targets)))
@@ -85,9 +92,6 @@ def run_filter(lake: Lake, *, config: FilterConfig | None = None, run_id: str | 
         shard_progress.record(lake, "filter", targets, run_id=run_id)
         log.info("filter %s: nothing to filter", run_id)
         return result
-    driver_chain = chain if chain is not None else build_chain(config)
-    for flt in driver_chain:
-        flt.check()
     shards = {s: pending.filter(pc.equal(pending.column("shard_id"), s))
               for s in sorted(set(pending.column("shard_id").to_pylist()))}
     outputs: dict[str, dict] = {}

@@ -30,6 +30,9 @@ def maintain(lake: Lake, *, tables: list[str] | None = None, retention_hours: in
             f"vacuum retention of {retention_hours} h is below {MIN_RETENTION_HOURS} h: readers on older versions "
             f"and time travel would break. Pass --allow-short-retention if no reader can be on an older version.")
     names = tables or [t for t in schemas.TABLES if lake.exists(t)]
+    if not names:
+        raise RecapError(f"no lake at {lake.uri}: it holds none of the lake's Delta tables "
+                         f"({', '.join(sorted(schemas.TABLES))})")
     unknown = set(names) - set(schemas.TABLES)
     if unknown:
         raise RecapError(f"unknown tables {sorted(unknown)}; known: {sorted(schemas.TABLES)}")

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recap_tasks import schemas
+from recap_tasks.errors import RecapError
 from recap_tasks.lake import PROGRESS, Lake, _normalize
 from recap_tasks.runs import utcnow
 
@@ -82,6 +83,18 @@ def pending_shards(lake: Lake, stage: str, *, shard_ids: Iterable[str] | None = 
     ids = pc.unique(records.column("shard_id").combine_chunks())
     have, done = _per_shard(records, ids, up, "rows_out"), _per_shard(records, ids, stage, "rows_in")
     return sorted(ids.filter(pa.array(have > done)).to_pylist())
+
+
+def require_known(lake: Lake, shard_ids: Iterable[str]) -> None:
+    """Shards named on purpose (`--shard`, a mapped task) must be in the lake: one clear error for a
+    typo or a shard never ingested, instead of a stage that silently does nothing."""
+    wanted = sorted(set(shard_ids))
+    known = set(latest(lake, shard_ids=wanted, stages=("ingest",)).column("shard_id").to_pylist())
+    unknown = [s for s in wanted if s not in known]
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise RecapError(f"no shard {unknown[0]!r}{more} in {lake.uri}: shard ids are <folder>/<file> as ingested; "
+                         f"`recap status --json` lists them, `recap ingest` adds new ones")
 
 
 def _per_shard(records: pa.Table, ids: pa.Array, stage: str, column: str) -> np.ndarray:

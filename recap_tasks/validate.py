@@ -154,6 +154,8 @@ def run_validate(lake: Lake, *, config: ValidateConfig | None = None, run_id: st
     published or quarantined, from the progress records); record the batch and its verdict."""
     config = config or RecapConfig.load().validate
     run_id = run_id or new_run_id()
+    if shard_ids is not None:
+        shard_progress.require_known(lake, shard_ids)
     targets = sorted(set(shard_ids)) if shard_ids is not None else shard_progress.pending_shards(lake, "publish")
     rows = candidate_rows(lake, targets)
     batch = Batch(batch_id=run_id, rows=rows.num_rows, success=True, validated_at=utcnow().isoformat(),

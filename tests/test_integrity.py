@@ -368,6 +368,17 @@ def test_cli_errors_name_the_file_or_setting(tmp_path, small_lake):
     _one_line_error(recap("snapshot", "--lake", lake, "--version", "0", "--out", f"{lake}/recap/x.parquet",
                           check=False), "is inside the lake")
     assert sorted(p.relative_to(lake) for p in Path(lake).rglob("*")) == before
+    # Issue 19, item 6: an unknown shard is an error, not a stage that does nothing and exits 0.
+    for verb in (["filter"], ["caption", "--model", str(tmp_path / "m")], ["validate"], ["status", "--verify"]):
+        _one_line_error(recap(*verb, "--lake", lake, "--shard", "no/such.tar", check=False), "no shard 'no/such.tar'")
+    # ... and a setting that cannot work fails even when nothing is pending.
+    chain = tmp_path / "cfg.yaml"
+    chain.write_text(f"filter:\n  chain: {tmp_path / 'no-such-chain.yaml'}\n")
+    _one_line_error(recap("filter", "--lake", lake, "--config", str(chain), check=False), "no-such-chain.yaml")
+    _one_line_error(recap("caption", "--lake", lake, "--model", str(tmp_path / "no-model"), check=False), "no-model")
+    empty = tmp_path / "empty-lake"
+    empty.mkdir()
+    _one_line_error(recap("maintain", "--lake", str(empty), check=False), "no lake at")
     # Issue 19, item 5: a negative retention is one line, also with --allow-short-retention.
     _one_line_error(recap("maintain", "--lake", lake, "--retention-hours", "-5", "--allow-short-retention",
                           check=False), "--retention-hours must be 0 or more")
