@@ -409,17 +409,22 @@ def _type_name(hint: Any) -> str:
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
+def _key(obj: object, name: str) -> str:
+    """A setting as the config file names it: CaptionConfig.batch_size -> caption.batch_size."""
+    return f"{type(obj).__name__.removesuffix('Config').lower()}.{name}"
+
+
 def _positive(obj: object, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if value is None or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-            raise RecapError(f"{type(obj).__name__}.{name} must be a positive number, got {value!r}")
+            raise RecapError(f"{_key(obj, name)} must be a positive number, got {value!r}")
 
 
 def _at_most(obj: object, name: str, limit: int) -> None:
     value = getattr(obj, name)
     if value > limit:
-        raise RecapError(f"{type(obj).__name__}.{name} must be at most {limit:,}, got {value!r}")
+        raise RecapError(f"{_key(obj, name)} must be at most {limit:,}, got {value!r}")
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
@@ -429,4 +434,4 @@ def _device(obj: object, name: str) -> None:
     """A torch device name: auto, cpu, cuda, cuda:N or mps."""
     value = getattr(obj, name)
     if not isinstance(value, str) or not _DEVICE.fullmatch(value):
-        raise RecapError(f"{type(obj).__name__}.{name} must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        raise RecapError(f"{_key(obj, name)} must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
