@@ -129,6 +129,33 @@ def test_private_addresses_are_refused_by_default(tmp_path, server):
     assert sum(server.hits.values()) == 0  # refused before any request was sent
 
 
+def test_a_name_that_rebinds_to_a_private_address_is_refused_at_the_peer(tmp_path, server, monkeypatch):
+    """DNS rebinding: the name resolves to a public address when checked, but the socket ends up on
+    loopback. The check of the connected peer refuses it. (Simulated without leaving the machine: the
+    resolver answers a public address, and every connect goes to the test server on 127.0.0.1.)"""
+    import socket
+
+    real_getaddrinfo, real_socket, port = socket.getaddrinfo, socket.socket, server.port
+
+    def resolve(host, *args, **kwargs):
+        if host == "rebind.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    class ToLoopback(real_socket):
+        def connect(self, address):
+            return super().connect(("127.0.0.1", port))
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setattr(socket, "socket", ToLoopback)
+    meta = write_metadata(tmp_path / "meta.parquet", {"url": [f"http://rebind.test:{port}/img/0.jpg"],
+                                                      "text": ["a caption"]})
+    download([str(meta)], tmp_path / "out", config=DownloadConfig(timeout=1.0, deadline=2.5, threads=1))
+    rows = list(shard_rows(tmp_path / "out").values())
+    assert [r["reason"] for r in rows] == ["private_address"] and "connected to 127.0.0.1" in rows[0]["error_message"]
+    assert sum(server.hits.values()) == 0  # refused before the request was sent
+
+
 def test_blocked_addresses_and_opt_out_rules():
     for ip in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.0.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
                "::1", "fe80::1", "fd00:ec2::254", "::ffff:127.0.0.1", "64:ff9b::a00:1", "2002:a00:1::", "224.0.0.1"):

@@ -114,3 +114,24 @@ def test_a_recaptioned_uid_replaces_its_published_row(clean_lake, tmp_path):
     rest = pc.not_equal(after.column("uid"), target)
     keep = ["uid", "re_caption", "shard_id", "publish_run_id"]
     assert after.filter(rest).select(keep).equals(before.filter(pc.not_equal(before.column("uid"), target)).select(keep))
+
+
+def test_balanced_is_false_when_a_row_is_in_two_places_or_a_record_overshoots(clean_lake, tmp_path):
+    """The invariant the other tests lean on, seen failing: reconcile's `balanced` with a uid in two
+    places, and the status summary's with a stage that settled more rows than it was given."""
+    from recap_tasks import progress
+    from recap_tasks.status import lake_status, reconcile
+
+    lake = _copy(clean_lake, tmp_path)
+    shards = sorted(set(lake.read("pairs", ["shard_id"]).column("shard_id").to_pylist()))
+    assert reconcile(lake, shards)["balanced"] and lake_status(lake)["balanced"]
+    recap = lake.read("recap")
+    write_deltalake(lake.path("recap"), recap.slice(0, 1), mode="append")  # one uid published twice
+    assert not reconcile(Lake(lake.root), shards)["balanced"]
+
+    lake = _copy(clean_lake, tmp_path / "second")
+    rec = progress.latest(lake, shard_ids=shards[:1], stages=("filter",)).to_pylist()[0]
+    lake.append("progress", pa.Table.from_pylist([{**rec, "rows_in": rec["rows_in"] + 5,
+                                                   "recorded_at": rec["recorded_at"].replace(year=2100)}]))
+    status = lake_status(Lake(lake.root))
+    assert not status["balanced"] and status["unbalanced_shards"] == shards[:1]
