@@ -33,6 +33,24 @@ def test_run_report_contains_every_plot(demo_lake):
     assert "Every row accounted for exactly once: <span class=ok>yes</span>" in page
 
 
+def test_report_length_figures_match_the_published_table(demo_lake):
+    """The report's caption-length figures, recomputed here from the published rows with numpy."""
+    import numpy as np
+
+    from recap_tasks.hygiene import word_count
+
+    lake, _ = demo_lake
+    metrics = lake.read_json("_reports/runs/r1/metrics.json")
+    recap = lake.read("recap", ["re_caption", "org_caption", "re_length", "org_length"])
+    re_words = np.array([word_count(t) for t in recap.column("re_caption").to_pylist()])
+    org_words = np.array([word_count(t) for t in recap.column("org_caption").to_pylist()])
+    assert np.array_equal(re_words, recap.column("re_length").to_numpy())
+    assert metrics["rows"] == recap.num_rows
+    for key, counts in (("recaption", re_words), ("original", org_words)):
+        assert metrics["length"][key]["mean"] == pytest.approx(float(np.mean(counts)))
+        assert metrics["length"][key]["median"] == pytest.approx(float(np.median(counts)))
+
+
 def test_index_lists_runs_with_trends(demo_lake):
     lake, _ = demo_lake
     build_report(lake, run_id="r1")
