@@ -131,9 +131,7 @@ def cmd_status(args):
     status = lake_status(lake)
     verified = None
     if args.verify or args.shard:
-        from recap_tasks.progress import latest
-
-        from recap_tasks.progress import require_known
+        from recap_tasks.progress import latest, require_known
 
         if args.shard:
             require_known(lake, args.shard)

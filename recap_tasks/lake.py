@@ -219,7 +219,7 @@ class Lake:
         """
         if data.num_rows == 0:
             return 0
-        data = _clustered(_conform(data, schemas.TABLES[table]))
+        data = _conform(data, schemas.TABLES[table])  # append_to writes it sorted by shard_key
         self.ensure(table)
         keys = list(keys)
         shards = sorted(set(data.column(schemas.SHARD_KEY).to_pylist()))

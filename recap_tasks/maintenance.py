@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import time
+from collections import Counter
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from recap_tasks import schemas
 from recap_tasks.errors import RecapError
@@ -79,11 +83,8 @@ def cluster_buckets(dt) -> dict:
     actions = pa.table(dt.get_add_actions(flatten=True))
     if actions.num_rows == 0:
         return {}
-    buckets = actions.column(f"partition.{schemas.SHARD_BUCKET}").to_pylist()
-    counts: dict[str, int] = {}
-    for b in buckets:
-        counts[b] = counts.get(b, 0) + 1
-    changed = sorted(b for b, n in counts.items() if n > 1)
+    files = Counter(actions.column(f"partition.{schemas.SHARD_BUCKET}").to_pylist())
+    changed = sorted(b for b, n in files.items() if n > 1)
     if not changed:
         return {}
     return dt.optimize.z_order([schemas.SHARD_KEY], partition_filters=[(schemas.SHARD_BUCKET, "in", changed)],
@@ -129,6 +130,7 @@ def migrate(lake: Lake, *, run_id: str = "migrate") -> dict:
     from recap_tasks import progress
     from recap_tasks.batches import all_batches, read_uids
     from recap_tasks.filters import dedup_index
+
     if not lake.exists():
         raise RecapError(f"no lake at {lake.uri}")
     out: dict = {"tables": {}}
@@ -145,7 +147,13 @@ def migrate(lake: Lake, *, run_id: str = "migrate") -> dict:
         log.info("migrate %s: %s", name, out["tables"][name])
     # Progress records (lakes before them had none): the old ingest ledger holds what ingest knew
     # of each source file. A lake that has them keeps them as they are.
-    pairs = None
+    read: dict[str, pa.Table] = {}
+
+    def pairs() -> pa.Table:  # read once, only if a step below needs it
+        if "pairs" not in read:
+            read["pairs"] = lake.read("pairs", ["uid", "shard_id", "sha256"])
+        return read["pairs"]
+
     if not lake.exists(progress.PROGRESS):
         sources = {}
         for rel in lake.list("_ledger/ingest", ".json"):
@@ -153,9 +161,8 @@ def migrate(lake: Lake, *, run_id: str = "migrate") -> dict:
             if entry.get("shard_id"):
                 sources[entry["shard_id"]] = {k: entry.get(k) for k in ("source_uri", "size", "mtime_ns", "truncated",
                                                                         "detail")}
-        pairs = lake.read("pairs", ["uid", "shard_id", "sha256"])
         rejected = lake.read("rejected", ["shard_id"])
-        shard_ids = sorted(set(sources) | set(pairs.column("shard_id").to_pylist())
+        shard_ids = sorted(set(sources) | set(pairs().column("shard_id").to_pylist())
                            | set(rejected.column("shard_id").to_pylist()))
         stages = [s for s in progress.STAGES if s != "download"]  # lakes this old never read download records
         for stage in stages:
@@ -172,16 +179,14 @@ def migrate(lake: Lake, *, run_id: str = "migrate") -> dict:
     except RecapError:
         stale = True
     if (stale or not lake.exists(DEDUP_INDEX)) and lake.exists("filter_results"):
-        pairs = pairs or lake.read("pairs", ["uid", "shard_id", "sha256"])
         out["dedup_index_entries"] = dedup_index.add_kept(
             lake, lake.read("filter_results", ["uid", "kept", "phash"]),
-            dict(zip(pairs.column("uid").to_pylist(), pairs.column("sha256").to_pylist())),
+            dict(zip(pairs().column("uid").to_pylist(), pairs().column("sha256").to_pylist())),
             max_distance, replace=True)
     # Batches now name their shards (reports and publish read only those).
     unnamed = [b for b in all_batches(lake) if not b.shards]
     if unnamed:
-        pairs = pairs or lake.read("pairs", ["uid", "shard_id", "sha256"])
-        shard_of = dict(zip(pairs.column("uid").to_pylist(), pairs.column("shard_id").to_pylist()))
+        shard_of = dict(zip(pairs().column("uid").to_pylist(), pairs().column("shard_id").to_pylist()))
     for batch in unnamed:
         try:
             uids = read_uids(lake, batch).to_pylist()
@@ -209,10 +214,7 @@ def _rewrite_bucketed(lake: Lake, name: str, dt) -> int:
 
     schema = schemas.TABLES[name]
     old = list(dt.metadata().partition_columns)
-    counted = [0]
-
-    import pyarrow.parquet as pq
-
+    written = 0
     actions = pa.table(dt.get_add_actions(flatten=True)).to_pylist()
     groups: dict[str, list[str]] = {}
     for action in actions:  # one partition per shard: the old files bucket by bucket; else one group
@@ -220,6 +222,7 @@ def _rewrite_bucketed(lake: Lake, name: str, dt) -> int:
         groups.setdefault(schemas.bucket_of(key) if key else "", []).append(action["path"])
 
     def batches():
+        nonlocal written
         # The old files are read with pyarrow's own filesystem: a delta-rs read inside the delta-rs
         # write that consumes this stream would nest its runtime.
         for _, paths in sorted(groups.items()):
@@ -230,7 +233,7 @@ def _rewrite_bucketed(lake: Lake, name: str, dt) -> int:
                                           if c in (schemas.SHARD_KEY, schemas.SHARD_BUCKET)])
                 parts.append(_conform(data, schema))  # shard key and bucket recomputed from shard_id
             data = _clustered(pa.concat_tables(parts)) if parts else schema.empty_table()
-            counted[0] += data.num_rows
+            written += data.num_rows
             yield from data.to_batches()
 
     txns = []
@@ -244,9 +247,6 @@ def _rewrite_bucketed(lake: Lake, name: str, dt) -> int:
     kwargs = dict(partition_by=list(schema.partition_by), storage_options=lake.storage_options or None,
                   commit_properties=commit)
     if lake.is_local:
-        import shutil
-        import time
-
         fresh = lake.root / "_migrated" / f"{name}.new"
         shutil.rmtree(fresh, ignore_errors=True)
         write_deltalake(str(fresh), reader, mode="error", **kwargs)
@@ -257,4 +257,4 @@ def _rewrite_bucketed(lake: Lake, name: str, dt) -> int:
     else:
         write_deltalake(lake.path(name), reader, mode="overwrite", schema_mode="overwrite", **kwargs)
     lake.forget(name)
-    return counted[0]
+    return written

@@ -77,11 +77,11 @@ def by_shard(lake: Lake, *, shard_ids: Iterable[str] | None = None,
 def pending_shards(lake: Lake, stage: str, *, shard_ids: Iterable[str] | None = None) -> list[str]:
     """Shards whose upstream stage has rows this stage has not settled yet (sorted).
 
-    Vectorised over the records (no Python object per shard): ~0.3 s at 130,000 shards."""
+    Vectorised over the records (no Python object per shard): 0.4-0.9 s at 130,000 shards here."""
     up = UPSTREAM[stage]
     records = latest(lake, shard_ids=shard_ids, stages=(up, stage))
     ids = pc.unique(records.column("shard_id").combine_chunks())
-    have, done = _per_shard(records, ids, up, "rows_out"), _per_shard(records, ids, stage, "rows_in")
+    have, done = per_shard_counts(records, ids, up, "rows_out"), per_shard_counts(records, ids, stage, "rows_in")
     return sorted(ids.filter(pa.array(have > done)).to_pylist())
 
 
@@ -97,7 +97,7 @@ def require_known(lake: Lake, shard_ids: Iterable[str]) -> None:
                          f"`recap status --json` lists them, `recap ingest` adds new ones")
 
 
-def _per_shard(records: pa.Table, ids: pa.Array, stage: str, column: str) -> np.ndarray:
+def per_shard_counts(records: pa.Table, ids: pa.Array, stage: str, column: str) -> np.ndarray:
     """`column` of `stage`'s latest records, aligned to the shard ids `ids` (0 where none)."""
     out = np.zeros(len(ids), np.int64)
     rows = records.filter(pc.equal(records.column("stage"), stage))
@@ -197,7 +197,7 @@ def summary(lake: Lake) -> dict:
     per = {stage: records.filter(pc.equal(records.column("stage"), stage)) for stage in STAGES}
 
     def col(stage: str, name: str) -> np.ndarray:
-        return _per_shard(records, shard_ids, stage, name)
+        return per_shard_counts(records, shard_ids, stage, name)
 
     def reasons(stage: str) -> dict[str, int]:
         # Each distinct JSON once (most shards share a handful: "{}", one or two reasons), times

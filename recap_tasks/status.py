@@ -7,6 +7,7 @@ by uid, on a set of shards (what validation does for each batch, and `recap stat
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -57,21 +58,35 @@ def reconcile(lake: Lake, shard_ids: list[str]) -> dict:
     Places: published, rejected after ingest, quarantined, or in flight (no verdict yet, kept and
     not captioned, captioned and not yet published). Returns the counts and `balanced`.
     """
-    pairs = lake.uids("pairs", shards=shard_ids)
-    rejected = lake.read("rejected", ["uid", "stage"], shards=shard_ids)
+    return _places(_read_shards(lake, shard_ids), len(shard_ids))
+
+
+# The columns each check reads, per table: one read of each serves `reconcile` and `verify`.
+_COLUMNS = {"pairs": ["uid", "shard_id"], "rejected": ["uid", "shard_id", "stage"],
+            "filter_results": ["uid", "shard_id", "kept"], "captions": ["uid", "shard_id"],
+            "recap": ["uid", "shard_id"], "quarantine": ["uid", "shard_id"]}
+
+
+def _read_shards(lake: Lake, shard_ids: list[str]) -> dict[str, pa.Table]:
+    return {table: lake.read(table, columns, shards=shard_ids) for table, columns in _COLUMNS.items()}
+
+
+def _uids(table: pa.Table) -> pa.Array:
+    return table.column("uid").combine_chunks()
+
+
+def _places(rows: dict[str, pa.Table], shards: int) -> dict:
+    pairs, rejected, verdicts = _uids(rows["pairs"]), rows["rejected"], rows["filter_results"]
     # Download and ingest rejections never became pairs; later stages reject pairs.
     later = rejected.filter(pc.invert(pc.is_in(rejected.column("stage"), value_set=pa.array(["download", "ingest"]))))
     later = pc.unique(later.column("uid").combine_chunks())
-    verdicts = lake.read("filter_results", ["uid", "kept"], shards=shard_ids)
     kept = verdicts.filter(pc.fill_null(verdicts.column("kept"), False)).column("uid").combine_chunks()
-    captioned = lake.uids("captions", shards=shard_ids)
-    published = lake.uids("recap", shards=shard_ids)
-    quarantined = lake.uids("quarantine", shards=shard_ids)
+    captioned, published, quarantined = _uids(rows["captions"]), _uids(rows["recap"]), _uids(rows["quarantine"])
     places = {
         "published": published,
         "rejected": later,
         "quarantined": quarantined,
-        "pending_filter": pairs.filter(not_in(pairs, verdicts.column("uid").combine_chunks())),
+        "pending_filter": pairs.filter(not_in(pairs, _uids(verdicts))),
         "pending_caption": kept.filter(not_in(kept, pa.concat_arrays([captioned, later]))),
         "captioned_unpublished": captioned.filter(not_in(captioned, pa.concat_arrays([published, quarantined]))),
     }
@@ -79,7 +94,7 @@ def reconcile(lake: Lake, shard_ids: list[str]) -> dict:
     n = len(pairs)
     balanced = len(everywhere) == n and len(pc.unique(everywhere)) == n and \
         bool(pc.all(pc.is_in(everywhere, value_set=pairs)).as_py() if len(everywhere) else True)
-    return {"shards": len(shard_ids), "passed_ingest": n, **{k: len(v) for k, v in places.items()},
+    return {"shards": shards, "passed_ingest": n, **{k: len(v) for k, v in places.items()},
             "balanced": balanced}
 
 
@@ -99,57 +114,58 @@ def verify(lake: Lake, shard_ids: list[str]) -> dict:
     """
     from recap_tasks.batches import read_uids
 
-    places = reconcile(lake, shard_ids)
+    shard_ids = sorted(set(shard_ids))
+    rows = _read_shards(lake, shard_ids)  # each table once, for every check below
+    places = _places(rows, len(shard_ids))
     problems: list[dict] = []
     checked: dict[str, int] = {}
-    records = progress.by_shard(lake, shard_ids=shard_ids)
+    records = progress.latest(lake, shard_ids=shard_ids)
+    ids = pa.array(shard_ids, pa.string())
+
+    def shortfalls(table: str, held: np.ndarray, stage: str, field: str, what: str) -> None:
+        recorded = progress.per_shard_counts(records, ids, stage, field)
+        for i in np.flatnonzero(held < recorded):
+            problems.append({"shard": shard_ids[i], "table": table, "kind": "lost",
+                             "detail": f"{table} holds {held[i]} {what}, the {stage} record says {recorded[i]}"})
+
+    def per_shard(table: pa.Table) -> np.ndarray:
+        held = np.zeros(len(ids), np.int64)
+        if table.num_rows:
+            counts = pc.value_counts(table.column("shard_id").combine_chunks())
+            held[pc.index_in(counts.field("values"), value_set=ids).to_numpy(zero_copy_only=False)] = \
+                counts.field("counts").to_numpy()
+        return held
+
     for table, stage, field in _RECORDED:
-        rows = lake.read(table, ["uid", "shard_id"], shards=shard_ids)
-        checked[table] = rows.num_rows
-        per_shard = {r["values"]: r["counts"] for r in pc.value_counts(rows.column("shard_id")).to_pylist()} \
-            if rows.num_rows else {}
-        for shard in shard_ids:
-            recorded = (records.get(shard, {}).get(stage) or {}).get(field) or 0
-            held = per_shard.get(shard, 0)
-            if held < recorded:
-                problems.append({"shard": shard, "table": table, "kind": "lost",
-                                 "detail": f"{table} holds {held} rows, the {stage} record says {recorded}"})
-        counts = pc.value_counts(rows.column("uid")) if rows.num_rows else None
-        if counts is not None:
+        data = rows[table]
+        checked[table] = data.num_rows
+        shortfalls(table, per_shard(data), stage, field, "rows")
+        if data.num_rows:
+            counts = pc.value_counts(data.column("uid").combine_chunks())
             twice = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
-            if len(twice):
-                dup = rows.filter(pc.is_in(rows.column("uid"), value_set=twice))
-                for shard in sorted(set(dup.column("shard_id").to_pylist())):
-                    n = pc.sum(pc.equal(dup.column("shard_id"), shard)).as_py()
-                    problems.append({"shard": shard, "table": table, "kind": "duplicated",
-                                     "detail": f"{n} rows of {table} share a uid with another row"})
+            dup = data.filter(pc.is_in(data.column("uid"), value_set=twice))
+            for shard in sorted(set(dup.column("shard_id").to_pylist())):
+                n = pc.sum(pc.equal(dup.column("shard_id"), shard)).as_py()
+                problems.append({"shard": shard, "table": table, "kind": "duplicated",
+                                 "detail": f"{n} rows of {table} share a uid with another row"})
     # Rejections per stage against the records that `recap status` sums (download and ingest, whose
     # rows never became pairs; later stages' rejections are inside their stage's counts above).
-    rejected = lake.read("rejected", ["shard_id", "stage"], shards=shard_ids)
+    rejected = rows["rejected"]
     checked["rejected"] = rejected.num_rows
-    held_rej: dict[tuple[str, str], int] = {}
-    for r in rejected.to_pylist():
-        held_rej[r["shard_id"], r["stage"]] = held_rej.get((r["shard_id"], r["stage"]), 0) + 1
-    for shard in shard_ids:
-        for stage in ("download", "ingest"):
-            recorded = (records.get(shard, {}).get(stage) or {}).get("rejected") or 0
-            held = held_rej.get((shard, stage), 0)
-            if held < recorded:
-                problems.append({"shard": shard, "table": "rejected", "kind": "lost",
-                                 "detail": f"rejected holds {held} {stage} rejections, the {stage} record says "
-                                           f"{recorded}"})
-    settled = pa.concat_arrays([lake.uids("recap", shards=shard_ids), lake.uids("quarantine", shards=shard_ids)])
-    wanted = set(shard_ids)
+    for stage in ("download", "ingest"):
+        held = per_shard(rejected.filter(pc.equal(rejected.column("stage"), stage)))
+        shortfalls("rejected", held, stage, "rejected", f"{stage} rejections")
+    settled = pa.concat_arrays([_uids(rows["recap"]), _uids(rows["quarantine"])])
+    pairs = rows["pairs"]
     published_uids = 0
     for batch in all_batches(lake):
-        if not batch.published or not wanted.intersection(batch.shards):
+        if not batch.published or not set(shard_ids).intersection(batch.shards):
             continue
         try:
             uids = read_uids(lake, batch)
         except FileNotFoundError:
             continue
-        mine = lake.read("pairs", ["uid", "shard_id"], shards=sorted(wanted.intersection(batch.shards)))
-        mine = mine.filter(pc.is_in(mine.column("uid"), value_set=uids))
+        mine = pairs.filter(pc.is_in(pairs.column("uid"), value_set=uids))
         published_uids += mine.num_rows
         gone = mine.filter(not_in(mine.column("uid"), settled))
         for shard in sorted(set(gone.column("shard_id").to_pylist())):

@@ -311,27 +311,18 @@ def test_parquet_caption_of_the_wrong_type_is_a_rejection(tmp_path):
     ("caption:\n  prompt: null\n", "caption.prompt: expected str"),
     ("caption: [1, 2]\n", "must be a mapping"),
     ("caption:\n  batch_size: 2.5\n", "caption.batch_size: expected int"),
-])
-def test_config_values_of_the_wrong_type(tmp_path, text, expected):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(text)
-    proc = recap("filter", "--lake", str(tmp_path), "--config", str(cfg), check=False)
-    assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr
-
-
-@pytest.mark.parametrize("text,expected", [
+    # Issue 19, items 5 and 7: values of the right type that cannot work.
     ("download:\n  timeout: .nan\n", "download.timeout: must be a finite number, got nan"),
     ("download:\n  deadline: .inf\n", "download.deadline: must be a finite number, got inf"),
     ("caption:\n  batch_size: 100000000000000000000000000\n", "batch_size must be at most 4,096"),
     ("caption:\n  device: toaster\n", "device must be auto, cpu, cuda, cuda:N or mps"),
     ("filter:\n  clip_device: gpu0\n", "clip_device must be auto, cpu, cuda, cuda:N or mps"),
 ])
-def test_config_values_that_pass_the_type_but_cannot_work(tmp_path, text, expected):
-    """Issue 19, items 5 and 7: NaN and infinities, absurd batch sizes and unknown devices are one line."""
+def test_config_values_of_the_wrong_type(tmp_path, text, expected):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text)
     proc = recap("filter", "--lake", str(tmp_path), "--config", str(cfg), check=False)
-    assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr
 
 
 def _one_line_error(proc, *needles: str) -> None:

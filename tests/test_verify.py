@@ -44,14 +44,16 @@ def test_a_clean_lake_verifies_and_exits_0(clean_lake):
     assert "recap" in proc.stdout and "rows checked" in proc.stdout
 
 
-def _one_row(lake: Lake, table: str) -> dict:
-    return lake.read(table).slice(0, 1).to_pylist()[0]
+def _delete_one(lake: Lake, table: str) -> dict:
+    """Delete one row of `table` behind Recap's back (a bad manual DELETE); returns it."""
+    row = lake.read(table).slice(0, 1).to_pylist()[0]
+    DeltaTable(lake.path(table)).delete(f"uid = '{row['uid']}'")
+    return row
 
 
 def test_a_deleted_published_row_is_lost(clean_lake, tmp_path, capsys):
     lake = _copy(clean_lake, tmp_path)
-    row = _one_row(lake, "recap")
-    DeltaTable(lake.path("recap")).delete(f"uid = '{row['uid']}'")
+    row = _delete_one(lake, "recap")
     code, out = _verify(lake, capsys)
     assert code == 1
     assert f"PROBLEM lost in recap, shard {row['shard_id']}" in out
@@ -70,8 +72,7 @@ def test_a_duplicated_published_row_is_found(clean_lake, tmp_path, capsys):
 
 def test_a_deleted_caption_row_is_lost(clean_lake, tmp_path, capsys):
     lake = _copy(clean_lake, tmp_path)
-    row = _one_row(lake, "captions")
-    DeltaTable(lake.path("captions")).delete(f"uid = '{row['uid']}'")
+    row = _delete_one(lake, "captions")
     code, out = _verify(lake, capsys)
     assert code == 1
     assert f"PROBLEM lost in captions, shard {row['shard_id']}" in out
@@ -81,8 +82,7 @@ def test_verify_json_lists_the_problems(clean_lake, tmp_path, capsys):
     import json
 
     lake = _copy(clean_lake, tmp_path)
-    row = _one_row(lake, "pairs")
-    DeltaTable(lake.path("pairs")).delete(f"uid = '{row['uid']}'")
+    row = _delete_one(lake, "pairs")
     code = main(["status", "--verify", "--json", "--lake", str(lake.root)])
     status = json.loads(capsys.readouterr().out)
     assert code == 1 and not status["balanced"]

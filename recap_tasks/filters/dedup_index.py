@@ -243,8 +243,7 @@ def _candidate_groups(meta: pq.FileMetaData, column: int, los: np.ndarray, his: 
 
     def stats(g: int):
         if g not in cache:
-            st = meta.row_group(g).column(column).statistics
-            cache[g] = (st.min, st.max) if st is not None and st.has_min_max else None
+            cache[g] = _group_range(meta, column, g)
         return cache[g]
 
     out: list[int] = []
@@ -278,12 +277,18 @@ def _scan_groups(meta: pq.FileMetaData, column: int, los: np.ndarray, his: np.nd
     highs = np.empty(n, dtype=np.int64)
     unknown = np.zeros(n, dtype=bool)
     for g in range(n):
-        stats = meta.row_group(g).column(column).statistics
-        if stats is None or not stats.has_min_max:
+        found = _group_range(meta, column, g)
+        if found is None:
             unknown[g] = True
         else:
-            lows[g], highs[g] = stats.min, stats.max
+            lows[g], highs[g] = found
     return np.flatnonzero(_meets(los, his, lows, highs) | unknown).tolist()
+
+
+def _group_range(meta: pq.FileMetaData, column: int, g: int) -> tuple[int, int] | None:
+    """Row group `g`'s [min, max] of the key column, or None without statistics."""
+    stats = meta.row_group(g).column(column).statistics
+    return (stats.min, stats.max) if stats is not None and stats.has_min_max else None
 
 
 def history(lake: Lake, rows: pa.Table, max_distance: int) -> pa.Table:
