@@ -1,7 +1,7 @@
 """Near-duplicate lookups against the corpus dedup index as it grows: cost per new image and recall.
 
 Usage: python benchmarks/dedup_index.py [--entries 10000000 100000000] [--radius 2 4] [--batch 239 10000]
-                                        [--data ../shared/data] [--workdir DIR (keeps the seeded indexes)]
+                                        [--compare] [--data ../shared/data] [--workdir DIR (keeps the seeded indexes)]
 
 Part 1, what a radius means on real images: every COCO photo of ../shared/data/coco-mini-wds is
 re-encoded and resized the ways the web copies images (JPEG quality 75 and 40, half size, 90% centre
@@ -128,15 +128,24 @@ def seed(lake_dir: Path, entries: int, radius: int) -> None:
             lake.append(DEDUP_INDEX, table, writer_properties=props)
         print(f"  seeded {kind}: {images:,} entries", file=sys.stderr, flush=True)
     lake.delta(DEDUP_INDEX).create_checkpoint()
+    t0 = time.perf_counter()
+    built = dedup_index.build_runs(lake)  # as `recap maintain` leaves the index
+    print(f"  runs: {built['runs_written']} written in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
 
-def lookup_once(lake_dir: Path, radius: int, batch: int) -> dict:
-    """Look up `batch` new images (half planted near-duplicates) in a fresh process."""
+def lookup_once(lake_dir: Path, radius: int, batch: int, path: str) -> dict:
+    """Look up `batch` new images (half planted near-duplicates) in a fresh process, through the
+    index files' sorted runs (`path` "runs", what the product does) or their Parquet footers alone
+    ("footers": the lookup before runs, and what files appended since the last maintain take)."""
     import numpy as np
     import pyarrow as pa
 
-    from recap_tasks.filters import dedup_index
+    from recap_tasks.filters import dedup_index, dedup_runs
     from recap_tasks.lake import Lake
+
+    if path == "footers":
+        dedup_runs.lookup = lambda *args, **kwargs: None
+    reads = _count_run_reads()
 
     phash = np.load(lake_dir.parent / f"{lake_dir.name}.phash.npy", mmap_mode="r")
     rng = np.random.default_rng(1)
@@ -159,8 +168,25 @@ def lookup_once(lake_dir: Path, radius: int, batch: int) -> dict:
     wanted = set(np.array(phash[targets]).tolist())
     got = set(found.column("phash").to_pylist())
     return {"seconds": seconds, "per_image_ms": 1000 * seconds / batch, "found": found.num_rows,
-            "recall": len(wanted & got) / planted, "row_groups": counter(),
+            "recall": len(wanted & got) / planted, "row_groups": counter(), "run_reads": reads(),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _count_run_reads():
+    """Counts the ranged reads the lookups make in runs."""
+    from recap_tasks.filters import dedup_runs
+
+    seen = [0]
+    original = dedup_runs.Run._gather
+
+    def counted(self, base, width, idx):
+        before = self.reads
+        out = original(self, base, width, idx)
+        seen[0] += self.reads - before
+        return out
+
+    dedup_runs.Run._gather = counted
+    return lambda: seen[0]
 
 
 def _count_row_groups():
@@ -187,13 +213,16 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--workdir", type=Path, help="keep seeded indexes here and reuse them")
     parser.add_argument("--_seed", nargs=3, help=argparse.SUPPRESS)
-    parser.add_argument("--_lookup", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--compare", action="store_true",
+                        help="also time the lookup through Parquet footers alone (no runs), in the same run")
+    parser.add_argument("--_lookup", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._seed:
         seed(Path(args._seed[0]), int(args._seed[1]), int(args._seed[2]))
         return
     if args._lookup:
-        print(json.dumps(lookup_once(Path(args._lookup[0]), int(args._lookup[1]), int(args._lookup[2]))))
+        print(json.dumps(lookup_once(Path(args._lookup[0]), int(args._lookup[1]), int(args._lookup[2]),
+                                      args._lookup[3])))
         return
     print(f"machine: {describe()}")
     if (args.data / "coco-mini-wds").is_dir():
@@ -207,6 +236,7 @@ def main() -> None:
             a = np.array(d)
             print(f"{name:<24}" + "".join(f"{np.mean(a <= r):>7.2f}" for r in radii) + f"{np.median(a):>8.0f}")
         print(f"({len(next(iter(dist.values())))} photos)")
+    paths = ["runs", "footers"] if args.compare else ["runs"]
     with contextlib.ExitStack() as stack:
         work = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         work.mkdir(parents=True, exist_ok=True)
@@ -214,36 +244,36 @@ def main() -> None:
         for radius in args.radius:
             for n in args.entries:
                 seeded = work / f"index-{n}-r{radius}"
-                if not (seeded / ".seeded").exists():
+                if not (seeded / ".seeded-runs").exists():
                     shutil.rmtree(seeded, ignore_errors=True)
                     t0 = time.perf_counter()
                     subprocess.run([sys.executable, __file__, "--_seed", str(seeded), str(n), str(radius)], check=True)
-                    (seeded / ".seeded").write_text(f"{n}\n")
+                    (seeded / ".seeded-runs").write_text(f"{n}\n")
                     print(f"  radius {radius}, {n:,} entries: seeded in {time.perf_counter() - t0:.0f} s", flush=True)
                 for batch in args.batch:
-                    runs = []
-                    for _ in range(args.repeat):
-                        proc = subprocess.run([sys.executable, __file__, "--_lookup", str(seeded), str(radius),
-                                               str(batch)], check=True, capture_output=True, text=True)
-                        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-                    best = min(runs, key=lambda r: r["seconds"])
-                    results[radius, n, batch] = best
-                    print(f"  radius {radius}, {n:>11,} entries, {batch:>6,} new images: {best['per_image_ms']:.3f} "
-                          f"ms/image, {best['row_groups']:,} row groups read, recall {best['recall']:.3f}, "
-                          f"peak RSS {best['peak_rss_mib']:.0f} MiB", flush=True)
+                    for path in paths:
+                        runs = []
+                        for _ in range(args.repeat):
+                            proc = subprocess.run([sys.executable, __file__, "--_lookup", str(seeded), str(radius),
+                                                   str(batch), path], check=True, capture_output=True, text=True)
+                            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                        best = min(runs, key=lambda r: r["seconds"])
+                        results[radius, n, batch, path] = best
+                        print(f"  radius {radius}, {n:>11,} entries, {batch:>6,} new images, {path:>7}: "
+                              f"{best['per_image_ms']:.3f} ms/image, {best['row_groups']:,} row groups and "
+                              f"{best['run_reads']:,} run reads, recall {best['recall']:.3f}, "
+                              f"peak RSS {best['peak_rss_mib']:.0f} MiB", flush=True)
                 if not args.workdir:
                     shutil.rmtree(seeded, ignore_errors=True)
-        base_n = args.entries[0]
-        print(f"{'radius':>6} {'new images':>10}" + "".join(f"{f'{n:,} entries':>22}" for n in args.entries)
+        print(f"{'radius':>6} {'new images':>10} {'lookup':>8}" + "".join(f"{f'{n:,} entries':>22}" for n in args.entries)
               + "".join(f"{f'x {n:,}':>16}" for n in args.entries[1:]))
         for radius in args.radius:
             for batch in args.batch:
-                line = f"{radius:>6} {batch:>10,}" + "".join(
-                    f"{results[radius, n, batch]['per_image_ms']:>16.3f} ms/im" for n in args.entries)
-                line += "".join(f"{results[radius, n, batch]['per_image_ms'] / results[radius, base_n, batch]['per_image_ms']:>15.2f}x"
-                                for n in args.entries[1:])
-                print(line)
-
+                for path in paths:
+                    got = [results[radius, n, batch, path] for n in args.entries]
+                    line = f"{radius:>6} {batch:>10,} {path:>8}" + "".join(f"{r['per_image_ms']:>16.3f} ms/im" for r in got)
+                    line += "".join(f"{r['per_image_ms'] / got[0]['per_image_ms']:>15.2f}x" for r in got[1:])
+                    print(line)
 
 if __name__ == "__main__":
     main()

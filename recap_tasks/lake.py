@@ -333,6 +333,20 @@ class Lake:
         except FileNotFoundError:
             return None
 
+    def open_input(self, rel: str) -> pa.NativeFile:
+        """A file inside the lake for random access (`read_at`); FileNotFoundError when absent."""
+        return self.fs.open_input_file(self._abs(rel))
+
+    def remove(self, rel: str) -> None:
+        """Delete a file beside the tables (never a Delta table's own file); absent is fine."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(self._abs(rel))
+
+    def open_table_file(self, table: str, path: str) -> pa.NativeFile:
+        """One data file of a Delta table, by the path its add action names, for random access."""
+        self.path(table)  # only the lake's own tables
+        return self.fs.open_input_file(f"{self._fs_root}/{table}/{path}")
+
     def write_json(self, rel: str, payload: dict) -> None:
         self.write_bytes(rel, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
 

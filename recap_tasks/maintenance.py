@@ -69,6 +69,11 @@ def maintain(lake: Lake, *, tables: list[str] | None = None, retention_hours: in
                      "compacted": {k: compacted.get(k) for k in ("numFilesAdded", "numFilesRemoved")},
                      "vacuumed" if not dry_run else "would_vacuum": len(removed),
                      "version": lake.version(name)}
+        if name == DEDUP_INDEX and not dry_run:
+            # Point-lookup runs for the re-sorted files; the runs of files that left are deleted.
+            from recap_tasks.filters.dedup_index import build_runs
+
+            out[name].update(build_runs(lake))
         log.info("maintain %s: %s", name, out[name])
     return out
 

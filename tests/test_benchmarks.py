@@ -55,8 +55,11 @@ def test_download_benchmark_smoke():
 def test_dedup_index_benchmark_smoke(tmp_path):
     """The dedup index benchmark's code path on small indexes: seeding, lookups, recall on planted copies."""
     proc = subprocess.run([sys.executable, "benchmarks/dedup_index.py", "--entries", "20000", "40000", "--radius", "2",
-                           "--batch", "40", "--repeat", "1", "--data", str(tmp_path / "no-data")],
+                           "--batch", "40", "--repeat", "1", "--compare", "--data", str(tmp_path / "no-data")],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = [line for line in proc.stdout.splitlines() if "new images:" in line]
-    assert len(runs) == 2 and all("recall 1.000" in line for line in runs), proc.stdout
+    runs = [line for line in proc.stdout.splitlines() if "new images," in line]
+    assert len(runs) == 4 and all("recall 1.000" in line for line in runs), proc.stdout
+    # The product's lookup reads the runs, not Parquet; the comparison path reads Parquet only.
+    assert all(" 0 row groups" in line and " 0 run reads" not in line for line in runs if "runs:" in line), proc.stdout
+    assert all(" 0 run reads" in line for line in runs if "footers:" in line), proc.stdout

@@ -8,16 +8,16 @@ entries sharing a band value with a new image. A band entry's key is the whole p
 that its band comes first: sorted by key, the entries of one band value are one contiguous key
 range, and the key alone gives back the pHash for the Hamming check (one 8-byte column to read).
 
-The Delta table is partitioned by kind; each file is sorted by key with small row groups. A lookup
-prunes files by the key range in the Delta log, then row groups by their min/max statistics (found
-by bisection in a sorted file: O(probes x log(row groups)), not a scan of the whole footer), and
-reads only row groups that can hold one of its keys. `recap maintain` re-sorts the index (z-order
-on key) so files and row groups cover narrow, disjoint key ranges.
+The Delta table is partitioned by kind and is the truth. `recap maintain` re-sorts it (z-order on
+key) and writes beside each file a sorted run (dedup_runs): the file's keys, two levels of fence keys
+and fixed-width payload, read by byte ranges, so a probe costs a few small reads whatever the index
+holds. Files without a run (appended since the last maintain) are read as Parquet: files pruned by
+the key range in the Delta log, row groups by their min/max statistics (bisected in a sorted file),
+and only row groups that can hold a probe's key are read; that path parses each touched file's
+footer, a cost linear in those files' row groups.
 
 With the default radius (2: three bands of 21-22 bits) a probe's band range holds ~N/2M entries:
-about one row group read per probe up to ~4B images. What still grows with the index is parsing
-the footers of the files the probes fall in (~9 us per 2,048 entries when a batch's probes span
-every file; BENCHMARKS.md, dedup index).
+about one 2 KiB key slice read per probe and band up to ~4B images (BENCHMARKS.md, dedup index).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import pyarrow.parquet as pq
 
 from recap_tasks import schemas
 from recap_tasks.errors import RecapError
+from recap_tasks.filters import dedup_runs
+from recap_tasks.filters.dedup_runs import in_ranges as _in_ranges
 from recap_tasks.lake import DEDUP_INDEX, Lake
 
 log = logging.getLogger(__name__)
@@ -177,12 +179,19 @@ def lookup(lake: Lake, kind: str, lows: np.ndarray, highs: np.ndarray, columns: 
     file_lo = actions.column("min.key").to_numpy(zero_copy_only=False)
     file_hi = actions.column("max.key").to_numpy(zero_copy_only=False)
     hits = _meets(los, his, file_lo, file_hi)
+    sizes = actions.column("num_records").to_numpy(zero_copy_only=False)[hits]
     out = []
-    for path, lo, hi in zip(actions.column("path").filter(pa.array(hits)).to_pylist(), file_lo[hits], file_hi[hits]):
+    for path, lo, hi, size in zip(actions.column("path").filter(pa.array(hits)).to_pylist(), file_lo[hits],
+                                  file_hi[hits], sizes):
         # Only the probes this file's key range can hold (sorted files split the key space between them).
         mine = (his >= lo) & (los <= hi)
         f_los, f_his = los[mine], his[mine]
-        with lake.fs.open_input_file(f"{lake._fs_root}/{DEDUP_INDEX}/{path}") as f:
+        found = dedup_runs.lookup(lake, kind, path, int(size), f_los, f_his, columns, keep, with_sha=kind == SHA)
+        if found is not None:  # the file's run answered without its Parquet footer
+            if found.num_rows:
+                out.append(found.select(["key", *columns]))
+            continue
+        with lake.open_table_file(DEDUP_INDEX, path) as f:
             # pre_buffer off: it coalesces reads into large ranges, 4x slower for scattered small row groups.
             pf = pq.ParquetFile(f, pre_buffer=False)
             meta = pf.metadata
@@ -204,19 +213,12 @@ def lookup(lake: Lake, kind: str, lows: np.ndarray, highs: np.ndarray, columns: 
             starts = np.concatenate(([0], np.cumsum(sizes)))
             local = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in matched])
             out.append(full.filter(pa.array(np.isin(local, hit_rows))))
-    return pa.concat_tables(out) if out else empty
+    return pa.concat_tables([t.cast(empty.schema) for t in out]) if out else empty
 
 
-def _in_ranges(keys: np.ndarray, los: np.ndarray, his: np.ndarray) -> np.ndarray:
-    """Positions of the `keys` that lie in one of the sorted, disjoint ranges [los, his]."""
-    if len(keys) > 1 and np.all(keys[1:] >= keys[:-1]):  # a sorted file (as written and maintained)
-        starts, ends = np.searchsorted(keys, los, "left"), np.searchsorted(keys, his, "right")
-        hit = ends > starts
-        if not hit.any():
-            return np.zeros(0, dtype=np.int64)
-        return np.concatenate([np.arange(a, b) for a, b in zip(starts[hit], ends[hit])])
-    at = np.searchsorted(los, keys, "right") - 1
-    return np.flatnonzero((at >= 0) & (keys <= his[np.maximum(at, 0)]))
+def build_runs(lake: Lake) -> dict:
+    """Sorted runs for the index files that have none (`recap maintain`; see dedup_runs)."""
+    return dedup_runs.build(lake, SHA)
 
 
 def _meets(los: np.ndarray, his: np.ndarray, lows: np.ndarray, highs: np.ndarray) -> np.ndarray:

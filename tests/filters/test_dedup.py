@@ -201,3 +201,86 @@ def test_row_group_search_by_bisection_finds_what_the_full_scan_finds(tmp_path, 
     for lo, hi in zip(los, his):
         inside |= (keys >= lo) & (keys <= hi)
     assert set(owner[inside].tolist()) <= set(got)
+
+
+def test_run_finds_exactly_the_keys_in_each_range_across_both_fence_levels():
+    """A sorted run answers range probes like a scan of its keys: ranges narrow and wide, at the
+    edges, below and above every key, and runs of equal keys that cross fence boundaries."""
+    import numpy as np
+    import pyarrow as pa
+
+    from recap_tasks.filters import dedup_runs
+
+    rng = np.random.default_rng(5)
+    n = 3 * dedup_runs.FAN**2 + 1234  # four top-level blocks, the last one partial
+    ks = np.sort(rng.integers(-2**63, 2**63 - 1, n, dtype=np.int64))
+    second, top = 300 * dedup_runs.FAN, 2 * dedup_runs.FAN**2
+    ks[second - 600:second + 100] = ks[second - 600]  # equal keys across second-level fences
+    ks[top - 100:top + 100] = ks[top - 100]  # ... and across a top-level fence
+    order = rng.permutation(n)  # written in any order: the run sorts
+    keys = np.empty_like(ks)
+    keys[order] = ks
+    uid = [f"u{i}" for i in range(n)]
+    run = dedup_runs.Run(pa.BufferReader(dedup_runs.encode(pa.table({"key": keys, "uid": uid}), with_sha=False)))
+    los = np.unique(np.concatenate([rng.choice(ks, 300, replace=False),
+                                    [ks[0], ks[-1], ks[second - 600], ks[top - 100], -2**63]]))
+    his = los + rng.integers(0, 2**52, len(los))
+    his[:-1] = np.minimum(his[:-1], los[1:] - 1)
+    los, his = np.append(los, ks[-1] + 1), np.append(his, 2**63 - 1)  # above every key
+    rows, found = run.find(los, his)
+    want = np.flatnonzero(np.any((ks[:, None] >= los) & (ks[:, None] <= his), axis=1))
+    assert np.array_equal(rows, want) and np.array_equal(found, ks[want])
+    assert len(want) > 900  # the equal-key runs were found whole
+    got_uids = run.columns(rows, ["uid"])["uid"].to_pylist()
+    assert sorted(got_uids) == sorted(uid[i] for i in order[want])  # input row order[j] has key ks[j]
+    assert run.reads < 2 * len(los) + 10  # fences and key slices, not the file
+    for at, count in ((second - 600, 700), (top - 100, 200)):  # alone: no other probe's blocks to lean on
+        alone, _ = run.find(np.array([ks[at]]), np.array([ks[at]]))
+        assert np.array_equal(alone, np.arange(at, at + count))
+    wide_rows, _ = run.find(np.array([ks[10]]), np.array([ks[n - 10]]))  # one range over all blocks
+    assert np.array_equal(wide_rows, np.arange(10, n - 9))
+
+
+def test_lookups_through_runs_equal_lookups_through_parquet(tmp_path, monkeypatch):
+    """After maintain writes runs, history finds the same rows as the Parquet path; a run that does not
+    match its file (wrong row count, unreadable) is ignored, and runs of files that left are deleted."""
+    import numpy as np
+    import pyarrow as pa
+
+    from recap_tasks.filters import dedup_index, dedup_runs
+    from recap_tasks.lake import Lake
+    from recap_tasks.maintenance import maintain
+
+    lake = Lake(tmp_path / "lake")
+    rng = np.random.default_rng(9)
+    n = 5000
+    hashes = rng.integers(-2**63, 2**63 - 1, n, dtype=np.int64)
+    shas = [bytes(rng.integers(0, 256, 32, dtype=np.uint8)).hex() for _ in range(n)]
+    for part in range(2):  # two appends: maintain then compacts them into sorted files
+        s = slice(part * n // 2, (part + 1) * n // 2)
+        dedup_index.add(lake, pa.table({"uid": [f"old{i}" for i in range(n)][s], "sha256": shas[s],
+                                        "phash": pa.array(hashes[s])}), 2)
+    flips = hashes[:300].view(np.uint64) ^ (np.uint64(1) << rng.integers(0, 64, 300).astype(np.uint64))
+    probe = pa.table({"uid": [f"new{i}" for i in range(400)],
+                      "sha256": shas[4000:4050] + [f"{i:064x}" for i in range(350)],
+                      "phash": pa.array(np.concatenate([flips.view(np.int64), rng.integers(-2**63, 2**63 - 1, 100)]))})
+    before = dedup_index.history(lake, probe, 2)
+    assert not lake.list_dirs(dedup_runs.RUNS)
+    report = maintain(lake, tables=["dedup_index"])
+    assert report["dedup_index"]["runs_written"] == 4 and report["dedup_index"]["runs_removed"] == 0
+    read_parquet = []
+    original = dedup_index.pq.ParquetFile
+    monkeypatch.setattr(dedup_index.pq, "ParquetFile", lambda *a, **k: read_parquet.append(1) or original(*a, **k))
+    via_runs = dedup_index.history(lake, probe, 2)
+    assert via_runs.equals(before) and before.num_rows == 350 and not read_parquet  # 300 near + 50 exact
+    # A run that is not its file's: the lookup reads the Parquet file instead, and finds the same.
+    runs = [rel for d in lake.list_dirs(dedup_runs.RUNS) for rel in lake.list(d, ".run")]
+    for rel in runs[1:]:
+        wrong = {"key": [1, 2], "uid": ["x", "y"], "sha256": ["a" * 64] * 2, "phash": [1, 2]}
+        lake.write_bytes(rel, dedup_runs.encode(pa.table(wrong), with_sha="/sha/" in rel))
+    lake.write_bytes(runs[0], b"not a run")
+    assert dedup_index.history(lake, probe, 2).equals(before) and read_parquet
+    # New files, then maintain: the old files' runs go, the new files get theirs.
+    dedup_index.add(lake, pa.table({"uid": ["late"], "sha256": ["f" * 64], "phash": pa.array([7], pa.int64())}), 2)
+    report = maintain(lake, tables=["dedup_index"])
+    assert report["dedup_index"]["runs_written"] == 4 and report["dedup_index"]["runs_removed"] == 4
