@@ -315,16 +315,26 @@ class Lake:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write atomically: a reader sees the old file or the new one, never half of one."""
+        with self.writer(rel) as f:
+            f.write(data)
+
+    @contextlib.contextmanager
+    def writer(self, rel: str) -> Iterator[pa.NativeFile]:
+        """A stream onto `rel`, published atomically when the block ends without an error."""
         path = self._abs(rel)
-        if not self.is_local:  # an S3 PUT is atomic already
+        if not self.is_local:  # an S3 upload becomes visible only when it completes
             with self.fs.open_output_stream(path) as f:
-                f.write(data)
+                yield f
             return
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         tmp = f"{path}.tmp{os.getpid()}"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, path)
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                yield f
+            self.fs.move(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.delete_file(tmp)
 
     def read_bytes(self, rel: str) -> bytes | None:
         try:

@@ -188,6 +188,7 @@ def migrate(lake: Lake, *, run_id: str = "migrate") -> dict:
             lake, lake.read("filter_results", ["uid", "kept", "phash"]),
             dict(zip(pairs().column("uid").to_pylist(), pairs().column("sha256").to_pylist())),
             max_distance, replace=True)
+        out.update(dedup_index.build_runs(lake))  # written sorted: runs right away
     # Batches now name their shards (reports and publish read only those).
     unnamed = [b for b in all_batches(lake) if not b.shards]
     if unnamed:

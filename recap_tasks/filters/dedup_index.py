@@ -9,9 +9,9 @@ that its band comes first: sorted by key, the entries of one band value are one 
 range, and the key alone gives back the pHash for the Hamming check (one 8-byte column to read).
 
 The Delta table is partitioned by kind and is the truth. `recap maintain` re-sorts it (z-order on
-key) and writes beside each file a sorted run (dedup_runs): the file's keys, two levels of fence keys
-and fixed-width payload, read by byte ranges, so a probe costs a few small reads whatever the index
-holds. Files without a run (appended since the last maintain) are read as Parquet: files pruned by
+key) and streams each kind's files into a sorted run beside it (dedup_runs): the keys, two levels of
+fence keys and fixed-width payload, read by byte ranges, so a probe costs a few small reads whatever
+the index holds. Files without a run (appended since the last maintain) are read as Parquet: files pruned by
 the key range in the Delta log, row groups by their min/max statistics (bisected in a sorted file),
 and only row groups that can hold a probe's key are read; that path parses each touched file's
 footer, a cost linear in those files' row groups.
@@ -158,10 +158,11 @@ def check_kinds(lake: Lake, max_distance: int) -> None:
 
 def lookup(lake: Lake, kind: str, lows: np.ndarray, highs: np.ndarray, columns: list[str], *,
            keep=None) -> pa.Table:
-    """Index entries of `kind` whose key lies in one of the ranges [lows[i], highs[i]], reading only
-    row groups that can hold them.
+    """Index entries of `kind` whose key lies in one of the ranges [lows[i], highs[i]], through the
+    kind's sorted runs (dedup_runs) and, for files no run covers, reading only the Parquet row
+    groups that can hold them.
 
-    Two passes: the key column of the row groups whose key range meets a probe's, then `columns`
+    Parquet in two passes: the key column of the row groups whose key range meets a probe's, then `columns`
     only of the row groups with an entry `keep(keys) -> bool mask` accepts (default: every key in
     a range): most probes miss, so most bytes read are 8-byte keys. Ranges are equal or disjoint.
     """
@@ -176,21 +177,26 @@ def lookup(lake: Lake, kind: str, lows: np.ndarray, highs: np.ndarray, columns: 
     actions = actions.filter(pc.equal(actions.column("partition.kind"), kind))
     if actions.num_rows == 0:
         return empty
+    # The kind's sorted runs first (a few small reads per probe); Parquet only for the files no
+    # usable run covers (appended since the last maintain).
+    out = []
+    covered: set[str] = set()
+    files = dict(zip(actions.column("path").to_pylist(), actions.column("num_records").to_pylist()))
+    for rel, paths in dedup_runs.usable(lake, kind, files):
+        found = dedup_runs.lookup(lake, rel, los, his, columns, keep)
+        if found is not None:
+            covered |= paths
+            if found.num_rows:
+                out.append(found.select(["key", *columns]))
+    if covered:
+        actions = actions.filter(pc.invert(pc.is_in(actions.column("path"), value_set=pa.array(sorted(covered)))))
     file_lo = actions.column("min.key").to_numpy(zero_copy_only=False)
     file_hi = actions.column("max.key").to_numpy(zero_copy_only=False)
     hits = _meets(los, his, file_lo, file_hi)
-    sizes = actions.column("num_records").to_numpy(zero_copy_only=False)[hits]
-    out = []
-    for path, lo, hi, size in zip(actions.column("path").filter(pa.array(hits)).to_pylist(), file_lo[hits],
-                                  file_hi[hits], sizes):
+    for path, lo, hi in zip(actions.column("path").filter(pa.array(hits)).to_pylist(), file_lo[hits], file_hi[hits]):
         # Only the probes this file's key range can hold (sorted files split the key space between them).
         mine = (his >= lo) & (los <= hi)
         f_los, f_his = los[mine], his[mine]
-        found = dedup_runs.lookup(lake, kind, path, int(size), f_los, f_his, columns, keep, with_sha=kind == SHA)
-        if found is not None:  # the file's run answered without its Parquet footer
-            if found.num_rows:
-                out.append(found.select(["key", *columns]))
-            continue
         with lake.open_table_file(DEDUP_INDEX, path) as f:
             # pre_buffer off: it coalesces reads into large ranges, 4x slower for scattered small row groups.
             pf = pq.ParquetFile(f, pre_buffer=False)

@@ -242,8 +242,9 @@ def test_run_finds_exactly_the_keys_in_each_range_across_both_fence_levels():
 
 
 def test_lookups_through_runs_equal_lookups_through_parquet(tmp_path, monkeypatch):
-    """After maintain writes runs, history finds the same rows as the Parquet path; a run that does not
-    match its file (wrong row count, unreadable) is ignored, and runs of files that left are deleted."""
+    """After maintain writes runs, history finds the same rows as the Parquet path without opening a
+    Parquet file; a run whose files changed, or that cannot be read, is not used; maintain replaces
+    runs whose files left, and files appended since are read as Parquet beside the runs."""
     import numpy as np
     import pyarrow as pa
 
@@ -268,19 +269,62 @@ def test_lookups_through_runs_equal_lookups_through_parquet(tmp_path, monkeypatc
     assert not lake.list_dirs(dedup_runs.RUNS)
     report = maintain(lake, tables=["dedup_index"])
     assert report["dedup_index"]["runs_written"] == 4 and report["dedup_index"]["runs_removed"] == 0
-    read_parquet = []
+    opened = []
     original = dedup_index.pq.ParquetFile
-    monkeypatch.setattr(dedup_index.pq, "ParquetFile", lambda *a, **k: read_parquet.append(1) or original(*a, **k))
+    monkeypatch.setattr(dedup_index.pq, "ParquetFile", lambda *a, **k: opened.append(1) or original(*a, **k))
     via_runs = dedup_index.history(lake, probe, 2)
-    assert via_runs.equals(before) and before.num_rows == 350 and not read_parquet  # 300 near + 50 exact
-    # A run that is not its file's: the lookup reads the Parquet file instead, and finds the same.
+    assert via_runs.equals(before) and before.num_rows == 350 and not opened  # 300 near + 50 exact
+
+    # A run that cannot be read is not used: its files are read as Parquet.
     runs = [rel for d in lake.list_dirs(dedup_runs.RUNS) for rel in lake.list(d, ".run")]
-    for rel in runs[1:]:
-        wrong = {"key": [1, 2], "uid": ["x", "y"], "sha256": ["a" * 64] * 2, "phash": [1, 2]}
-        lake.write_bytes(rel, dedup_runs.encode(pa.table(wrong), with_sha="/sha/" in rel))
     lake.write_bytes(runs[0], b"not a run")
-    assert dedup_index.history(lake, probe, 2).equals(before) and read_parquet
-    # New files, then maintain: the old files' runs go, the new files get theirs.
-    dedup_index.add(lake, pa.table({"uid": ["late"], "sha256": ["f" * 64], "phash": pa.array([7], pa.int64())}), 2)
+    assert dedup_index.history(lake, probe, 2).equals(before) and opened
+    maintain(lake, tables=["dedup_index"])  # the unreadable run stays until its files change
+    # The index rebuilt from fewer rows (as `maintain --migrate` does): the runs name files no
+    # longer in the table, so no lookup uses them (they would find rows the index lost).
+    keep = 1000
+    dedup_index.add(lake, pa.table({"uid": [f"old{i}" for i in range(keep)], "sha256": shas[:keep],
+                                    "phash": pa.array(hashes[:keep])}), 2, replace=True)
+    rebuilt = dedup_index.history(lake, probe, 2)
+    assert set(rebuilt.column("uid").to_pylist()) == {u for u in before.column("uid").to_pylist()
+                                                      if int(u[3:]) < keep}
     report = maintain(lake, tables=["dedup_index"])
     assert report["dedup_index"]["runs_written"] == 4 and report["dedup_index"]["runs_removed"] == 4
+    opened.clear()
+    assert dedup_index.history(lake, probe, 2).equals(rebuilt) and not opened
+    # New files, then lookups: runs for the maintained files, Parquet for the new one.
+    late = pa.table({"uid": ["late"], "sha256": [shas[0][:-1] + "x"], "phash": pa.array([int(hashes[1] ^ 1)])})
+    dedup_index.add(lake, late, 2)
+    found = dedup_index.history(lake, probe.slice(0, 2), 2).column("uid").to_pylist()
+    assert found == ["late", "old0", "old1"]  # row 1: pHash near old1 and the late copy of it
+    # Maintain: the index re-sorted into new files, the old runs removed, one run per kind again.
+    report = maintain(lake, tables=["dedup_index"])
+    assert report["dedup_index"]["runs_written"] == 4 and report["dedup_index"]["runs_removed"] == 4
+    opened.clear()
+    assert dedup_index.history(lake, probe, 2).num_rows == rebuilt.num_rows + 1 and not opened
+
+
+def test_a_run_is_built_from_files_in_key_order_in_chains_of_disjoint_ranges(tmp_path):
+    """Files whose key ranges overlap go to separate runs; each run's keys are sorted; a run's
+    payload widths are the widest of its files (a long uid in a later file)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from recap_tasks.filters import dedup_runs
+
+    assert dedup_runs._chains(["a", "b", "c", "d"], [0, 10, 5, 21], [9, 20, 30, 40]) == [["a", "b", "d"], ["c"]]
+    with pytest.raises(ValueError, match="key order"):
+        writer = dedup_runs._Writer(tmp_path, with_sha=False)
+        writer.add(pa.table({"key": [5, 6], "uid": ["a", "b"]}))
+        writer.add(pa.table({"key": [1], "uid": ["c"]}))
+    writer = dedup_runs._Writer(tmp_path, with_sha=True)
+    writer.add(pa.table({"key": [3, 1], "uid": ["u3", "u1"], "sha256": ["s3", "s1"], "phash": pa.array([None, 11], pa.int64())}))
+    writer.add(pa.table({"key": [7], "uid": ["a-much-longer-uid"], "sha256": ["s7"], "phash": pa.array([77], pa.int64())}))
+    out = pa.BufferOutputStream()
+    writer.finish(out)
+    run = dedup_runs.Run(pa.BufferReader(out.getvalue()))
+    rows, keys = run.find(np.array([0]), np.array([10]))
+    assert keys.tolist() == [1, 3, 7]
+    cols = run.columns(rows, ["uid", "sha256", "phash"])
+    assert cols["uid"].to_pylist() == ["u1", "u3", "a-much-longer-uid"]
+    assert cols["sha256"].to_pylist() == ["s1", "s3", "s7"] and cols["phash"].to_pylist() == [11, None, 77]
