@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recap_tasks import faults
 from recap_tasks import lake as tables
 from recap_tasks.hygiene import word_count
 from recap_tasks.lake import Lake, not_in
@@ -27,6 +28,7 @@ class Batch:
     shards: list[str] = field(default_factory=list)  # the shards whose rows the batch holds
 
     def save(self, lake: Lake) -> None:
+        faults.reached("record")
         lake.write_json(f"{_DIR}/{self.batch_id}.json", asdict(self))
 
     @classmethod

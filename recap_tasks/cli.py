@@ -9,6 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from recap_tasks import faults
 from recap_tasks.config import RecapConfig
 from recap_tasks.errors import RecapError
 from recap_tasks.lake import Lake
@@ -372,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    faults.arm(args.command)  # RECAP_FAULT: crash tests only (recap_tasks/faults.py)
     try:
         code = args.func(args)
     except KeyboardInterrupt:

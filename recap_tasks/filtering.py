@@ -85,7 +85,11 @@ def run_filter(lake: Lake, *, config: FilterConfig | None = None, run_id: str | 
         flt.check()
     targets = sorted(set(shard_ids)) if shard_ids is not None else shard_progress.pending_shards(lake, "filter")
     pairs = lake.read(tables.PAIRS, _COLUMNS, shards=targets)
-    pending = pairs.filter(not_in(pairs.column("uid"), lake.uids(tables.FILTER_RESULTS, shards=targets)))
+    judged = lake.read(tables.FILTER_RESULTS, ["uid", "kept", "phash"], shards=targets)
+    # Before judging anything against the index: kept rows of a run that died after committing its
+    # verdicts and before appending their index entries.
+    _index_unindexed(lake, pairs, judged, config)
+    pending = pairs.filter(not_in(pairs.column("uid"), judged.column("uid").combine_chunks()))
     result = FilterResult(run_id, rows_in=pending.num_rows)
     if pending.num_rows == 0:
         # Verdicts may have been committed by a run that died before recording them.
@@ -119,6 +123,30 @@ def run_filter(lake: Lake, *, config: FilterConfig | None = None, run_id: str | 
     if result.failed_shards:
         raise ShardsFailed(result)
     return result
+
+
+def _index_unindexed(lake: Lake, pairs: pa.Table, judged: pa.Table, config: FilterConfig) -> int:
+    """Add the dedup index entries of kept verdicts (`judged`: uid, kept, phash, of the shards being
+    filtered) that have none: the index is appended after the verdicts, so a run killed between the
+    two commits leaves kept images that later runs would not see as duplicates. One commit appends
+    all kinds of a row's entries, so its `sha` entry tells whether it was indexed. Returns entries added.
+    """
+    kept = judged.filter(pc.fill_null(judged.column("kept"), False))
+    if kept.num_rows == 0:
+        return 0
+    sha_of = {u: s for u, s in zip(pairs.column("uid").to_pylist(), pairs.column("sha256").to_pylist())
+              if s is not None}  # ingest hashes every pair's image
+    kept = kept.filter(pc.is_in(kept.column("uid"), value_set=pa.array(list(sha_of), pa.string())))
+    if kept.num_rows == 0:
+        return 0
+    keys = dedup_index.sha_key([sha_of[u] for u in kept.column("uid").to_pylist()])
+    indexed = dedup_index.lookup(lake, dedup_index.SHA, keys, keys, ["uid"]).column("uid").combine_chunks()
+    kept = kept.filter(not_in(kept.column("uid").combine_chunks(), indexed))
+    if kept.num_rows == 0:
+        return 0
+    log.warning("filter: %d kept rows were never added to the dedup index (a run died between its "
+                "commits); adding them", kept.num_rows)
+    return dedup_index.add_kept(lake, kept, sha_of, config.max_phash_distance)
 
 
 def _run_shards(shards: dict[str, pa.Table], config: FilterConfig, chain: list[PairFilter] | None,

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError
 
-from recap_tasks import schemas
+from recap_tasks import faults, schemas
 from recap_tasks.errors import RecapError
 from recap_tasks.readers import shard_key
 
@@ -243,11 +243,14 @@ class Lake:
             dt = self.delta(table)
             self.check_layout(table, dt)
             try:
-                return attempt(dt)
+                out = attempt(dt)
             except CommitFailedError:
                 if n == _COMMIT_RETRIES - 1:
                     raise
                 time.sleep(min(1.0, 0.05 * 2**n) * (1 + random.random()))
+                continue
+            faults.reached("commit")
+            return out
         raise AssertionError("unreachable")
 
     def read_shards(self, table: str, dt: DeltaTable, keys: list[str], *,
@@ -303,6 +306,8 @@ class Lake:
             return
         self.ensure(table)
         self.write_delta(table, _clustered(_conform(data, schemas.TABLES[table])), mode="append", **kwargs)
+        if table != PROGRESS:  # a progress record is not a data commit (progress.record is its own point)
+            faults.reached("commit")
 
     # Small records beside the tables (batches, run summaries, reports) ----------------------
 

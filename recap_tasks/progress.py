@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recap_tasks import schemas
+from recap_tasks import faults, schemas
 from recap_tasks.errors import RecapError
 from recap_tasks.lake import PROGRESS, Lake, _normalize
 from recap_tasks.runs import utcnow
@@ -116,6 +116,7 @@ def record(lake: Lake, stage: str, shard_ids: Iterable[str], *, run_id: str,
     shard_ids = sorted(set(shard_ids))
     if not shard_ids:
         return []
+    faults.reached("record")
     counts = _COUNTERS[stage](lake, shard_ids)
     now = utcnow()
     rows = []

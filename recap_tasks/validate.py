@@ -3,7 +3,8 @@
 Row-level expectations (length, refusals, prompt echoes, repetition, language, CLIP range) each
 carry a batch-level `mostly`: rows that fail any of them are quarantined; a batch where more rows
 fail than `mostly` allows, or an aggregate check fails (unique uid, schema, CLIP collapse,
-quarantine share, row-count reconciliation), is refused: nothing is published or quarantined.
+quarantine share, row-count reconciliation: `recap status --verify`'s check of the batch's shards),
+is refused: nothing is published or quarantined.
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ def run_validate(lake: Lake, *, config: ValidateConfig | None = None, run_id: st
     out = ValidateResult(batch, results, len(quarantine) if batch.success else 0)
     log.info("validate %s: %s", run_id, out.summary())
     if not batch.success and raise_on_failure:
-        details = "; ".join(f"{r['expectation']}: {r['observed']}" for r in results if not r["success"])
+        details = "; ".join(f"{r['expectation']}: {r.get('detail') or r['observed']}" for r in results
+                            if not r["success"])
         raise ValidationFailed(f"batch {run_id} ({rows.num_rows} rows) failed validation, not publishable: {details}")
     return out
 
@@ -244,14 +246,19 @@ def check_frame(df: pd.DataFrame, config: ValidateConfig, *, name: str = "batch"
 
 
 def _reconcile(lake: Lake, shard_ids: list[str], batch_rows: int, quarantined: int) -> dict:
-    """On the batch's shards, uid by uid: every ingested row is published, rejected, quarantined or
-    still in flight, exactly once."""
-    from recap_tasks.status import reconcile
+    """On the batch's shards, uid by uid, what `recap status --verify` checks: every ingested row is
+    published, rejected, quarantined or still in flight, exactly once; no table holds fewer rows
+    than its stage recorded or a uid twice; every uid of a published batch is still published.
+    A failure refuses the batch; `detail` names each shard and the kind of loss, in one line."""
+    from recap_tasks.status import verify
 
-    counts = reconcile(lake, shard_ids)
-    return {"expectation": "row_count_reconciliation", "success": counts["balanced"], "row_level": False,
-            "observed": {**{k: v for k, v in counts.items() if k != "balanced"}, "batch_rows": batch_rows,
-                         "batch_quarantined": quarantined},
+    verified = verify(lake, shard_ids)
+    problems = [f"{p['kind']} in {p['table']}, shard {p['shard']}: {p['detail']}"  # per shard first
+                for p in sorted(verified["problems"], key=lambda p: p["kind"] == "unbalanced")]
+    return {"expectation": "row_count_reconciliation", "success": verified["ok"], "row_level": False,
+            "observed": {**{k: v for k, v in verified["places"].items() if k != "balanced"},
+                         "batch_rows": batch_rows, "batch_quarantined": quarantined, "problems": problems},
+            "detail": "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""),
             "unexpected_count": None}
 
 
