@@ -10,7 +10,8 @@ count of files, partitions and app transactions is the real one at a fraction of
 For each size: a lake is seeded with synthetic, fully processed rows (ingested, filtered, captioned,
 published) written through the
 project's own writers (`Lake.append`, the dedup index, progress records) and left as `recap
-maintain` leaves a lake: tables compacted and checkpointed, the dedup index sorted by key. Then, in a fresh process, one new real shard
+maintain` leaves a lake: tables compacted and checkpointed, the dedup index sorted by key with its
+sorted runs. Then, in a fresh process, one new real shard
 (every COCO pair of ../shared/data/coco-mini-wds, 239 pairs, as one tar) runs stage by stage:
 ingest, filter (caption_length, image_size, caption_boilerplate, image_dedup: the corpus filters
 look the shard's images up in the lake's dedup index), caption (tiny random LLaVA), validate,
@@ -115,6 +116,7 @@ def seed(lake_dir: Path, rows: int, shard_rows: int, chunk_rows: int = 1_000_000
         del index_parts
         lake.append("dedup_index", index, writer_properties=WriterProperties(max_row_group_size=dedup_index.ROW_GROUP))
         del index
+        dedup_index.build_runs(lake)  # the sorted runs `recap maintain` writes beside the index
     # As a maintained lake: compacted, checkpointed (what `recap maintain` does on a schedule).
     maintain(lake, tables=[t for t in ("pairs", "rejected", "filter_results", "captions", "recap", "quarantine",
                                        "progress") if lake.exists(t)])
