@@ -185,7 +185,11 @@ class CaptionConfig:
     # .venv-vllm/bin/python (made by ./dev setup-vllm).
     vllm_python: str | None = None
     # vLLM: sequences the engine decodes together, and the share of GPU memory it takes for
-    # weights + KV cache (the rest stays for the CLIP scorer, which runs in this process).
+    # weights + KV cache (the rest stays for the CLIP scorer, which runs in this process). On CPU
+    # it is the share of the memory free when the engine starts (vLLM's own CPU reading is a share
+    # of all memory, which fails on a busy machine), and the KV cache is capped at what
+    # max_num_seqs sequences of the model's full length can use; env VLLM_CPU_KVCACHE_SPACE (GiB)
+    # sets the CPU KV cache instead.
     max_num_seqs: int = 256
     gpu_memory_utilization: float = 0.85
     # vLLM: no torch.compile / CUDA graphs: the engine starts in seconds but decodes slower on GPU.
@@ -203,6 +207,57 @@ class CaptionConfig:
             raise RecapError(f"caption.backend must be 'transformers' or 'vllm', got {self.backend!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise RecapError("caption.gpu_memory_utilization must be within (0, 1]")
+
+    def decoding(self, model_generation: dict[str, Any]) -> dict[str, Any]:
+        """The one decoding both backends run, as explicit settings (generate()'s keyword names).
+
+        Greedy, caption.max_new_tokens, caption.min_new_tokens (else the model's), and every
+        setting of the model's generation_config (`model_generation_config`) that can change a
+        greedy caption, e.g. the tiny test model's no_repeat_ngram_size. Settings that cannot
+        (sampling, beam search, cache and output plumbing) are left out. The transformers backend
+        passes all of it to generate(); the vLLM backend translates each key or refuses the model.
+        """
+        settings = {k: v for k, v in model_generation.items()
+                    if k not in _NOT_GREEDY and not k.startswith("_") and v is not None
+                    and _GREEDY_NO_OP.get(k, object()) != v}
+        settings.update(do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens)
+        min_new = self.min_new_tokens if self.min_new_tokens is not None else settings.get("min_new_tokens")
+        settings.update(min_new_tokens=min_new or 0, repetition_penalty=float(settings.get("repetition_penalty", 1.0)),
+                        no_repeat_ngram_size=settings.get("no_repeat_ngram_size", 0))
+        return dict(sorted(settings.items()))
+
+
+# generation_config keys that cannot change a greedy caption of max_new_tokens: sampling and beam
+# search settings, length limits that max_new_tokens replaces, cache and output plumbing.
+_NOT_GREEDY = frozenset({
+    "do_sample", "num_beams", "temperature", "top_k", "top_p", "top_h", "min_p", "typical_p", "epsilon_cutoff",
+    "eta_cutoff", "num_beam_groups", "diversity_penalty", "length_penalty", "early_stopping",
+    "num_return_sequences", "max_length", "max_new_tokens", "max_time", "bos_token_id", "decoder_start_token_id",
+    "use_cache", "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile",
+    "low_memory", "prefill_chunk_size", "continuous_batching_config", "output_attentions", "output_hidden_states",
+    "output_scores", "output_logits", "return_dict_in_generate", "renormalize_logits", "transformers_version",
+    "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+    "prompt_lookup_num_tokens", "max_matching_ngram_size", "assistant_early_exit", "assistant_lookbehind",
+    "target_lookbehind", "assistant_ensemble_weight", "speculation_type", "use_mtp",
+})
+# Values of greedy-relevant keys that change nothing.
+_GREEDY_NO_OP: dict[str, Any] = {"min_length": 0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+                                 "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "guidance_scale": 1.0,
+                                 "suppress_tokens": [], "begin_suppress_tokens": [], "bad_words_ids": []}
+
+
+def model_generation_config(model: Any) -> dict[str, Any]:
+    """The settings a model's generation_config sets (a model id, a local folder, or a loaded
+    GenerationConfig), read as transformers reads them for generate(): generation_config.json,
+    else what the model's config.json implies."""
+    from transformers import AutoConfig, GenerationConfig
+
+    if isinstance(model, (str, Path)):
+        try:
+            model = GenerationConfig.from_pretrained(model)
+        except OSError:  # no generation_config.json: transformers derives one from the model's config
+            model = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model))
+    return model.to_diff_dict()
 
 
 @dataclass(frozen=True)

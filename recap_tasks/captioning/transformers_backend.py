@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from recap_tasks.captioning import Captioner
-from recap_tasks.config import CaptionConfig
+from recap_tasks.config import CaptionConfig, model_generation_config
 from recap_tasks.errors import RecapError
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,9 @@ class TransformersCaptioner(Captioner):
         self._torch = torch
         self.prompt_text = self._build_prompt(config.prompt)
         self.revision = getattr(self.model.config, "_commit_hash", None)
+        # The one decoding the vLLM backend runs too (CaptionConfig.decoding), passed explicitly.
+        generation = getattr(self.model, "generation_config", None)
+        self.decoding = config.decoding(model_generation_config(generation) if generation is not None else {})
         log.info("captioner %s on %s (%s), %.1fM parameters", model, self.device, dtype,
                  sum(p.numel() for p in self.model.parameters()) / 1e6)
 
@@ -55,10 +58,8 @@ class TransformersCaptioner(Captioner):
         raise RecapError(f"model {self.model_id!r} has no chat template; set one on its processor")
 
     def generation_kwargs(self) -> dict:
-        kwargs = {"do_sample": False, "num_beams": 1, "max_new_tokens": self.config.max_new_tokens}
-        if self.config.min_new_tokens is not None:
-            kwargs["min_new_tokens"] = self.config.min_new_tokens
-        return kwargs
+        """generate()'s settings: all of CaptionConfig.decoding, so nothing is left to the model's defaults."""
+        return dict(self.decoding)
 
     def prepare(self, images: list[Image.Image]):
         inputs = self.processor(images=images, text=[self.prompt_text] * len(images), return_tensors="pt",

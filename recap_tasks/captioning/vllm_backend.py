@@ -17,6 +17,7 @@ import collections
 import json
 import logging
 import os
+import re
 import subprocess
 import threading
 import weakref
@@ -26,13 +27,16 @@ from pathlib import Path
 from PIL import Image
 
 from recap_tasks.captioning import Captioner
-from recap_tasks.config import CaptionConfig
+from recap_tasks.config import CaptionConfig, model_generation_config
 from recap_tasks.errors import RecapError
 
 log = logging.getLogger(__name__)
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 REPO = Path(__file__).resolve().parents[2]
+# CaptionConfig.decoding's keys the worker translates to vLLM (vllm_worker.DECODING_KEYS).
+DECODING_KEYS = frozenset({"do_sample", "num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty",
+                           "no_repeat_ngram_size", "eos_token_id", "pad_token_id"})
 
 
 def vllm_python(config: CaptionConfig) -> Path:
@@ -54,6 +58,13 @@ class VllmCaptioner(Captioner):
         if not python.exists():
             raise RecapError(f"caption.backend=vllm: no vLLM environment at {python} (set caption.vllm_python "
                              "or RECAP_VLLM_PYTHON, or build it with ./dev setup-vllm)")
+        hint = "" if Path(model).exists() else " (not a local folder; model hubs may be unreachable offline)"
+        try:
+            generation = model_generation_config(model)
+        except Exception as exc:  # a missing or corrupt model folder: the same error as the engine's
+            raise RecapError(f"cannot load captioning model {model!r} with vLLM{hint}: {exc}") from None
+        # The one decoding the transformers backend runs too; the worker applies it key by key.
+        self.decoding = vllm_decoding(model, config, generation)
         # A bigger call than the engine's batch keeps it full while this process scores and commits.
         self.batch_size = max(config.batch_size, -(-config.max_num_seqs // 2))
         env = dict(os.environ)
@@ -70,8 +81,7 @@ class VllmCaptioner(Captioner):
         self._next_id = 0
         self._failure: str | None = None
         settings = {"model": model, "prompt": config.prompt, "chat_template": config.chat_template,
-                    "max_new_tokens": config.max_new_tokens, "min_new_tokens": config.min_new_tokens,
-                    "dtype": config.dtype, "max_num_seqs": config.max_num_seqs,
+                    "decoding": self.decoding, "dtype": config.dtype, "max_num_seqs": config.max_num_seqs,
                     "gpu_memory_utilization": config.gpu_memory_utilization,
                     "enforce_eager": config.vllm_enforce_eager}
         try:
@@ -84,16 +94,16 @@ class VllmCaptioner(Captioner):
         if "ready" not in msg:
             self.close()
             stderr_reader.join(timeout=10)
-            hint = "" if Path(model).exists() else " (not a local folder; model hubs may be unreachable offline)"
+            memory = memory_error(f"{msg.get('error')}\n" + "\n".join(self._stderr), config)
+            if memory:
+                raise RecapError(memory)
             raise RecapError(f"cannot load captioning model {model!r} with vLLM{hint}: {msg.get('error')}"
                              f"{self._stderr_tail()}")
         self.info = msg["ready"]
         threading.Thread(target=self._read_replies, daemon=True, name="recap-vllm-replies").start()
-        log.info("captioner %s on %s with %s (%s), max_num_seqs %d", model, self.info.get("platform"),
-                 self.info.get("engine"), self.info.get("dtype"), config.max_num_seqs)
-        if self.info.get("ignored_generation_config"):
-            log.warning("vLLM does not apply the model's generation_config %s (transformers does)",
-                        self.info["ignored_generation_config"])
+        log.info("captioner %s on %s with %s (%s), max_num_seqs %d, memory %s, decoding %s", model,
+                 self.info.get("platform"), self.info.get("engine"), self.info.get("dtype"), config.max_num_seqs,
+                 self.info.get("memory"), self.decoding)
 
     def prepare(self, images: list[Image.Image]) -> Future:
         """Send the batch to the engine now; the future resolves to its captions."""
@@ -120,11 +130,8 @@ class VllmCaptioner(Captioner):
         return prepared.result()
 
     def provenance(self) -> dict:
-        generation = {"do_sample": False, "num_beams": 1, "max_new_tokens": self.config.max_new_tokens,
-                      "prompt_id": self.config.prompt_id, "dtype": self.info.get("dtype"),
+        generation = {**self.decoding, "prompt_id": self.config.prompt_id, "dtype": self.info.get("dtype"),
                       "revision": self.info.get("revision"), "backend": "vllm", "engine": self.info.get("engine")}
-        if self.config.min_new_tokens is not None:
-            generation["min_new_tokens"] = self.config.min_new_tokens
         return {"model": self.model_id, "revision": self.info.get("revision"), "prompt": self.config.prompt,
                 "prompt_id": self.config.prompt_id, "generation": json.dumps(generation, sort_keys=True)}
 
@@ -161,6 +168,49 @@ class VllmCaptioner(Captioner):
     def _stderr_tail(self) -> str:
         lines = [s for s in list(self._stderr) if s.strip()][-8:]
         return ("\n  worker log (last lines):\n    " + "\n    ".join(lines)) if lines else ""
+
+
+def vllm_decoding(model: str, config: CaptionConfig, generation: dict) -> dict:
+    """CaptionConfig.decoding for vLLM: the same settings, or one line naming those it cannot apply."""
+    decoding = config.decoding(generation)
+    unknown = {k: v for k, v in decoding.items() if k not in DECODING_KEYS}
+    if unknown:
+        listed = ", ".join(f"{k}={v!r}" for k, v in sorted(unknown.items()))
+        raise RecapError(f"caption.backend=vllm cannot apply the generation_config setting(s) {listed} of model "
+                         f"{model!r} as transformers does: remove them from the model's generation_config.json, "
+                         "or use caption.backend: transformers")
+    return decoding
+
+
+# vLLM's refusals for memory: its CPU backend's "Available memory on node ...", its GPU worker's
+# "Free memory on device ...", and the KV cache's "No available memory for the cache blocks" /
+# "... is larger than the available KV cache memory".
+_MEMORY = re.compile(r"(Available memory on node|Free memory on device|No available memory for the cache blocks"
+                     r"|available KV cache memory)", re.I)
+_TOO_LITTLE = re.compile(r"less than desired|less than requested memory for kv \((?!-)", re.I)
+
+
+def memory_error(text: str, config: CaptionConfig) -> str | None:
+    """One line for a vLLM engine that would not start for memory, naming our setting, not vLLM's
+    --gpu-memory-utilization flag; None when `text` (its error and log) is not about memory."""
+    found = _MEMORY.search(text or "")
+    if not found:
+        return None
+    line = text[text.rfind("\n", 0, found.start()) + 1:].split("\n", 1)[0]
+    what = re.split(r"(?<=[)\w])\. ", line[line.find(found.group(0)):], maxsplit=1)[0].rstrip(".")
+    setting = (f"caption.gpu_memory_utilization={config.gpu_memory_utilization:g} (in the config file: --config or "
+               "RECAP_CONFIG)")
+    cpu_kv = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    if cpu_kv:  # vLLM's CPU KV cache size, which replaces our share
+        setting += f" with VLLM_CPU_KVCACHE_SPACE={cpu_kv} GiB"
+        todo = ("lower VLLM_CPU_KVCACHE_SPACE, or unset it to size the KV cache from free memory by "
+                "caption.gpu_memory_utilization")
+    elif _TOO_LITTLE.search(what):  # more was asked for than is free: ask for less, or free memory
+        todo = "lower caption.gpu_memory_utilization"
+    else:  # the weights leave no room for the KV cache
+        todo = "raise caption.gpu_memory_utilization"
+    return (f"vLLM did not start for lack of memory with {setting}: {what}; {todo}, "
+            "or stop other work using this machine's memory")
 
 
 def _stop(proc: subprocess.Popen) -> None:

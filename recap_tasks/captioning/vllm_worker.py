@@ -8,6 +8,8 @@ PIL): nothing of recap_tasks, so the vLLM environment needs no install of Recap.
 stdin/stdout (everything vLLM prints goes to stderr):
 
   -> one JSON line of settings                   <- {"ready": {...}} or {"error": ...}
+     (settings["decoding"]: CaptionConfig.decoding, the explicit decoding the transformers
+     backend runs too; each key is translated to vLLM here, an unknown one is an error)
   -> {"id": n, "sizes": [[w, h], ...]} + raw RGB bytes of those images, back to back
   <- {"id": n, "texts": [...]}, in the order of the images; calls may overlap: all their images
      share one engine (continuous batching), and answers come back as calls finish
@@ -79,13 +81,23 @@ def _read_calls(stdin, calls: queue.Queue) -> None:
     calls.put(None)
 
 
+# CaptionConfig.decoding's keys this engine applies (vllm_backend refuses a model with others).
+DECODING_KEYS = frozenset({"do_sample", "num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty",
+                           "no_repeat_ngram_size", "eos_token_id", "pad_token_id"})
+GiB = 1 << 30
+
+
 class _Engine:
     """vLLM's offline engine, stepped by hand so that overlapping calls fill one running batch."""
 
     def __init__(self, settings: dict):
-        from transformers import AutoProcessor, GenerationConfig
+        from transformers import AutoConfig, AutoProcessor
 
         model = settings["model"]
+        decoding = settings["decoding"]
+        unknown = sorted(set(decoding) - DECODING_KEYS)
+        if unknown or decoding.get("do_sample") or decoding.get("num_beams", 1) != 1:
+            raise ValueError(f"decoding settings this worker cannot apply: {unknown or decoding}")
         processor = AutoProcessor.from_pretrained(model)
         if settings.get("chat_template"):
             processor.chat_template = settings["chat_template"]
@@ -94,43 +106,44 @@ class _Engine:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": settings["prompt"]}]}]
         self.prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        # The model's generation_config, as transformers' generate() applies it, where vLLM can.
-        min_tokens, repetition_penalty, ignored = settings.get("min_new_tokens"), 1.0, []
-        try:
-            defaults = GenerationConfig.from_pretrained(model)
-        except OSError:
-            defaults = None
-        if defaults is not None:
-            if min_tokens is None:
-                min_tokens = defaults.min_new_tokens
-            repetition_penalty = defaults.repetition_penalty or 1.0
-            ignored = [k for k in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size")
-                       if getattr(defaults, k, None) not in (None, 0)]
+        text_config = AutoConfig.from_pretrained(model).get_text_config()
         import vllm  # after the processor: a model that cannot load fails before this slow import
         from vllm import LLM, SamplingParams
         from vllm.platforms import current_platform
 
-        if current_platform.is_cpu():
+        cpu = current_platform.is_cpu()
+        if cpu:
             # The engine core in this process starts ~30 s sooner; on a GPU, vLLM's default (a
             # separate core process) overlaps preparing new requests with decoding.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
         dtype = settings.get("dtype") or "auto"
         if dtype == "auto":
-            dtype = "float32" if current_platform.is_cpu() else "bfloat16"
+            dtype = "float32" if cpu else "bfloat16"
+        memory = {"gpu_memory_utilization": settings["gpu_memory_utilization"]}
+        if cpu:
+            memory = _cpu_memory(settings, text_config, dtype)
+        # The decoding the transformers backend runs (CaptionConfig.decoding), key by key; greedy.
+        # No generation_config of vLLM's own: these settings are all there is.
+        no_repeat = int(decoding.get("no_repeat_ngram_size") or 0)
+        eos = decoding.get("eos_token_id")
         self.llm = LLM(model=model, dtype=dtype, max_num_seqs=settings["max_num_seqs"],
-                       gpu_memory_utilization=settings["gpu_memory_utilization"],
                        max_model_len=settings.get("max_model_len"), enable_prefix_caching=True,
-                       enforce_eager=bool(settings.get("enforce_eager")),
-                       limit_mm_per_prompt={"image": 1}, seed=0)
-        # Greedy, like the transformers backend; tokens are decoded here with the model's own
-        # tokenizer (as transformers' batch_decode does), not by the engine's incremental detokenizer.
-        self.params = SamplingParams(temperature=0.0, max_tokens=settings["max_new_tokens"],
-                                     min_tokens=min_tokens or 0, repetition_penalty=repetition_penalty,
+                       enforce_eager=bool(settings.get("enforce_eager")), generation_config="vllm",
+                       logits_processors=[_no_repeat_ngram_processor()] if no_repeat else None,
+                       limit_mm_per_prompt={"image": 1}, seed=0,
+                       gpu_memory_utilization=memory["gpu_memory_utilization"],
+                       kv_cache_memory_bytes=memory.get("kv_cache_memory_bytes"))
+        # Tokens are decoded here with the model's own tokenizer (as transformers' batch_decode
+        # does), not by the engine's incremental detokenizer.
+        self.params = SamplingParams(temperature=0.0, max_tokens=decoding["max_new_tokens"],
+                                     min_tokens=decoding.get("min_new_tokens") or 0,
+                                     repetition_penalty=float(decoding.get("repetition_penalty") or 1.0),
+                                     stop_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+                                     extra_args={"no_repeat_ngram_size": no_repeat} if no_repeat else None,
                                      detokenize=False)
-        self.info = {"engine": f"vllm {vllm.__version__}", "dtype": dtype, "min_new_tokens": min_tokens,
-                     "platform": "cpu" if current_platform.is_cpu() else current_platform.device_name,
-                     "ignored_generation_config": ignored,
+        self.info = {"engine": f"vllm {vllm.__version__}", "dtype": dtype, "memory": memory,
+                     "platform": "cpu" if cpu else current_platform.device_name,
                      "revision": getattr(self.llm.llm_engine.model_config, "revision", None)}
 
     def serve(self, calls: queue.Queue, send) -> None:
@@ -169,6 +182,95 @@ class _Engine:
                 texts[i] = self.tokenizer.decode(output.outputs[0].token_ids, skip_special_tokens=True)
                 if all(t is not None for t in texts):
                     send({"id": call_id, "texts": results.pop(call_id)})
+
+
+def _cpu_memory(settings: dict, text_config, dtype: str) -> dict:
+    """LLM()'s memory settings on CPU, sized from the memory free now on the engine's NUMA node."""
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # vLLM's own CPU setting: the user sized the KV cache
+        return {"gpu_memory_utilization": settings["gpu_memory_utilization"],
+                "VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"]}
+    from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
+
+    node = get_memory_node_info(get_allowed_cpu_list()[0].numa_node)
+    max_len = settings.get("max_model_len") or getattr(text_config, "max_position_embeddings", None)
+    kv_needed = kv_cache_bytes(text_config, settings["max_num_seqs"], max_len, 2 if "16" in dtype else 4)
+    return cpu_memory_settings(settings["gpu_memory_utilization"], node.available_memory, node.total_memory,
+                               kv_needed)
+
+
+def cpu_memory_settings(share: float, free: int, total: int, kv_needed: int | None) -> dict:
+    """vLLM's CPU backend reads gpu_memory_utilization as a share of all the node's memory and
+    refuses to start unless that much is free; caption.gpu_memory_utilization on CPU is a share of
+    what is free now. The KV cache is capped at `kv_needed` (all sequences at full length) when
+    that leaves at least half of the share for the weights and the runtime."""
+    budget = share * max(free, 0)
+    out = {"gpu_memory_utilization": round(min(max(budget / total, 1e-4), share), 4), "free_gib": round(free / GiB, 2),
+           "share": share}
+    if kv_needed and kv_needed <= budget / 2:
+        out["kv_cache_memory_bytes"] = int(kv_needed)
+    return out
+
+
+def kv_cache_bytes(text_config, max_num_seqs: int, max_len: int | None, dtype_bytes: int) -> int | None:
+    """Bytes of K and V for max_num_seqs sequences of max_len tokens (whole 128-token blocks);
+    None when the config does not say (the cap is then left off)."""
+    get = (text_config.get if isinstance(text_config, dict) else lambda k: getattr(text_config, k, None))
+    layers, heads, hidden = get("num_hidden_layers"), get("num_attention_heads"), get("hidden_size")
+    kv_heads, head_dim = get("num_key_value_heads") or heads, get("head_dim")
+    if not head_dim and heads and hidden:
+        head_dim = hidden // heads
+    if not (layers and kv_heads and head_dim and max_len):
+        return None
+    tokens = max_num_seqs * -(-int(max_len) // 128) * 128
+    return 2 * layers * kv_heads * head_dim * dtype_bytes * tokens
+
+
+def no_repeat_ngram_bans(n: int):
+    """transformers' no_repeat_ngram_size for one sequence, kept incrementally: a callable
+    (prompt_ids, output_ids) -> the tokens that would repeat an n-gram of prompt + output so far."""
+    seen: dict[tuple, set] = {}
+    indexed = [0]  # n-grams starting before this position are in `seen`
+
+    def bans(prompt_ids, output_ids) -> set:
+        seq_len = len(prompt_ids) + len(output_ids)
+        if seq_len + 1 < n:
+            return set()
+        split = len(prompt_ids)
+
+        def tok(i):
+            return prompt_ids[i] if i < split else output_ids[i - split]
+
+        for i in range(indexed[0], seq_len - n + 1):
+            seen.setdefault(tuple(tok(j) for j in range(i, i + n - 1)), set()).add(tok(i + n - 1))
+        indexed[0] = max(indexed[0], seq_len - n + 1)
+        return seen.get(tuple(tok(j) for j in range(seq_len - n + 1, seq_len)), set())
+
+    return bans
+
+
+def _no_repeat_ngram_processor():
+    """A vLLM V1 logits processor applying each request's extra_args["no_repeat_ngram_size"]."""
+    from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+
+    class NoRepeatNGram(AdapterLogitsProcessor):
+        def is_argmax_invariant(self) -> bool:
+            return False
+
+        def new_req_logits_processor(self, params):
+            n = int((params.extra_args or {}).get("no_repeat_ngram_size") or 0)
+            if n <= 0:
+                return None
+            bans = no_repeat_ngram_bans(n)
+
+            def apply(prompt_ids, output_ids, logits):
+                banned = bans(prompt_ids, output_ids)
+                if banned:
+                    logits[list(banned)] = float("-inf")
+                return logits
+
+            return apply
+
+    return NoRepeatNGram
 
 
 if __name__ == "__main__":
