@@ -4,7 +4,9 @@ Usage: python benchmarks/ingest.py [--repeats 5] [--data ../shared/data]
 
 Reports, per source, the median of N runs into fresh lakes:
   - read+check: reading the shard and checking every sample (decode, hash), no writes;
-  - end to end: the ingest stage with its Delta MERGEs and ledger.
+  - end to end: the ingest stage (`recap_tasks.ingest.ingest`, what `recap ingest` runs) into a
+    fresh lake: the same reading and checks, then its writes (`pairs` and `rejected` through
+    `Lake.insert_new`, which appends the shard's new rows, and a progress record per shard).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """End to end with real Airflow services on PostgreSQL: runs triggered through the REST API."""
 
+import html
 import shutil
 import time
 import urllib.error
@@ -19,10 +20,11 @@ def _published_uids(lake) -> list[str]:
     return Lake(lake).read(tables.RECAP, ["uid"]).column("uid").to_pylist()
 
 
-def test_ui_triggered_run_publishes_and_links_its_report(airflow_services, sample_shards, tiny_model):
+def test_rest_triggered_run_publishes_and_links_its_report(airflow_services, sample_shards, tiny_model):
     af = airflow_services
-    # The walkthrough's form: only the source; lake, model, runner, batch size and filter chain are
-    # the form's defaults (RECAP_LAKE, RECAP_MODEL, RECAP_RUNNER, RECAP_CONFIG with chain datacomp).
+    # The walkthrough's conf through the REST API (test_ui_browser.py submits the form itself): only
+    # the source; lake, model, runner, batch size and filter chain are the form's defaults
+    # (RECAP_LAKE, RECAP_MODEL, RECAP_RUNNER, RECAP_CONFIG with chain datacomp).
     conf = {"source": f"{sample_shards}/*.tar"}
     run_id = af.trigger("recap_pipeline", conf)
     run = af.wait_run("recap_pipeline", run_id)
@@ -60,21 +62,34 @@ def test_ui_triggered_run_publishes_and_links_its_report(airflow_services, sampl
     assert views["Quality report"]["href"] == "/recap/runs/{DAG_ID}/{RUN_ID}"
 
 
-def test_publish_event_triggers_the_report_dag(airflow_services):
+def test_publish_event_triggers_the_report_dag(airflow_services, sample_shards, tiny_model, tmp_path):
+    """A publish emits `recap_published` naming its lake and run; recap_report, scheduled on that
+    asset, rebuilds that lake's report index. The test makes its own publish (one shard, a lake of
+    its own) and waits for the report run its event created, whatever other tests ran before."""
     af = airflow_services
+    lake = tmp_path / "lake"
+    conf = {"source": str(sample_shards / "00000.tar"), "lake": str(lake), "model": str(tiny_model),
+            "runner": "local"}
+    run_id = af.trigger("recap_pipeline", conf)
+    run = af.wait_run("recap_pipeline", run_id)
+    assert run["state"] == "success" and run["tasks"]["publish[-1]"] == "success", (run, af.logs())
+    # The publish's event names the lake and the run; the scheduler creates the report run from it.
+    query = f"/api/v2/assets/events?source_dag_id=recap_pipeline&source_run_id={urllib.request.quote(run_id, safe='')}"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        runs = af.request("GET", "/api/v2/dags/recap_report/dagRuns?limit=10")["dag_runs"]
-        if any(r["state"] == "success" for r in runs):
+    while True:
+        events = af.request("GET", query)["asset_events"]
+        created = [r for e in events for r in e["created_dagruns"] if r["dag_id"] == "recap_report"]
+        if created:
             break
-        if any(r["state"] == "failed" for r in runs):
-            pytest.fail(f"recap_report failed: {runs}\n{af.logs()}")
+        assert time.monotonic() < deadline, f"no recap_report run created for {run_id}: {events}\n{af.logs()}"
         time.sleep(3)
-    else:
-        pytest.fail(f"recap_report never ran after a publish\n{af.logs()}")
-    assert runs[0]["run_type"] == "asset_triggered"
-    assert (af.lake / "_reports" / "index.html").is_file()
-    assert b"<html" in af.request("GET", "/recap/reports", raw=True).lower()[:2000]
+    assert [e["name"] for e in events] == ["recap_published"], events
+    assert events[0]["extra"]["lake"] == str(lake) and events[0]["extra"]["run_id"] == run_id, events
+    report_run = af.wait_run("recap_report", created[0]["run_id"], timeout=300)
+    assert report_run["state"] == "success", (report_run, af.logs())
+    assert report_run["run_type"] == "asset_triggered"
+    index = (lake / "_reports" / "index.html").read_text()
+    assert "<html" in index.lower()[:2000] and run_id in html.unescape(index)
 
 
 def test_incremental_runs_publish_each_uid_once(airflow_services, sample_shards, tiny_model, tmp_path):

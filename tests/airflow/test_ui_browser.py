@@ -1,5 +1,6 @@
-"""The Airflow UI in headless Chromium: the trigger form of recap_pipeline and a run's quality report
-tab (the recap_reports plugin). Screenshots go to test-artifacts/airflow-ui/."""
+"""The Airflow UI in headless Chromium: the trigger form of recap_pipeline, filled and submitted in the
+browser, the run it creates, and that run's quality report tab (the recap_reports plugin).
+Screenshots go to test-artifacts/airflow-ui/."""
 
 import time
 import urllib.parse
@@ -24,23 +25,36 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
-@pytest.fixture(scope="module")
-def published_run(airflow_services, sample_shards, tiny_model) -> str:
-    """A successful recap_pipeline run (the REST test's, or one triggered here)."""
-    af = airflow_services
-    runs = af.request("GET", "/api/v2/dags/recap_pipeline/dagRuns?state=success&limit=1")["dag_runs"]
-    if runs:
-        return runs[0]["dag_run_id"]
-    run_id = af.trigger("recap_pipeline", {"source": str(sample_shards), "lake": str(af.lake),
-                                           "model": str(tiny_model), "batch_size": 4})
-    assert af.wait_run("recap_pipeline", run_id)["state"] == "success", af.logs()
-    return run_id
-
-
 def _login(browser, af) -> None:
     # The UI keeps its JWT in the `_token` cookie; a token from POST /auth/token is the same kind.
     browser.get(af.url + "/api/v2/monitor/health")
     browser.add_cookie({"name": "_token", "value": af.token, "path": "/"})
+
+
+def _wait_for(browser, by, selector, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while not browser.find_elements(by, selector):
+        assert time.monotonic() < deadline, f"no {selector} on {browser.current_url}"
+        time.sleep(0.5)
+    return browser.find_element(by, selector)
+
+
+def _type(browser, by, selector, text: str) -> None:
+    """Type `text` into a form field as a user would, a key at a time, until the field holds it (the
+    form re-renders as it validates, and a keystroke sent during a render can be lost)."""
+    from selenium.webdriver.common.keys import Keys
+
+    value = None
+    for _ in range(3):
+        field = _wait_for(browser, by, selector)
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(Keys.BACKSPACE)
+        for key in text:
+            browser.find_element(by, selector).send_keys(key)
+        value = browser.find_element(by, selector).get_attribute("value")
+        if value == text:
+            return
+    raise AssertionError(f"{selector} holds {value!r}, not {text!r}")
 
 
 def _wait_text(browser, by, selector, text: str, timeout: float = 60) -> str:
@@ -59,28 +73,61 @@ def _wait_text(browser, by, selector, text: str, timeout: float = 60) -> str:
     raise AssertionError(f"{text!r} did not appear in {selector}: {seen[-2000:]!r}")
 
 
-def test_trigger_form_shows_the_run_parameters(browser, airflow_services):
-    from selenium.webdriver.common.by import By
-
-    _login(browser, airflow_services)
-    browser.get(airflow_services.url + "/dags/recap_pipeline")
-    _wait_text(browser, By.TAG_NAME, "body", "recap_pipeline")
-    deadline = time.monotonic() + 30
-    while not browser.find_elements(By.CSS_SELECTOR, "button[aria-label='Trigger Dag']"):
-        assert time.monotonic() < deadline, "no Trigger button"
-        time.sleep(0.5)
-    browser.find_element(By.CSS_SELECTOR, "button[aria-label='Trigger Dag']").click()
-    form = _wait_text(browser, By.TAG_NAME, "body", "Run Parameters")
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    assert browser.save_screenshot(str(ARTIFACTS / "trigger-form.png"))
-    for field in ("Source", "Shard limit", "Captioning model", "Batch size", "Filter profile", "Runner", "Dry run"):
-        assert field in form, field
+FORM_FIELDS = ("Source", "Shard limit", "Source kind", "Lake", "Captioning model", "Batch size", "Filter profile",
+               "Runner", "Dry run")
 
 
-def test_run_opens_its_quality_report_inside_the_ui(browser, airflow_services, published_run):
+@pytest.fixture(scope="module")
+def form_run(browser, airflow_services, sample_shards) -> dict:
+    """recap_pipeline triggered from its form in the browser: the source and batch size typed in,
+    every other field left at its default (the lake is RECAP_LAKE, whose reports the UI serves).
+    Returns the form's text, what was typed, and the finished run (REST, with its task states)."""
     from selenium.webdriver.common.by import By
 
     af = airflow_services
+    _login(browser, af)
+    browser.get(af.url + "/dags/recap_pipeline")
+    _wait_text(browser, By.TAG_NAME, "body", "recap_pipeline")
+    _wait_for(browser, By.CSS_SELECTOR, "button[aria-label='Trigger Dag']").click()
+    form = _wait_text(browser, By.TAG_NAME, "body", "Run Parameters")
+    typed = {"source": str(sample_shards / "00001.tar"), "batch_size": 4}
+    _type(browser, By.ID, "element_source", typed["source"])
+    _type(browser, By.NAME, "element_batch_size", str(typed["batch_size"]))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "trigger-form.png"))
+    submit = [b for b in browser.find_elements(By.CSS_SELECTOR, "[role='dialog'] button")
+              if b.text.strip() == "Trigger"]
+    assert len(submit) == 1 and submit[0].is_enabled(), "no enabled Trigger button in the form"
+    submit[0].click()
+    # The UI opens the new run's page: its id is in the address.
+    deadline = time.monotonic() + 60
+    while "/dags/recap_pipeline/runs/" not in browser.current_url:
+        assert time.monotonic() < deadline, f"the form did not open a run: {browser.current_url}"
+        time.sleep(0.5)
+    run_id = urllib.parse.unquote(browser.current_url.split("/dags/recap_pipeline/runs/", 1)[1].split("/")[0])
+    assert browser.save_screenshot(str(ARTIFACTS / "triggered-run.png"))
+    run = af.wait_run("recap_pipeline", run_id)
+    return {"form": form, "typed": typed, "run": run}
+
+
+def test_trigger_form_submits_a_run_with_its_parameters(form_run, airflow_services):
+    for field in FORM_FIELDS:
+        assert field in form_run["form"], field
+    run, typed = form_run["run"], form_run["typed"]
+    assert run["run_type"] == "manual" and run["state"] == "success", (run, airflow_services.logs())
+    # The conf is the whole form: what was typed, and every other parameter at its default.
+    assert {k: run["conf"][k] for k in typed} == typed
+    assert run["conf"]["lake"] == str(airflow_services.lake) and run["conf"]["dry_run"] is False
+    assert run["conf"]["runner"] == "local" and run["conf"]["shard_limit"] == 0
+    assert run["tasks"]["publish[-1]"] == "success" and run["tasks"]["report[-1]"] == "success", run["tasks"]
+
+
+def test_run_opens_its_quality_report_inside_the_ui(browser, airflow_services, form_run):
+    from selenium.webdriver.common.by import By
+
+    af = airflow_services
+    assert form_run["run"]["state"] == "success", af.logs()
+    published_run = form_run["run"]["dag_run_id"]
     _login(browser, af)
     run = urllib.parse.quote(published_run, safe="")
     browser.get(f"{af.url}/dags/recap_pipeline/runs/{run}/plugin/recap-quality-report")
