@@ -36,7 +36,7 @@ from _machine import describe  # noqa: E402
 from recap_tasks import schemas  # noqa: E402
 from recap_tasks.batches import Batch, write_uids  # noqa: E402
 from recap_tasks.config import ValidateConfig  # noqa: E402
-from recap_tasks.lake import Lake, _conform  # noqa: E402
+from recap_tasks.lake import Lake, conform  # noqa: E402
 from recap_tasks.publish import run_publish  # noqa: E402
 from recap_tasks.validate import check_frame, english_scores, row_checks  # noqa: E402
 
@@ -50,7 +50,7 @@ def rows(n: int, seed: int, uid_offset: int = 0, shard_rows: int = 10_000) -> pa
     vocab = np.array(WORDS)
     captions = [" ".join(vocab[rng.integers(0, len(vocab), k)]) for k in lengths]
     uids = [f"{i + uid_offset:032x}" for i in range(n)]
-    return _conform(pa.table({
+    return conform(pa.table({
         "uid": uids, "key": [f"{i:09d}" for i in range(n)], "url": [f"https://example.com/{i}.jpg" for i in range(n)],
         "re_caption": captions, "org_caption": ["a photo of something"] * n, "sha256": ["ab" * 32] * n,
         "re_length": pa.array(lengths, pa.int32()), "org_length": pa.array(np.full(n, 4), pa.int32()),

@@ -67,8 +67,8 @@ def export_webdataset(lake: Lake, out_dir: str | Path, *, shard_size: int = 1000
         raise RecapError(f"--version {version}: {lake.path(tables.RECAP)} has versions 0..{latest} (`recap history`)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dt = lake.delta(tables.RECAP, version=version)
-    published = dt.to_pyarrow_dataset().to_table(use_threads=False).sort_by("uid")
+    version = latest if version is None else version  # the manifest names the version read
+    published = lake.read_version(tables.RECAP, version).sort_by("uid")
     pairs = lake.read(tables.PAIRS, _POINTER)
     pointers = pairs.filter(pc.is_in(pairs.column("uid"), value_set=published.column("uid").combine_chunks()))
     pointers = pointers.sort_by("uid")
@@ -101,7 +101,7 @@ def export_webdataset(lake: Lake, out_dir: str | Path, *, shard_size: int = 1000
         shards.append(name.name)
         bar.update(len(rows))
     bar.close()
-    manifest = {"table": lake.path(tables.RECAP), "table_version": dt.version(),
+    manifest = {"table": lake.path(tables.RECAP), "table_version": version,
                 "rows": published.num_rows - len(changed), "skipped_source_changed": changed,
                 "shards": shards, "shard_size": shard_size, "p_original": p_original,
                 "fields": ["jpg|png|webp|gif (the image's own format)", "org.txt", "re.txt", "json"]}

@@ -7,17 +7,18 @@ import json
 import logging
 import os
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
-from deltalake.exceptions import CommitFailedError
+from deltalake.exceptions import CommitFailedError  # what `Lake.commit` raises once out of retries
 
 from recap_tasks import faults, schemas
 from recap_tasks.errors import RecapError
@@ -171,13 +172,20 @@ class Lake:
 
     # Reading -----------------------------------------------------------------------------
 
-    def read(self, table: str, columns: list[str] | None = None, *, shards: Iterable[str] | None = None) -> pa.Table:
+    def read(self, table: str, columns: list[str] | None = None, *, shards: Iterable[str] | None = None,
+             where: pc.Expression | None = None, partitions: list[tuple] | None = None) -> pa.Table:
         """Read a table (or the named columns); an absent table reads as empty.
 
         With `shards` (shard ids), only those shards' files are opened: their buckets' partitions,
         pruned by the files' shard_key statistics, then row groups by theirs. The cost follows the
         shards asked for, not the size of the table.
+
+        Without `shards`: `partitions` (delta-rs `(column, op, values)` filters on partition
+        columns and file statistics) skips whole files, `where` (a pyarrow expression) filters rows
+        as they are scanned.
         """
+        if shards is not None and (where is not None or partitions):
+            raise ValueError("read: `where` and `partitions` apply to a read without `shards`")
         schema = schemas.TABLES[table]
         wanted = columns or schema.arrow.names
         keys = None if shards is None else sorted({shard_key(s) for s in shards})
@@ -190,17 +198,39 @@ class Lake:
         else:
             present = set(dt.schema().to_arrow().names)
             # use_threads=False: a threaded scan makes the process abort at exit (delta-rs #2184).
-            data = _normalize(dt.to_pyarrow_dataset().to_table(columns=[c for c in wanted if c in present],
-                                                               use_threads=False))
+            dataset = dt.to_pyarrow_dataset(file_pruning_predicate=partitions)
+            data = normalize(dataset.to_table(columns=[c for c in wanted if c in present], filter=where,
+                                              use_threads=False))
         # Columns added to the schema after the table was written read as nulls.
         for name in wanted:
             if name not in data.column_names:
                 data = data.append_column(schema.arrow.field(name), pa.nulls(data.num_rows, schema.arrow.field(name).type))
         return data.select(wanted)
 
+    def read_version(self, table: str, version: int | str | None = None) -> pa.Table:
+        """The whole table as stored at `version` (a number or an ISO timestamp; default: the latest).
+
+        Columns as that version has them (no conforming): time travel shows the past as it was."""
+        # use_threads=False: a threaded scan makes the process abort at exit (delta-rs #2184).
+        return self.delta(table, version).to_pyarrow_dataset().to_table(use_threads=False)
+
+    def read_file(self, table: str, path: str) -> pa.Table:
+        """One data file of a table (by the path its add action names), conformed to the table's
+        schema (a shard table's key and bucket recomputed from shard_id).
+
+        Read with pyarrow, not delta-rs: safe inside a delta-rs write that consumes the result
+        (a delta-rs read there would nest its runtime)."""
+        with self.open_table_file(table, path) as f:
+            return conform(normalize(pq.read_table(f)), schemas.TABLES[table])
+
     def version(self, table: str) -> int | None:
         """The table's latest version (None when it does not exist)."""
         return self.delta(table).version() if self.exists(table) else None
+
+    def committed(self, table: str, app_id: str) -> bool:
+        """Whether the table's latest version records the app transaction `app_id` (a write done
+        exactly once under that id, e.g. a published batch)."""
+        return self.delta(table).transaction_version(app_id) is not None
 
     def uids(self, table: str, *, shards: Iterable[str] | None = None) -> pa.Array:
         return self.read(table, ["uid"], shards=shards).column("uid").combine_chunks()
@@ -208,10 +238,9 @@ class Lake:
     # Writing -----------------------------------------------------------------------------
 
     def insert_new(self, table: str, data: pa.Table, keys: Iterable[str] = ("uid",)) -> int:
-        """Insert rows whose keys are not in the table yet (MERGE ... WHEN NOT MATCHED INSERT, done
-        on the shards in `data`: read their keys, append the new rows).
-
-        A delta-rs MERGE plans over every file of the table; an append does not. Each commit
+        """Insert rows whose keys are not in the table yet, on the shards in `data`: read their keys,
+        append the new rows (what a MERGE ... WHEN NOT MATCHED INSERT would do, without its cost: a
+        delta-rs MERGE plans over every file of the table, an append does not). Each commit
         carries one app transaction per bucket it writes to (at most 256 per table, whatever the
         shard count), so concurrent inserters into one shard conflict (delta-rs fails a commit
         whose app ids a concurrent commit also wrote) and the loser retries against the winner's
@@ -219,7 +248,7 @@ class Lake:
         """
         if data.num_rows == 0:
             return 0
-        data = _conform(data, schemas.TABLES[table])  # append_to writes it sorted by shard_key
+        data = conform(data, schemas.TABLES[table])  # append_to writes it sorted by shard_key
         self.ensure(table)
         keys = list(keys)
         shards = sorted(set(data.column(schemas.SHARD_KEY).to_pylist()))
@@ -234,6 +263,39 @@ class Lake:
             self.append_to(dt, new, commit_properties=CommitProperties(
                 app_transactions=bucket_transactions(dt, f"recap-insert:{table}:", shards)))
             return new.num_rows
+
+        return self.commit(table, attempt)
+
+    def write_once(self, table: str, keys: list[str], rows_for: Callable[[pa.Table], pa.Table], *, app_id: str,
+                   bucket_prefix: str, metadata: dict[str, str] | None = None, key: str = "uid") -> tuple[int, int]:
+        """Write rows into the shards `keys` (shard keys) by `key`, exactly once per `app_id`: rows
+        with a new key are appended, rows whose key is there replace those rows. Returns (inserted,
+        replaced); (0, 0) when `app_id` was already committed (a repeat, or a concurrent writer of
+        the same `app_id` won).
+
+        `rows_for(current)` picks the rows to write (conformed) from the shards' current rows. The
+        commit carries `app_id` and one app transaction per bucket written (`bucket_prefix` +
+        bucket): delta-rs fails a commit whose app ids a concurrent commit also wrote, so two
+        writers of one shard serialise (the loser retries through `commit`, re-reads the shards and
+        skips what the winner added). With no key to replace it is an append; else the shards' rows
+        are overwritten (`replace_shards`) by the kept ones plus the new.
+        """
+        def attempt(dt: DeltaTable) -> tuple[int, int]:
+            if dt.transaction_version(app_id) is not None:
+                return 0, 0
+            current = self.read_shards(table, dt, keys)
+            take = rows_for(current)
+            if take.num_rows == 0:
+                return 0, 0
+            replaced = pc.sum(pc.is_in(take.column(key), value_set=current.column(key).combine_chunks())).as_py() or 0
+            commit = CommitProperties(custom_metadata=metadata, app_transactions=[
+                Transaction(app_id=app_id, version=1), *bucket_transactions(dt, bucket_prefix, keys)])
+            if replaced:
+                kept = current.filter(not_in(current.column(key), take.column(key).combine_chunks()))
+                self.replace_shards(dt, keys, pa.concat_tables([kept, take]), commit_properties=commit)
+            else:
+                self.append_to(dt, take, commit_properties=commit)
+            return take.num_rows - replaced, replaced
 
         return self.commit(table, attempt)
 
@@ -268,9 +330,9 @@ class Lake:
         present = set(dt.schema().to_arrow().names)
         wanted = [c for c in (columns or schema.arrow.names) if c in present]
         dataset = dt.to_pyarrow_dataset(file_pruning_predicate=shard_predicate(keys))
-        data = _normalize(dataset.to_table(columns=wanted, filter=pc.field(schemas.SHARD_KEY).isin(keys),
-                                           use_threads=False))
-        return data if columns else _conform(data, schema)
+        data = normalize(dataset.to_table(columns=wanted, filter=pc.field(schemas.SHARD_KEY).isin(keys),
+                                          use_threads=False))
+        return data if columns else conform(data, schema)
 
     def replace_shards(self, dt: DeltaTable, keys: list[str], data: pa.Table, **kwargs) -> None:
         """Overwrite the rows of the shards `keys` in the snapshot `dt` with `data` in one commit.
@@ -300,12 +362,53 @@ class Lake:
         metrics = self.commit(table, lambda dt: dt.delete(predicate))
         return int(metrics.get("num_deleted_rows", 0))
 
+    def rewrite(self, table: str, parts: Iterable[pa.Table], *, keep_app_ids: Iterable[str] = (),
+                metadata: dict[str, str] | None = None) -> int:
+        """Rewrite `table` in its declared layout from `parts` (conformed tables, e.g. one bucket
+        each, streamed: one part in memory at a time), in one commit; returns the rows written.
+
+        The app transactions `keep_app_ids` recorded by the latest version are carried over
+        (exactly-once marks survive). A local table is written fresh beside the old one, which is
+        then moved to `_migrated/` (kept for rollback; delete it once satisfied): the new log
+        starts without the old layout's app transactions, which an in-place overwrite would carry
+        into every checkpoint. On object storage the table is overwritten in place (one commit;
+        those entries stay).
+        """
+        schema = schemas.TABLES[table]
+        dt = self.delta(table)
+        txns = [Transaction(app_id=a, version=v) for a in keep_app_ids
+                if (v := dt.transaction_version(a)) is not None]
+        written = 0
+
+        def batches():
+            nonlocal written
+            for part in parts:
+                part = _clustered(part)
+                written += part.num_rows
+                yield from part.to_batches()
+
+        reader = pa.RecordBatchReader.from_batches(schema.arrow, batches())
+        kwargs = dict(partition_by=list(schema.partition_by) or None, storage_options=self.storage_options or None,
+                      commit_properties=CommitProperties(app_transactions=txns or None, custom_metadata=metadata))
+        if self.is_local:
+            fresh = self.root / "_migrated" / f"{table}.new"
+            shutil.rmtree(fresh, ignore_errors=True)
+            write_deltalake(str(fresh), reader, mode="error", **kwargs)
+            kept = self.root / "_migrated" / f"{table}.{time.strftime('%Y%m%dT%H%M%S')}"
+            (self.root / table).rename(kept)
+            fresh.rename(self.root / table)
+            log.info("rewrite %s: the old table is kept in %s", table, kept)
+        else:
+            write_deltalake(self.path(table), reader, mode="overwrite", schema_mode="overwrite", **kwargs)
+        self.forget(table)
+        return written
+
     def append(self, table: str, data: pa.Table, **kwargs) -> None:
         """Append rows (concurrent appends always commit)."""
         if data.num_rows == 0:
             return
         self.ensure(table)
-        self.write_delta(table, _clustered(_conform(data, schemas.TABLES[table])), mode="append", **kwargs)
+        self.write_delta(table, _clustered(conform(data, schemas.TABLES[table])), mode="append", **kwargs)
         if table != PROGRESS:  # a progress record is not a data commit (progress.record is its own point)
             faults.reached("commit")
 
@@ -405,8 +508,9 @@ def _s3_filesystem() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
-def _normalize(data: pa.Table) -> pa.Table:
-    """Cast string_view/large types that MERGE leaves behind back to plain Arrow types."""
+def normalize(data: pa.Table) -> pa.Table:
+    """Cast the string_view/large types delta-rs can hand back (files an older Recap wrote with MERGE)
+    to plain Arrow types."""
     fields = []
     changed = False
     for field in data.schema:
@@ -419,7 +523,7 @@ def _normalize(data: pa.Table) -> pa.Table:
     return data.cast(pa.schema(fields)) if changed else data
 
 
-def _conform(data: pa.Table, schema: schemas.TableSchema) -> pa.Table:
+def conform(data: pa.Table, schema: schemas.TableSchema) -> pa.Table:
     """Order and cast columns to the table's declared schema; unknown columns are an error.
 
     A shard table's key and bucket columns are always derived from `shard_id`.

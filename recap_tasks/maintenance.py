@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import logging
-import shutil
-import time
 from collections import Counter
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from recap_tasks import schemas
 from recap_tasks.errors import RecapError
@@ -117,10 +114,9 @@ def snapshot(lake: Lake, table: str = "recap", *, version: int | None = None, as
         raise RecapError(f"no table {table!r} in {lake.uri}")
     target = version if version is not None else as_of
     try:
-        dt = lake.delta(table, version=target)
+        return lake.read_version(table, target)
     except Exception as exc:  # delta-rs raises on versions that never existed or were cleaned up
         raise RecapError(f"cannot load {table!r} at {target!r}: {exc}") from exc
-    return dt.to_pyarrow_dataset().to_table(use_threads=False)
 
 
 def migrate(lake: Lake, *, run_id: str = "migrate") -> dict:
@@ -206,61 +202,25 @@ def migrate(lake: Lake, *, run_id: str = "migrate") -> dict:
 
 def _rewrite_bucketed(lake: Lake, name: str, dt) -> int:
     """Rewrite table `name` (snapshot `dt`, another layout) partitioned by shard bucket, each bucket
-    sorted by shard_key; returns its rows. Streams one old bucket's rows at a time.
-
-    A local table is written fresh beside the old one, which is then moved to `_migrated/` (kept
-    for rollback; delete it once satisfied): the new log starts without the old layout's
-    per-shard app transactions, which an in-place overwrite would carry into every checkpoint. On
-    object storage the table is overwritten in place (one commit; those entries stay)."""
-    from deltalake import CommitProperties, Transaction, write_deltalake
-
+    sorted by shard_key; returns its rows. Streams one old bucket's rows at a time (`Lake.rewrite`:
+    a local table is written fresh and the old one kept in `_migrated/`)."""
     from recap_tasks.batches import all_batches
-    from recap_tasks.lake import _clustered, _conform, _normalize
     from recap_tasks.publish import APP_ID_PREFIX
 
     schema = schemas.TABLES[name]
     old = list(dt.metadata().partition_columns)
-    written = 0
     actions = pa.table(dt.get_add_actions(flatten=True)).to_pylist()
     groups: dict[str, list[str]] = {}
     for action in actions:  # one partition per shard: the old files bucket by bucket; else one group
         key = action.get(f"partition.{schemas.SHARD_KEY}") if old == [schemas.SHARD_KEY] else None
         groups.setdefault(schemas.bucket_of(key) if key else "", []).append(action["path"])
 
-    def batches():
-        nonlocal written
-        # The old files are read with pyarrow's own filesystem: a delta-rs read inside the delta-rs
-        # write that consumes this stream would nest its runtime.
+    def buckets():
+        # Shard key and bucket are recomputed from shard_id as each old file is read (`Lake.read_file`).
         for _, paths in sorted(groups.items()):
-            parts = []
-            for path in paths:
-                data = _normalize(pq.read_table(f"{lake._fs_root}/{name}/{path}", filesystem=lake.fs))
-                data = data.drop_columns([c for c in data.column_names
-                                          if c in (schemas.SHARD_KEY, schemas.SHARD_BUCKET)])
-                parts.append(_conform(data, schema))  # shard key and bucket recomputed from shard_id
-            data = _clustered(pa.concat_tables(parts)) if parts else schema.empty_table()
-            written += data.num_rows
-            yield from data.to_batches()
+            parts = [lake.read_file(name, path) for path in paths]
+            yield pa.concat_tables(parts) if parts else schema.empty_table()
 
-    txns = []
-    if name == "recap":  # publish's exactly-once marks must survive the rewrite
-        for batch in all_batches(lake):
-            version = dt.transaction_version(APP_ID_PREFIX + batch.batch_id)
-            if version is not None:
-                txns.append(Transaction(app_id=APP_ID_PREFIX + batch.batch_id, version=version))
-    commit = CommitProperties(app_transactions=txns or None, custom_metadata={"recap.operation": "migrate"})
-    reader = pa.RecordBatchReader.from_batches(schema.arrow, batches())
-    kwargs = dict(partition_by=list(schema.partition_by), storage_options=lake.storage_options or None,
-                  commit_properties=commit)
-    if lake.is_local:
-        fresh = lake.root / "_migrated" / f"{name}.new"
-        shutil.rmtree(fresh, ignore_errors=True)
-        write_deltalake(str(fresh), reader, mode="error", **kwargs)
-        kept = lake.root / "_migrated" / f"{name}.{time.strftime('%Y%m%dT%H%M%S')}"
-        (lake.root / name).rename(kept)
-        fresh.rename(lake.root / name)
-        log.info("migrate %s: the old table is kept in %s", name, kept)
-    else:
-        write_deltalake(lake.path(name), reader, mode="overwrite", schema_mode="overwrite", **kwargs)
-    lake.forget(name)
-    return written
+    # publish's exactly-once marks must survive the rewrite
+    keep = [APP_ID_PREFIX + batch.batch_id for batch in all_batches(lake)] if name == "recap" else []
+    return lake.rewrite(name, buckets(), keep_app_ids=keep, metadata={"recap.operation": "migrate"})

@@ -30,14 +30,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recap_tasks import faults, schemas
+from recap_tasks import stages as stage_order
 from recap_tasks.errors import RecapError
-from recap_tasks.lake import PROGRESS, Lake, _normalize
+from recap_tasks.lake import PROGRESS, Lake
 from recap_tasks.runs import utcnow
 
-STAGES = ("download", "ingest", "filter", "caption", "publish")
-# Each stage's input is the previous stage's output: a shard is pending for `stage` while the
-# previous stage's rows_out exceeds this stage's rows_in.
-UPSTREAM = {"filter": "ingest", "caption": "filter", "publish": "caption"}
+# The stages that keep records, and whose output each consumes (declared in recap_tasks.stages): a
+# shard is pending for `stage` while its upstream stage's rows_out exceeds this stage's rows_in.
+STAGES = stage_order.RECORDED
+UPSTREAM = stage_order.UPSTREAM
 
 _COUNTS = ["shard_id", "stage", "rows_in", "rows_out", "rejected", "reasons", "truncated", "size", "mtime_ns",
            "source_uri", "detail", "run_id", "recorded_at"]
@@ -45,16 +46,12 @@ _COUNTS = ["shard_id", "stage", "rows_in", "rows_out", "rejected", "reasons", "t
 
 def latest(lake: Lake, *, shard_ids: Iterable[str] | None = None, stages: Iterable[str] = STAGES) -> pa.Table:
     """The latest record per (shard, stage), for the given shards (default: all) and stages."""
-    if not lake.exists(PROGRESS):
-        return schemas.PROGRESS.empty_table().select(_COUNTS)
     stages = list(stages)
-    dt = lake.delta(PROGRESS)
     pruning = [("stage", "in", stages)] if set(stages) != set(STAGES) else None
-    ds = dt.to_pyarrow_dataset(file_pruning_predicate=pruning)
     where = pc.field("stage").isin(stages)
     if shard_ids is not None:
         where = where & pc.field("shard_id").isin(sorted(set(shard_ids)))
-    records = _normalize(ds.to_table(columns=_COUNTS, filter=where, use_threads=False))
+    records = lake.read(PROGRESS, _COUNTS, where=where, partitions=pruning)
     if records.num_rows == 0:
         return records
     records = records.sort_by([("shard_id", "ascending"), ("stage", "ascending"), ("recorded_at", "ascending")])

@@ -7,14 +7,12 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import CommitProperties, Transaction
-from deltalake.exceptions import CommitFailedError
 
 from recap_tasks import lake as tables
 from recap_tasks import progress as shard_progress
 from recap_tasks.batches import Batch, all_batches, candidate_rows, read_uids
 from recap_tasks.errors import RecapError, ValidationFailed
-from recap_tasks.lake import Lake, _conform, bucket_transactions, not_in
+from recap_tasks.lake import CommitFailedError, Lake, conform
 from recap_tasks.runs import new_run_id, utcnow
 
 log = logging.getLogger(__name__)
@@ -46,7 +44,7 @@ def run_publish(lake: Lake, *, batch_id: str | None = None, run_id: str | None =
                                f"not published. Fix the cause and run validate again.")
     app_id = APP_ID_PREFIX + batch.batch_id
     lake.ensure(tables.RECAP)
-    if lake.delta(tables.RECAP).transaction_version(app_id) is not None:
+    if lake.committed(tables.RECAP, app_id):
         # The table already records this batch's commit: a retry after a crash, or a repeat.
         version = lake.version(tables.RECAP)
         _mark(lake, batch, version, run_id)
@@ -59,33 +57,14 @@ def run_publish(lake: Lake, *, batch_id: str | None = None, run_id: str | None =
     rows = rows.append_column("publish_run_id", pa.array([run_id] * rows.num_rows, pa.string()))
     rows = rows.append_column("published_at", pa.array([now] * rows.num_rows, pa.timestamp("us", tz="UTC")))
     schema = tables.schemas.RECAP.arrow
-    data = _conform(rows.select([c for c in schema.names if c in rows.column_names]), tables.schemas.RECAP)
+    data = conform(rows.select([c for c in schema.names if c in rows.column_names]), tables.schemas.RECAP)
     metadata = {"recap.batch_id": batch.batch_id, "recap.run_id": run_id}
-    # Insert-or-replace by uid, done on the batch's own shards: read their published rows, then append
-    # the new uids (or, when the batch re-captions published uids, overwrite those shards' rows).
+    # Insert-or-replace by uid, done on the batch's own shards: their published rows are read, the new
+    # uids appended (or, when the batch re-captions published uids, those shards' rows overwritten).
     keys = sorted(set(data.column(tables.schemas.SHARD_KEY).to_pylist()))
-
-    def attempt(dt):
-        if dt.transaction_version(app_id) is not None:
-            return 0, 0  # a concurrent publisher of the same batch won
-        current = lake.read_shards(tables.RECAP, dt, keys)
-        take, inserted, updated = _apply(current, data)
-        if take.num_rows == 0:
-            return 0, 0
-        # One app transaction per bucket written, besides the batch's: delta-rs fails a commit whose
-        # app ids a concurrent commit also wrote, so two publishers of one shard serialise (the
-        # loser retries, re-reads the shard and skips what the winner added).
-        txns = [Transaction(app_id=app_id, version=1), *bucket_transactions(dt, BUCKET_APP_ID_PREFIX, keys)]
-        commit = CommitProperties(app_transactions=txns, custom_metadata=metadata)
-        if updated:
-            kept = current.filter(not_in(current.column("uid"), take.column("uid").combine_chunks()))
-            lake.replace_shards(dt, keys, pa.concat_tables([kept, take]), commit_properties=commit)
-        else:
-            lake.append_to(dt, take, commit_properties=commit)
-        return inserted, updated
-
     try:
-        inserted, updated = lake.commit(tables.RECAP, attempt)
+        inserted, updated = lake.write_once(tables.RECAP, keys, lambda current: _apply(current, data), app_id=app_id,
+                                            bucket_prefix=BUCKET_APP_ID_PREFIX, metadata=metadata)
     except CommitFailedError:
         raise RecapError(f"publishing batch {batch.batch_id}: too many concurrent commit conflicts") from None
     version = lake.version(tables.RECAP)
@@ -95,21 +74,21 @@ def run_publish(lake: Lake, *, batch_id: str | None = None, run_id: str | None =
     return out
 
 
-def _apply(current: pa.Table, batch: pa.Table) -> tuple[pa.Table, int, int]:
+def _apply(current: pa.Table, batch: pa.Table) -> pa.Table:
     """The batch rows to write over `current` (the published rows of its shards): new uids, and
     uids re-captioned since (another caption or model); the same caption again is left as it is."""
     known = pc.is_in(batch.column("uid"), value_set=current.column("uid").combine_chunks())
     new = batch.filter(pc.invert(known))
     seen = batch.filter(known)
     if seen.num_rows == 0:
-        return new, new.num_rows, 0
+        return new
     before = current.select(["uid", "re_caption", "model"]).join(
         seen.select(["uid", "re_caption", "model"]).rename_columns(["uid", "new_caption", "new_model"]), "uid")
     changed = pc.or_(pc.not_equal(before.column("re_caption"), before.column("new_caption")),
                      pc.not_equal(before.column("model"), before.column("new_model")))
     changed_uids = before.column("uid").filter(pc.fill_null(changed, True))
     updated = seen.filter(pc.is_in(seen.column("uid"), value_set=changed_uids.combine_chunks()))
-    return pa.concat_tables([new, updated]), new.num_rows, updated.num_rows
+    return pa.concat_tables([new, updated])
 
 
 def _pick(lake: Lake, batch_id: str | None) -> Batch:
