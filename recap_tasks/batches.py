@@ -45,6 +45,11 @@ def all_batches(lake: Lake) -> list[Batch]:
     return sorted(out, key=lambda b: b.validated_at)
 
 
+def recorded_ids(lake: Lake) -> set[str]:
+    """The ids of every recorded batch (one listing; no record is read)."""
+    return {rel.rsplit("/", 1)[-1][: -len(".json")] for rel in lake.list(_DIR, ".json")}
+
+
 def write_uids(lake: Lake, batch: Batch, uids: pa.Array) -> None:
     lake.write_parquet(f"{_DIR}/{batch.batch_id}.uids.parquet", pa.table({"uid": uids}))
 

@@ -91,8 +91,12 @@ def cmd_caption(args):
 def cmd_validate(args):
     from recap_tasks.validate import run_validate
 
-    _print(run_validate(_lake(args, must_exist=True), config=_config(args).validate, run_id=args.run_id,
-                        shard_ids=args.shard or None).summary())
+    result = run_validate(_lake(args, must_exist=True), config=_config(args).validate, run_id=args.run_id,
+                          shard_ids=args.shard or None)
+    if result.batch is None:  # nothing pending: one line, no batch, exit 0
+        print(result.note)
+        return
+    _print(result.summary())
 
 
 def cmd_publish(args):
@@ -107,7 +111,7 @@ def cmd_run(args):
     summary = run_pipeline(args.sources, _lake(args), model=args.model, config=_config(args), run_id=args.run_id)
     _print({k: summary[k] for k in ("run_id", "ingest", "filter", "caption", "validate", "publish", "report")})
     print(f"published table: {summary['published_table']}", file=sys.stderr)
-    print(f"quality report : {summary['report']}", file=sys.stderr)
+    print(f"quality report : {summary['report'] or 'none: ' + summary['validate']['note']}", file=sys.stderr)
 
 
 def cmd_demo(args):
@@ -118,8 +122,8 @@ def cmd_demo(args):
     print(format_status(summary["status"]))
     print()
     print(f"published table  : {summary['published_table']}")
-    print(f"quality report   : {summary['report']}")
-    print(f"GX Data Docs     : {summary['data_docs']}")
+    print(f"quality report   : {summary['report'] or 'none: ' + summary['validate']['note']}")
+    print(f"GX Data Docs     : {summary['data_docs'] or 'none'}")
     print(f"run summary      : {summary['lake']}/_runs/{summary['run_id']}/summary.json")
     print(f"read it back     : python -c \"from deltalake import DeltaTable; "
           f"print(DeltaTable('{summary['published_table']}').to_pandas().head())\"")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+from recap_tasks import stages
+from recap_tasks.batches import Batch
 from recap_tasks.caption import run_caption
 from recap_tasks.config import RecapConfig
 from recap_tasks.filtering import run_filter
@@ -15,36 +18,82 @@ from recap_tasks.publish import run_publish
 from recap_tasks.report import build_report
 from recap_tasks.runs import new_run_id
 from recap_tasks.status import lake_status
-from recap_tasks.validate import run_validate
+from recap_tasks.validate import ValidateResult, run_validate
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Run:
+    """What one local run's stages share: where, with what, and validate's verdict for the rest."""
+
+    lake: Lake
+    config: RecapConfig
+    run_id: str
+    sources: list[str]
+    model: str
+    validated: ValidateResult | None = None
+
+    @property
+    def batch(self) -> Batch | None:
+        return self.validated.batch if self.validated else None
+
+
+def _ingest(run: _Run) -> dict:
+    return ingest(run.sources, run.lake, config=run.config.ingest, run_id=run.run_id).summary()
+
+
+def _filter(run: _Run) -> dict:
+    return run_filter(run.lake, config=run.config.filter, run_id=run.run_id).summary()
+
+
+def _caption(run: _Run) -> dict:
+    return run_caption(run.lake, model=run.model, config=run.config.caption, run_id=run.run_id).summary()
+
+
+def _validate(run: _Run) -> dict:
+    run.validated = run_validate(run.lake, config=run.config.validate, run_id=run.run_id, raise_on_failure=False)
+    return run.validated.summary()
+
+
+def _publish(run: _Run) -> dict | None:
+    """A passed batch is published; a refused one, or none (nothing new), is not."""
+    if run.batch is None or not run.batch.success:
+        return None
+    return run_publish(run.lake, batch_id=run.run_id, run_id=run.run_id).summary()
+
+
+def _report(run: _Run) -> str | None:
+    """The batch's report, refused batches too; none without a batch."""
+    return None if run.batch is None else build_report(run.lake, run_id=run.run_id)
+
+
+# How each stage of `recap run` runs locally; the order is recap_tasks.stages.RUN.
+STEPS = {"ingest": _ingest, "filter": _filter, "caption": _caption, "validate": _validate, "publish": _publish,
+         "report": _report}
+
+
 def run_pipeline(sources: list[str], lake: Lake, *, model: str, config: RecapConfig | None = None,
                  run_id: str | None = None) -> dict:
-    """ingest -> filter -> caption -> validate -> publish -> report.
+    """Every stage of `recap run` in the declared order (recap_tasks.stages): ingest -> filter ->
+    caption -> validate -> publish -> report.
 
     A batch that fails validation is not published; its report is still written, then
-    ValidationFailed is raised.
+    ValidationFailed is raised. With nothing to validate (nothing new captioned) no batch is
+    written: `publish`, `report` and `data_docs` are None and `validate["note"]` says so.
     """
     config = config or RecapConfig.load()
-    run_id = run_id or new_run_id()
-    lake.write_bytes(f"_runs/{run_id}/config.yaml", config.to_yaml().encode())
-    summary: dict = {"run_id": run_id, "lake": lake.uri}
-    summary["ingest"] = ingest(sources, lake, config=config.ingest, run_id=run_id).summary()
-    summary["filter"] = run_filter(lake, config=config.filter, run_id=run_id).summary()
-    summary["caption"] = run_caption(lake, model=model, config=config.caption, run_id=run_id).summary()
-    validated = run_validate(lake, config=config.validate, run_id=run_id, raise_on_failure=False)
-    summary["validate"] = validated.summary()
-    if validated.batch.success:
-        summary["publish"] = run_publish(lake, batch_id=run_id, run_id=run_id).summary()
-    summary["report"] = build_report(lake, run_id=run_id)
-    summary["data_docs"] = summary["validate"]["report"]
+    run = _Run(lake, config, run_id or new_run_id(), list(sources), model)
+    lake.write_bytes(f"_runs/{run.run_id}/config.yaml", config.to_yaml().encode())
+    summary: dict = {"run_id": run.run_id, "lake": lake.uri}
+    for name in stages.RUN:
+        summary[name] = STEPS[name](run)
+    summary["data_docs"] = None if run.batch is None else summary["validate"]["report"]
     summary["status"] = lake_status(lake)
     summary["published_table"] = lake.path("recap")
-    lake.write_json(f"_runs/{run_id}/summary.json", summary)
-    if not validated.batch.success:
-        raise ValidationFailed(f"batch {run_id} failed validation ({', '.join(validated.batch.failed)}); "
+    lake.write_json(f"_runs/{run.run_id}/summary.json", summary)
+    if run.batch is not None and not run.batch.success:
+        raise ValidationFailed(f"batch {run.run_id} failed validation ({', '.join(run.batch.failed)}); "
                                f"nothing published. Report: {summary['report']}")
     return summary
 

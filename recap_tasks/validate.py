@@ -18,14 +18,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import CommitProperties
 
 from recap_tasks import lake as tables
+from recap_tasks import schemas
 from recap_tasks import progress as shard_progress
-from recap_tasks.batches import Batch, candidate_rows, write_uids
+from recap_tasks.batches import Batch, candidate_rows, recorded_ids, write_uids
 from recap_tasks.config import RecapConfig, ValidateConfig
 from recap_tasks.errors import ValidationFailed
 from recap_tasks.hygiene import distinct_ngram_ratio, echoes_prompt, is_refusal
-from recap_tasks.lake import Lake
+from recap_tasks.lake import Lake, bucket_transactions, conform, not_in
+from recap_tasks.readers import shard_key
 from recap_tasks.runs import new_run_id, utcnow
 
 log = logging.getLogger(__name__)
@@ -38,11 +42,14 @@ PUBLISHED_COLUMNS = ["url", "re_caption", "org_caption", "sha256", "key", "re_cl
 
 @dataclass
 class ValidateResult:
-    batch: Batch
+    batch: Batch | None  # None: nothing to check, no batch written
     results: list[dict]
     quarantined: int
+    note: str = ""  # why there is no batch
 
     def summary(self) -> dict:
+        if self.batch is None:
+            return {"batch_id": None, "rows": 0, "nothing_to_validate": True, "note": self.note}
         return {"batch_id": self.batch.batch_id, "rows": self.batch.rows, "success": self.batch.success,
                 "failed": self.batch.failed, "quarantined": self.quarantined, "report": self.batch.report}
 
@@ -152,36 +159,46 @@ def _name(expectation_type: str, column: str | None) -> str:
 def run_validate(lake: Lake, *, config: ValidateConfig | None = None, run_id: str | None = None,
                  raise_on_failure: bool = True, shard_ids: list[str] | None = None) -> ValidateResult:
     """Check the captioned rows of `shard_ids` (default: every shard with captioned rows not yet
-    published or quarantined, from the progress records); record the batch and its verdict."""
+    published or quarantined, from the progress records); record the batch and its verdict.
+
+    With no such rows nothing is written: no batch (an empty one would become the lake's latest
+    batch and be listed in reports); the result's `batch` is None and `note` says why."""
     config = config or RecapConfig.load().validate
     run_id = run_id or new_run_id()
+    started = utcnow()  # quarantine rows of unrecorded batches older than this are adopted
     if shard_ids is not None:
         shard_progress.require_known(lake, shard_ids)
     targets = sorted(set(shard_ids)) if shard_ids is not None else shard_progress.pending_shards(lake, "publish")
     rows = candidate_rows(lake, targets)
+    if rows.num_rows == 0:
+        where = lake.uri if shard_ids is None else \
+            f"shard {targets[0]}" if len(targets) == 1 else f"{len(targets)} shards ({targets[0]}, ...)"
+        note = f"nothing to validate in {where}: no captioned rows wait for publishing; no batch written"
+        log.info("validate %s: %s", run_id, note)
+        return ValidateResult(None, [], 0, note=note)
     batch = Batch(batch_id=run_id, rows=rows.num_rows, success=True, validated_at=utcnow().isoformat(),
                   shards=sorted(set(rows.column("shard_id").to_pylist())))
-    results: list[dict] = []
-    quarantine: dict[str, list[str]] = {}
-    if rows.num_rows:
-        df = row_checks(rows.to_pandas(), config)
-        with lake.staged_dir("_reports/data_docs") as docs_dir:
-            results, quarantine, page = check_frame(df, config, name=run_id, docs_dir=docs_dir)
-        report = page if lake.is_local or page is None else \
-            f"{lake.uri}/_reports/data_docs/{Path(page).relative_to(docs_dir).as_posix()}"
-        reconciliation = _reconcile(lake, batch.shards, rows.num_rows, len(quarantine))
-        results.append(reconciliation)
-        batch.failed = [r["expectation"] for r in results if not r["success"]]
-        batch.results = results
-        batch.success = not batch.failed
-        batch.report = report
+    df = row_checks(rows.to_pandas(), config)
+    with lake.staged_dir("_reports/data_docs") as docs_dir:
+        results, quarantine, page = check_frame(df, config, name=run_id, docs_dir=docs_dir)
+    report = page if lake.is_local or page is None else \
+        f"{lake.uri}/_reports/data_docs/{Path(page).relative_to(docs_dir).as_posix()}"
+    reconciliation = _reconcile(lake, batch.shards, rows.num_rows, len(quarantine))
+    results.append(reconciliation)
+    batch.failed = [r["expectation"] for r in results if not r["success"]]
+    batch.results = results
+    batch.success = not batch.failed
+    batch.report = report
     batch.quarantined = len(quarantine)
-    if batch.success and quarantine:
-        _write_quarantine(lake, rows, quarantine, run_id)
+    if batch.success:
+        adopted = _write_quarantine(lake, rows, quarantine, run_id, batch.shards, before=started)
+        # Adopted rows count as this batch's, checked and quarantined, as in the run that died.
+        batch.rows += adopted
+        batch.quarantined += adopted
     publishable = [u for u in rows.column("uid").to_pylist() if u not in quarantine]
     write_uids(lake, batch, pa.array(publishable, pa.string()))
     batch.save(lake)
-    out = ValidateResult(batch, results, len(quarantine) if batch.success else 0)
+    out = ValidateResult(batch, results, batch.quarantined if batch.success else 0)
     log.info("validate %s: %s", run_id, out.summary())
     if not batch.success and raise_on_failure:
         details = "; ".join(f"{r['expectation']}: {r.get('detail') or r['observed']}" for r in results
@@ -262,17 +279,70 @@ def _reconcile(lake: Lake, shard_ids: list[str], batch_rows: int, quarantined: i
             "unexpected_count": None}
 
 
-def _write_quarantine(lake: Lake, rows: pa.Table, quarantine: dict[str, list[str]], batch_id: str) -> None:
-    bad = rows.filter(pa.compute.is_in(rows.column("uid"), value_set=pa.array(list(quarantine), pa.string())))
+def _write_quarantine(lake: Lake, rows: pa.Table, quarantine: dict[str, list[str]], batch_id: str,
+                      shard_ids: list[str], *, before) -> int:
+    """Insert the batch's quarantined rows (uids not in quarantine yet) on its shards, and adopt the
+    rows there that a validate killed before its batch record left behind; returns rows adopted.
+
+    Such a row names a batch that was never recorded: the dead run's quarantine commit landed, its
+    batch record did not, and the rerun (which no longer sees those rows: they are settled) would
+    count fewer quarantined than a clean run. Adopting re-labels them with this batch's id. One
+    commit for both, through `Lake.commit` with the bucket app transactions `insert_new` uses, so a
+    concurrent writer of these shards' quarantine rows (another validate) makes it retry against
+    the winner's rows: a row is never lost or written twice. Only rows quarantined `before` this
+    validate started are adopted: a validate running alongside, between its quarantine commit and
+    its batch record, quarantined its rows after that (hosts' clocks assumed within the time a
+    validate takes to check its rows). Rows already carrying this batch's id from before it started
+    (a dead run retried under the same id) are counted as they are."""
+    bad = rows.filter(pc.is_in(rows.column("uid"), value_set=pa.array(list(quarantine), pa.string())))
     now = utcnow()
-    lake.insert_new(tables.QUARANTINE, pa.table({
+    fresh = conform(pa.table({
         "uid": bad.column("uid"), "key": bad.column("key"), "shard_id": bad.column("shard_id"),
         "batch_id": pa.array([batch_id] * bad.num_rows, pa.string()),
         "failed": pa.array([sorted(set(quarantine[u])) for u in bad.column("uid").to_pylist()],
                            pa.list_(pa.string())),
         "re_caption": bad.column("re_caption"), "model": bad.column("model"),
         "quarantined_at": pa.array([now] * bad.num_rows, pa.timestamp("us", tz="UTC")),
-    }))
+    }), schemas.QUARANTINE)
+    keys = sorted({shard_key(s) for s in shard_ids})
+    if not keys:
+        return 0
+    lake.ensure(tables.QUARANTINE)
+    recorded: set[str] = {batch_id}  # batch ids known to have a record (never un-recorded)
+
+    def unrecorded(ids: list[str]) -> set[str]:
+        if set(ids) - recorded:  # one listing of the batch records, not one read per batch id
+            recorded.update(recorded_ids(lake))
+        return {b for b in ids if b not in recorded}
+
+    def attempt(dt) -> int:
+        current = lake.read_shards(tables.QUARANTINE, dt, keys)
+        ids = current.column("batch_id")
+        earlier = pc.fill_null(pc.less(current.column("quarantined_at"),
+                                       pa.scalar(before, pa.timestamp("us", tz="UTC"))), False)
+        # This batch's id on rows from before it started: a dead run of the same id (a retry).
+        own = pc.and_(pc.fill_null(pc.equal(ids, batch_id), False), earlier)
+        orphans = unrecorded(pc.unique(ids).drop_null().to_pylist()) if current.num_rows else set()
+        relabel = pc.and_(pc.fill_null(pc.is_in(ids, value_set=pa.array(sorted(orphans), pa.string())), False),
+                          earlier)
+        relabelled, adopted = pc.sum(relabel).as_py() or 0, pc.sum(own).as_py() or 0
+        new = fresh.filter(not_in(fresh.column("uid"), current.column("uid").combine_chunks()))
+        if new.num_rows == 0 and relabelled == 0:
+            return adopted
+        commit = CommitProperties(app_transactions=bucket_transactions(dt, f"recap-insert:{tables.QUARANTINE}:", keys),
+                                  custom_metadata={"recap.batch_id": batch_id})
+        if relabelled == 0:
+            lake.append_to(dt, new, commit_properties=commit)
+            return adopted
+        index = current.schema.get_field_index("batch_id")
+        current = current.set_column(index, current.schema.field(index),
+                                     pc.if_else(relabel, pa.scalar(batch_id, pa.string()), ids))
+        lake.replace_shards(dt, keys, pa.concat_tables([current, new]), commit_properties=commit)
+        log.info("validate %s: adopted %d quarantine rows of the unrecorded batches %s", batch_id, relabelled,
+                 ", ".join(sorted(orphans)))
+        return adopted + relabelled
+
+    return lake.commit(tables.QUARANTINE, attempt)
 
 
 def _plain(value):

@@ -8,6 +8,7 @@ Routes:
   /slow              sends nothing until the server is closed (or `slow_seconds`)
   /loop              302 to itself, forever
   /redirect/<name>   302 to /img/<name>
+  /goto?to=<url>     302 to <url> (any location: another host, an address)
   /big               a body larger than any test cap, no Content-Length (chunked)
   /hold/<name>       waits until `release()` is called, then serves the image
   /html              200 text/html (not an image)
@@ -53,6 +54,8 @@ class ImageServer:
                     return self._send(200, server.images[name], "image/jpeg", {"X-Robots-Tag": tag})
                 if head == "redirect":
                     return self._send(302, b"", "text/plain", {"Location": f"/img/{name}"})
+                if head == "goto" and "to" in query:
+                    return self._send(302, b"", "text/plain", {"Location": query["to"][0]})
                 if head == "loop":
                     return self._send(302, b"", "text/plain", {"Location": "/loop"})
                 if head == "slow":

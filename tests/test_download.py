@@ -156,6 +156,60 @@ def test_a_name_that_rebinds_to_a_private_address_is_refused_at_the_peer(tmp_pat
     assert sum(server.hits.values()) == 0  # refused before the request was sent
 
 
+def test_a_redirect_from_a_public_host_onto_a_private_address_is_refused(tmp_path, server, monkeypatch):
+    """Issue 24: the first hop is a public host (per the patched resolver) that answers 302 to a
+    private place: loopback by address, a name resolving to 10.0.0.1, the metadata service, or a name
+    that resolves public but connects to loopback (rebinding on the second hop). Each row is
+    rejected as `private_address` and the redirect's target is never requested. Nothing leaves
+    127.0.0.1: every connect goes to the test server, so a target that were fetched would show in its
+    hits. A redirect from the public host to its own /img path is the control: it succeeds."""
+    import socket
+    from urllib.parse import quote
+
+    real_getaddrinfo, real_socket, port = socket.getaddrinfo, socket.socket, server.port
+    names = {"public.test": "93.184.216.34", "internal.test": "10.0.0.1", "rebind.test": "93.184.216.35"}
+
+    def resolve(host, *args, **kwargs):
+        if host in names:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (names[host], port))]
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    class ToTestServer(real_socket):
+        """Connects to the test server whatever the address; reports the address asked for as the
+        peer (as the network would), except for rebind.test, whose peer shows as loopback."""
+
+        def connect(self, address):
+            assert self.family == socket.AF_INET, address  # nothing may leave the machine
+            self._asked = address
+            return super().connect(("127.0.0.1", port))
+
+        def getpeername(self):
+            asked = getattr(self, "_asked", None)
+            if asked is None or asked[0] == names["rebind.test"]:
+                return super().getpeername()
+            return asked
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setattr(socket, "socket", ToTestServer)
+    public = f"http://public.test:{port}"
+    targets = {  # where public.test redirects -> the detail the refusal names
+        f"http://127.0.0.1:{port}/img/1.jpg": "resolves to 127.0.0.1",
+        f"http://internal.test:{port}/img/2.jpg": "resolves to 10.0.0.1",
+        "http://169.254.169.254/img/3.jpg": "resolves to 169.254.169.254",
+        f"http://rebind.test:{port}/img/4.jpg": "connected to 127.0.0.1",
+    }
+    urls = [f"{public}/goto?to={quote(t, safe='')}" for t in targets] + [f"{public}/redirect/0.jpg"]
+    meta = write_metadata(tmp_path / "meta.parquet", {"url": urls, "text": ["a caption"] * len(urls)})
+    download([str(meta)], tmp_path / "out", config=DownloadConfig(timeout=1.0, deadline=2.5, threads=1))
+    rows = list(shard_rows(tmp_path / "out").values())
+    assert [r["reason"] for r in rows] == ["private_address"] * len(targets) + [None]
+    for row, detail in zip(rows, targets.values()):
+        assert detail in row["error_message"], row["error_message"]
+    assert server.hits["/goto"] == len(targets)  # the public first hop was requested each time ...
+    assert not any(server.hits[f"/img/{i}.jpg"] for i in (1, 2, 3, 4))  # ... its private target never
+    assert server.hits["/redirect/0.jpg"] == 1 and server.hits["/img/0.jpg"] == 1  # the control
+
+
 def test_blocked_addresses_and_opt_out_rules():
     for ip in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.0.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
                "::1", "fe80::1", "fd00:ec2::254", "::ffff:127.0.0.1", "64:ff9b::a00:1", "2002:a00:1::", "224.0.0.1"):

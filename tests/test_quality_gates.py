@@ -141,7 +141,76 @@ def test_quarantine_and_reconciliation_add_up(tmp_path):
     assert status["balanced"] and status["quarantined"] == 2 and status["published"] == 18
     assert status["ingested"] == status["published"] + status["rejected"]["total"] + status["quarantined"]
     # Quarantined rows are settled: the next validation does not see them again.
-    assert run_validate(lake, run_id="b2").batch.rows == 0
+    assert run_validate(lake, run_id="b2").batch is None
+
+
+def test_a_rerun_adopts_the_quarantine_rows_of_a_validate_killed_before_its_record(tmp_path):
+    """A validate killed after its quarantine commit, before its batch record, leaves rows whose
+    batch_id names no batch. The next validate of those shards adopts them (re-labels and counts
+    them), so its batch counts what one uninterrupted validate counts; rows such a batch quarantined
+    after the adopting validate started (a validate running alongside, before its record) are not
+    its to adopt."""
+    from recap_tasks.batches import Batch, all_batches
+    from recap_tasks.validate import _write_quarantine
+
+    captions = [GOOD + f" number {i}" for i in range(18)] + [BAD_CAPTIONS["refusal"][0], BAD_CAPTIONS["too_short"][0]]
+    config = ValidateConfig(max_refusal_fraction=0.1)
+    clean = run_validate(_crafted_lake(tmp_path / "clean", captions), config=config, run_id="clean").batch
+    lake = _crafted_lake(tmp_path / "killed", captions)
+    run_validate(lake, config=config, run_id="dead")
+    (lake.root / "_batches" / "dead.json").unlink()  # as if killed between the commit and the record
+    rerun = run_validate(lake, config=config, run_id="rerun")
+    assert (rerun.batch.rows, rerun.batch.quarantined, rerun.quarantined) == (clean.rows, clean.quarantined, 2) == \
+        (20, 2, 2)
+    assert lake.read(tables.QUARANTINE, ["batch_id"]).column("batch_id").to_pylist() == ["rerun", "rerun"]
+    run_publish(lake, batch_id="rerun")
+    assert lake_status(lake)["quarantined"] == 2 and lake_status(lake)["published"] == 18
+    assert [b.batch_id for b in all_batches(lake)] == ["rerun"]
+
+    # Rows of an unrecorded batch quarantined after a validate started are left as they are.
+    lake = _crafted_lake(tmp_path / "alongside", captions)
+    started = utcnow()
+    run_validate(lake, config=config, run_id="alongside")
+    (lake.root / "_batches" / "alongside.json").unlink()  # still between its commit and its record
+    none = pa.table({c: pa.array([], pa.string()) for c in ("uid", "key", "shard_id", "re_caption", "model")})
+    assert _write_quarantine(lake, none, {}, "other", ["src/00000.tar"], before=started) == 0
+    assert set(lake.read(tables.QUARANTINE, ["batch_id"]).column("batch_id").to_pylist()) == {"alongside"}
+    assert _write_quarantine(lake, none, {}, "other", ["src/00000.tar"], before=utcnow()) == 2  # later: adopted
+    assert set(lake.read(tables.QUARANTINE, ["batch_id"]).column("batch_id").to_pylist()) == {"other"}
+    assert Batch.load(lake, "alongside") is None
+
+
+def test_adopting_quarantine_rows_retries_over_a_concurrent_quarantine_commit(tmp_path, monkeypatch):
+    """The adopting commit rewrites its shards' quarantine rows: a quarantine row another validate
+    commits on those shards between its read and its commit must make it retry, not be overwritten."""
+    from recap_tasks.validate import _write_quarantine
+
+    captions = [GOOD + f" number {i}" for i in range(18)] + [BAD_CAPTIONS["refusal"][0], BAD_CAPTIONS["too_short"][0]]
+    lake = _crafted_lake(tmp_path, captions)
+    run_validate(lake, config=ValidateConfig(max_refusal_fraction=0.1), run_id="dead")
+    (lake.root / "_batches" / "dead.json").unlink()
+    quarantined = set(lake.uids(tables.QUARANTINE).to_pylist())
+    other = sorted(set(lake.uids(tables.CAPTIONS).to_pylist()) - quarantined)[0]
+    schema = lake.read(tables.QUARANTINE).schema
+    row = lake.read(tables.QUARANTINE).slice(0, 1).to_pylist()[0]
+    reads = []
+    real_read_shards = Lake.read_shards
+
+    def read_then_a_concurrent_commit(self, table, dt, keys, **kwargs):
+        out = real_read_shards(self, table, dt, keys, **kwargs)
+        first = table == tables.QUARANTINE and not reads
+        reads.append(table)
+        if first:  # the first attempt: another writer commits now
+            late = {**row, "uid": other, "batch_id": "concurrent", "quarantined_at": utcnow()}
+            Lake(lake.uri).insert_new(tables.QUARANTINE, pa.Table.from_pylist([late], schema=schema))
+        return out
+
+    monkeypatch.setattr(Lake, "read_shards", read_then_a_concurrent_commit)
+    none = pa.table({c: pa.array([], pa.string()) for c in ("uid", "key", "shard_id", "re_caption", "model")})
+    assert _write_quarantine(lake, none, {}, "rerun", ["src/00000.tar"], before=utcnow()) == 2
+    got = {r["uid"]: r["batch_id"] for r in lake.read(tables.QUARANTINE, ["uid", "batch_id"]).to_pylist()}
+    assert got == {**{u: "rerun" for u in quarantined}, other: "concurrent"}
+    assert reads.count(tables.QUARANTINE) >= 3  # insert_new's read, then the conflicting commit was retried
 
 
 def test_refused_batch_publishes_and_quarantines_nothing(tmp_path):

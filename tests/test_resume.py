@@ -26,7 +26,7 @@ import pytest
 from deltalake import DeltaTable
 
 from recap_tasks import progress, schemas
-from recap_tasks.batches import Batch
+from recap_tasks.batches import Batch, all_batches
 from recap_tasks.cli import main
 from recap_tasks.hygiene import word_count
 from recap_tasks.lake import Lake
@@ -37,8 +37,9 @@ STAGES = ("ingest", "filter", "caption", "validate", "publish")
 # Columns that differ between two correct runs of the same inputs, left out of the comparison:
 # which run wrote a row (run ids; a quarantine row's batch_id is its validating run's id) and when
 # (timestamps). Every other column, scores and verdicts and captions included, must be equal.
-# (Known and left alone: after `validate-commit` the quarantine rows keep the killed run's batch_id,
-# a batch that was never recorded; the rerun's batch record counts them as not its own.)
+# A validate killed after its quarantine commit leaves rows whose batch_id names a batch never
+# recorded: the rerun adopts them (re-labels them with its own batch id and counts them), so its
+# batch record counts what a clean run's does; the test checks both.
 RUN_COLUMNS = {"run_id", "caption_run_id", "publish_run_id", "batch_id",
                "ingested_at", "rejected_at", "filtered_at", "captioned_at", "published_at", "quarantined_at",
                "recorded_at"}
@@ -138,6 +139,14 @@ def test_kill_9_then_rerun_equals_a_clean_run(clean, tmp_path, stage, point):
         _stage(later, lake, clean, "resumed")
     assert _diff(clean["tables"], _content(Lake(lake))) == []
     assert main(["status", "--verify", "--lake", str(lake)]) == 0
+    resumed = Lake(lake)
+    # Every quarantine row names a recorded batch, and the batch that validated the rows counts what
+    # the clean run's did (after `validate-commit` it adopted the killed run's quarantine rows).
+    assert set(resumed.read("quarantine", ["batch_id"]).column("batch_id").to_pylist()) <= \
+        {b.batch_id for b in all_batches(resumed)}
+    validated = Batch.load(resumed, "resumed" if STAGES.index(stage) <= STAGES.index("validate") else "clean-validate")
+    expected = Batch.load(Lake(clean["lake"]), "clean-validate")
+    assert (validated.rows, validated.quarantined) == (expected.rows, expected.quarantined)
 
 
 def test_the_fault_hook_is_inert_unless_armed_for_the_running_stage(monkeypatch):

@@ -93,3 +93,42 @@ def test_published_table_reads_back_with_pyarrow_pandas_polars(captioned_lake):
     assert len(DeltaTable(path).to_pandas()) == 4
     assert pl.read_delta(path).height == 4
     assert ds.dataset(DeltaTable(path).file_uris(), format="parquet").count_rows() == 4
+
+
+def test_a_validate_with_nothing_to_check_writes_no_batch(captioned_lake, tiny_model, capsys):
+    """Issue 19, 6: with nothing pending, validate writes no batch (an empty one became the lake's
+    "last batch" and was listed in the report), says so in one line and exits 0; `recap run` then
+    publishes nothing and reports nothing new."""
+    from recap_tasks.cli import main
+    from recap_tasks.pipeline import run_pipeline
+    from recap_tasks.status import lake_status
+
+    lake = captioned_lake
+    run_validate(lake, run_id="b1")
+    run_publish(lake, batch_id="b1")
+    before = sorted(p.name for p in (lake.root / "_batches").iterdir())
+    nothing = run_validate(lake, run_id="b2")
+    assert nothing.batch is None and nothing.summary()["batch_id"] is None
+    assert "nothing to validate" in nothing.note
+    capsys.readouterr()
+    assert main(["validate", "--lake", str(lake.root), "--run-id", "b3"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("nothing to validate in ") and "no batch written" in out[0], out
+    assert main(["validate", "--lake", str(lake.root), "--shard", "src/00000.tar"]) == 0
+    assert capsys.readouterr().out.strip() == \
+        "nothing to validate in shard src/00000.tar: no captioned rows wait for publishing; no batch written"
+    assert sorted(p.name for p in (lake.root / "_batches").iterdir()) == before
+    assert [b.batch_id for b in all_batches(lake)] == ["b1"] and lake_status(lake)["last_batch"]["batch_id"] == "b1"
+    assert not (lake.root / "_reports" / "runs" / "b2").exists()
+    # `recap run` over the same (unchanged) source: nothing new anywhere, no batch, no publish.
+    version = DeltaTable(lake.path(tables.RECAP)).version()
+    summary = run_pipeline([str(lake.root.parent / "src")], lake, model=str(tiny_model), run_id="again")
+    assert summary["validate"]["batch_id"] is None and summary["publish"] is None and summary["report"] is None
+    assert [b.batch_id for b in all_batches(lake)] == ["b1"]
+    assert DeltaTable(lake.path(tables.RECAP)).version() == version and summary["status"]["published"] == 4
+    capsys.readouterr()
+    assert main(["run", str(lake.root.parent / "src"), "--lake", str(lake.root), "--model", str(tiny_model)]) == 0
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["publish"] is None
+    assert "quality report : none: nothing to validate in " in printed.err
+    assert [b.batch_id for b in all_batches(lake)] == ["b1"]

@@ -147,22 +147,26 @@ def recaption_stages(chunks, *, factory: CaptionRunnerFactory | None = None):
         return stages.validate(lake=params["lake"], run_id=run_id)
 
     @task(outlets=[PUBLISHED])
-    def publish() -> dict:
+    def publish(validated: dict) -> dict:
         from recap_airflow import stages
 
         params, run_id, context = run_context()
+        if validated.get("batch_id") is None:
+            # Nothing new was validated, so no batch: nothing to publish (and no asset event).
+            raise AirflowSkipException(f"nothing to publish: {validated.get('note') or 'no batch'}")
         summary = stages.publish(lake=params["lake"], run_id=run_id)
         context["outlet_events"][PUBLISHED].extra = {"lake": params["lake"], "run_id": run_id,
                                                      "rows": summary["rows"]}
         return summary
 
-    @task(retries=1)
-    def report() -> dict:
+    # none_failed: runs after a publish skipped for want of a batch, and says so.
+    @task(retries=1, trigger_rule="none_failed")
+    def report(validated: dict) -> dict:
         """The run's quality report; the Airflow UI links each run to it (plugin `recap_reports`)."""
         from recap_airflow import stages
 
         params, run_id, _ = run_context()
-        return stages.report(lake=params["lake"], run_id=run_id)
+        return stages.report(lake=params["lake"], run_id=run_id, validated=validated)
 
     ingested = ingest.expand(shards=chunks)
     filtered = filter_pairs.expand(ingested=ingested)
@@ -172,5 +176,6 @@ def recaption_stages(chunks, *, factory: CaptionRunnerFactory | None = None):
     local = caption_local.expand(arguments=units)
     checked = validate()
     branch >> [pods, local]
-    [pods, local] >> checked >> publish() >> report()
+    [pods, local] >> checked
+    publish(checked) >> report(checked)
     return ingested, checked

@@ -162,7 +162,10 @@ def validate(*, lake: str, run_id: str) -> dict:
     from recap_tasks.lake import Lake
     from recap_tasks.validate import run_validate
 
-    return run_validate(Lake(lake), run_id=run_id).summary()
+    result = run_validate(Lake(lake), run_id=run_id)
+    if result.batch is None:
+        log.info("recap: %s", result.note)
+    return result.summary()
 
 
 @fail_fast
@@ -174,10 +177,17 @@ def publish(*, lake: str, run_id: str) -> dict:
 
 
 @fail_fast
-def report(*, lake: str, run_id: str | None) -> dict:
-    """Build the HTML quality report of a run (or the lake index when run_id is None)."""
+def report(*, lake: str, run_id: str | None, validated: dict | None = None) -> dict:
+    """Build the HTML quality report of a run (or the lake index when run_id is None).
+
+    `validated`: the run's validate summary; when it holds no batch (nothing new was validated)
+    there is nothing to report on: say so, write nothing."""
     from recap_tasks.lake import Lake
     from recap_tasks.report import build_report
 
+    if validated is not None and validated.get("batch_id") is None:
+        note = f"nothing new in run {run_id}: {validated.get('note') or 'no batch validated'}; no report written"
+        log.info("recap: %s", note)
+        return {"report": None, "lake": lake, "run_id": run_id, "nothing_new": True, "note": note}
     path = build_report(Lake(lake), run_id=run_id)
     return {"report": str(path), "lake": lake, "run_id": run_id}

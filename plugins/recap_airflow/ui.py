@@ -26,8 +26,8 @@ REPORT_TASK = "report"
 app = FastAPI(title="Recap quality reports", description=__doc__)
 
 
-def report_path_of_run(session, dag_id: str, run_id: str) -> str | None:
-    """Where the run's `report` task wrote its HTML (from its XCom), if it has run."""
+def report_of_run(session, dag_id: str, run_id: str) -> dict | None:
+    """What the run's `report` task returned (its XCom), if it has run."""
     from airflow.models.xcom import XComModel
 
     row = session.scalars(XComModel.get_many(run_id=run_id, key="return_value", task_ids=REPORT_TASK,
@@ -35,7 +35,12 @@ def report_path_of_run(session, dag_id: str, run_id: str) -> str | None:
     if row is None:
         return None
     value = XComModel.deserialize_value(row)
-    return value.get("report") if isinstance(value, dict) else None
+    return value if isinstance(value, dict) else None
+
+
+def report_path_of_run(session, dag_id: str, run_id: str) -> str | None:
+    """Where the run's `report` task wrote its HTML (from its XCom), if it has run."""
+    return (report_of_run(session, dag_id, run_id) or {}).get("report")
 
 
 def _reports_root() -> Path:
@@ -72,7 +77,11 @@ def _missing(title: str, detail: str, *, extra: str = "", status: int = 404) -> 
          dependencies=[Depends(requires_access_dag("GET", DagAccessEntity.RUN))])
 def run_report(dag_id: str, run_id: str, session: SessionDep):
     """The quality report of one DAG run; a run without one says why (failed, or still running)."""
-    path = report_path_of_run(session, dag_id, run_id)
+    reported = report_of_run(session, dag_id, run_id) or {}
+    if reported.get("nothing_new"):  # validate found nothing new: no batch, so no report
+        return _missing(f"Nothing new in run {run_id}", reported.get("note") or "no batch was validated",
+                        status=200)
+    path = reported.get("report")
     rel = _in_reports(path) if path else None
     if rel is not None and (_reports_root() / rel).is_file():
         # Served from the lake's report tree, so its links (all runs, Data Docs) resolve.

@@ -1,9 +1,10 @@
 """The stages, declared once: their order, what each consumes, and what each keeps a record of.
 
-Everything that needs the stage order reads it here: the local pipeline (`recap run`), the CLI's
-stage verbs, the progress records and pending-work lookups (`progress.STAGES`, `progress.UPSTREAM`),
-and the Airflow DAGs' task chain (plugins/recap_airflow/dag_parts.py). This module imports nothing
-but the standard library, so a DAG file may read it at parse time.
+Everything that needs the stage order reads it here: the local pipeline (`recap run`,
+pipeline.STEPS), the CLI's stage verbs, the progress records and pending-work lookups
+(`progress.STAGES`, `progress.UPSTREAM`). The Airflow DAGs' task chain (plugins/recap_airflow/
+dag_parts.py) is held to it by tests/dags (DAG files import no product code at parse time). This
+module imports nothing but the standard library.
 
 A stage works on shards: it finds the shards pending for it (its upstream stage recorded more rows
 out than it recorded in), processes them, and, when it `records`, appends one progress record per

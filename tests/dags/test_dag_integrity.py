@@ -29,7 +29,8 @@ info = {dag_id: {"tags": sorted(dag.tags), "tasks": sorted(t.task_id for t in da
                  "timeouts": {t.task_id: t.execution_timeout.total_seconds() if t.execution_timeout else None
                               for t in dag.tasks},
                  "params": sorted(dag.params.keys()), "schedule": type(dag.timetable).__name__,
-                 "mapped": sorted(t.task_id for t in dag.tasks if t.is_mapped)}
+                 "mapped": sorted(t.task_id for t in dag.tasks if t.is_mapped),
+                 "upstream": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks}}
         for dag_id, dag in bag.dags.items()}
 roots = [os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, os.environ["AIRFLOW_HOME"],
                                        os.environ["AIRFLOW__CORE__DAGS_FOLDER"],
@@ -79,3 +80,27 @@ def test_pipeline_shape_form_and_gpu_pool(report):
     assert set(incremental["tasks"]) == STAGES | {"find_new_shards", "has_work"}
     assert incremental["schedule"] not in ("NullTimetable", "AssetTriggeredTimetable")
     assert dags["recap_report"]["schedule"] == "AssetTriggeredTimetable"
+
+
+@pytest.mark.parametrize("dag_id", ["recap_pipeline", "recap_incremental"])
+def test_the_task_chain_follows_the_declared_stage_order(report, dag_id):
+    """Each stage's task runs after the task of the stage declared before it (recap_tasks.stages):
+    the DAG files cannot import the declaration at parse time, so this test holds them to it."""
+    from recap_tasks import stages
+
+    upstream = report["dags"][dag_id]["upstream"]
+    entry = {"caption": "caption_units"}  # the caption stage is a small task group
+
+    def before(task: str) -> set[str]:
+        seen, todo = set(), list(upstream[task])
+        while todo:
+            t = todo.pop()
+            if t not in seen:
+                seen.add(t)
+                todo.extend(upstream[t])
+        return seen
+
+    chain = [entry.get(s.name, s.name) for s in stages.STAGES if entry.get(s.name, s.name) in upstream]
+    assert len(chain) == len(stages.STAGES), chain  # every stage is a task
+    for earlier, later in zip(chain, chain[1:]):
+        assert earlier in before(later), (dag_id, earlier, later)

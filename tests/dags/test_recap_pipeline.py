@@ -63,3 +63,27 @@ def test_metadata_source_is_downloaded_then_recaptioned(airflow_env, tmp_path, t
     published = DeltaTable(str(tmp_path / "lake" / "recap")).to_pandas()
     assert sorted(published["source_uid"]) == ["a1", "b2", "c3"]
     assert len(list((tmp_path / "lake" / "_downloads").glob("part-0-*/00000_stats.json"))) == 1
+
+
+def test_a_run_with_nothing_new_publishes_nothing_and_says_so(airflow_env, tmp_path, tiny_model):
+    """Issue 19, 6: when validate finds nothing to check (here every sample lacks its image, so
+    ingest rejects all), it writes no batch, `publish` skips and `report` says there was nothing
+    new; the run succeeds."""
+    import json
+
+    from tests.helpers import REPO, write_tar
+
+    config = tmp_path / "config.yaml"
+    config.write_text((REPO / "tests" / "tiny-model.yaml").read_text())
+    write_tar(tmp_path / "src" / "00000.tar", [(f"00000000{i}.{ext}", data) for i in range(2) for ext, data in
+                                               (("txt", b"a caption without its image"),
+                                                ("json", json.dumps({"key": f"00000000{i}"}).encode()))])
+    conf = {"source": str(tmp_path / "src"), "lake": str(tmp_path / "lake"), "model": str(tiny_model),
+            "runner": "local"}
+    result, logs = dag_test("recap_pipeline", conf, {**airflow_env, "RECAP_CONFIG": str(config)}, timeout=600)
+    assert result["state"].endswith("success"), (result, logs[-3000:])
+    tasks = result["tasks"]
+    assert tasks["validate[-1]"] == "success" and tasks["report[-1]"] == "success", tasks
+    assert tasks["publish[-1]"].endswith("skipped"), tasks
+    assert "nothing to publish: nothing to validate in" in logs and "nothing new in run" in logs
+    assert not list((tmp_path / "lake").glob("_batches/*")) and not (tmp_path / "lake" / "recap").exists()
