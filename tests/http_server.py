@@ -7,6 +7,7 @@ Routes:
   /error             503
   /slow              sends nothing until the server is closed (or `slow_seconds`)
   /loop              302 to itself, forever
+  /nolocation        302 without a Location header
   /redirect/<name>   302 to /img/<name>
   /goto?to=<url>     302 to <url> (any location: another host, an address)
   /big               a body larger than any test cap, no Content-Length (chunked)
@@ -56,6 +57,8 @@ class ImageServer:
                     return self._send(302, b"", "text/plain", {"Location": f"/img/{name}"})
                 if head == "goto" and "to" in query:
                     return self._send(302, b"", "text/plain", {"Location": query["to"][0]})
+                if head == "nolocation":
+                    return self._send(302, b"", "text/plain")
                 if head == "loop":
                     return self._send(302, b"", "text/plain", {"Location": "/loop"})
                 if head == "slow":

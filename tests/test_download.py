@@ -62,6 +62,7 @@ def test_every_failure_has_its_reason(tmp_path, server):
         (server.url("error"), None, "http_503"),
         (server.url("slow"), None, "timeout"),
         (server.url("loop"), None, "too_many_redirects"),
+        (server.url("nolocation"), None, "bad_redirect"),
         (server.url("big"), None, "too_large"),
         (server.url("optout/2.jpg?tag=noai"), None, "opted_out"),
         (server.url("optout/3.jpg?tag=recap:%20noimageai"), None, "opted_out"),
@@ -93,7 +94,7 @@ def test_every_failure_has_its_reason(tmp_path, server):
         assert tf.extractfile("000000000.jpg").read() == IMAGES["0.jpg"]
         assert tf.extractfile("000000000.txt").read() == b"caption number 0"
     # Keys: 5-digit shard, 4-digit index (10,000 per shard), as img2dataset writes them.
-    assert names == [f"00000000{k}.{e}" for k in (0, 1, 9) for e in ("jpg", "json", "txt")]
+    assert names == [f"{k:09d}.{e}" for k in (0, 1, 10) for e in ("jpg", "json", "txt")]
     assert meta0["source_uid"] == "uid00" and meta0["sha256"] == sha("0.jpg") and meta0["original_width"] == 0
     assert meta0["status"] == "success" and meta0["url"] == server.url("img/0.jpg")
     assert server.hits["/loop"] == LOCAL.max_redirects + 1
