@@ -224,3 +224,14 @@ def test_real_shards_add_up(shared_data, tmp_path):
     result = ingest([str(shared_data / "coco-mini-wds"), str(shared_data / "cc-web-758.parquet")], lake)
     assert result.rows + result.rejected == 239 + 758
     assert DeltaTable(lake.path(tables.PAIRS)).to_pandas()["uid"].is_unique
+
+
+def test_an_image_over_max_image_bytes_is_rejected_as_too_large(tmp_path):
+    """`ingest.max_image_bytes` (README's table of reasons: image_too_large)."""
+    from recap_tasks.config import IngestConfig
+
+    big = jpeg(640, 480)
+    shard = write_tar(tmp_path / "src" / "00000.tar", sample("000000001") + sample("000000002", image=big))
+    lake = Lake(tmp_path / "lake")
+    result = ingest([str(shard)], lake, config=IngestConfig(max_image_bytes=len(big) - 1))
+    assert result.rows == 1 and list(rejected_reasons(lake).values()) == ["image_too_large"]
