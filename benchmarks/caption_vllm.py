@@ -3,8 +3,9 @@
 Both backends caption the same real JPEGs (../shared/data/coco-mini-wds, else generated ones) with
 the tiny LLaVA through the `Captioner` interface the caption stage uses: images decoded and
 prepared in background threads a few batches ahead, greedy, fp32, the same `max_new_tokens`, the
-model's `no_repeat_ngram_size` off on both sides (vLLM does not implement it), so the captions
-must match. Engine/model start-up is timed apart from throughput. Needs .venv-vllm
+model's `no_repeat_ngram_size` off on both sides (the figures in BENCHMARKS.md were taken so; both
+backends now apply it, vLLM through a logits processor in Python, which would add its own cost to
+vLLM's side), so the captions must match. Engine/model start-up is timed apart from throughput. Needs .venv-vllm
 (./dev setup-vllm) or RECAP_VLLM_PYTHON.
 
 Usage:
