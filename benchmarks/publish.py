@@ -36,9 +36,10 @@ from _machine import describe  # noqa: E402
 from recap_tasks import schemas  # noqa: E402
 from recap_tasks.batches import Batch, write_uids  # noqa: E402
 from recap_tasks.config import ValidateConfig  # noqa: E402
+from recap_tasks.filters.language import english_scorer  # noqa: E402
 from recap_tasks.lake import Lake, conform  # noqa: E402
 from recap_tasks.publish import run_publish  # noqa: E402
-from recap_tasks.validate import check_frame, english_scores, row_checks  # noqa: E402
+from recap_tasks.validate import check_frame, row_checks  # noqa: E402
 
 WORDS = ("a the dog cat man woman red blue green sitting standing near table street park tree water sky "
          "building car bus photo white black small large wooden with of on in and next to").split()
@@ -141,7 +142,7 @@ def main() -> None:
             assert len(results) > 10
             print(f"{n:>9} {'validate (GX)':<16} {t:>8.2f} {n / t:>10.0f}")
             sample = df["re_caption"].tolist()[: min(n, 100_000)]
-            _, t = timed(english_scores, sample)
+            _, t = timed(english_scorer().english_scores, sample)
             print(f"{len(sample):>9} {'language id':<16} {t:>8.2f} {len(sample) / t:>10.0f}")
 
 

@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 
 from recap_tasks import faults
 from recap_tasks import lake as tables
-from recap_tasks.hygiene import word_count
+from recap_tasks.hygiene import word_counts
 from recap_tasks.lake import Lake, not_in
 
 
@@ -83,4 +83,4 @@ def candidate_rows(lake: Lake, shard_ids: list[str], uids: pa.Array | None = Non
 
 
 def _words(texts: pa.ChunkedArray) -> pa.Array:
-    return pa.array([word_count(t) for t in texts.to_pylist()], pa.int32())
+    return pa.array(word_counts(texts.to_pylist()), pa.int32())

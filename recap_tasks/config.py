@@ -273,7 +273,8 @@ class ValidateConfig:
     # Degenerate repetition: distinct word-3-grams / all 3-grams below this flags a row.
     min_distinct_ngram_ratio: float = 0.35
     max_degenerate_fraction: float = 0.05
-    # English recaptions (fastText lid.176 lite, as DataComp's English filter).
+    # English recaptions: the language filter's scorer and rule (filters/language.py, lid.176
+    # lite): English is the top language with probability >= min_english_score.
     require_english: bool = True
     min_english_score: float = 0.5
     max_non_english_fraction: float = 0.05

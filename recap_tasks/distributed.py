@@ -14,6 +14,14 @@ ENV_ADDRESS = "RECAP_DASK_ADDRESS"
 log = logging.getLogger(__name__)
 
 
+def dask_address(configured: str | None = None) -> str | None:
+    """The scheduler to join: the configured address (filter.dask_address), else $RECAP_DASK_ADDRESS.
+
+    The one place the address is resolved; None means no scheduler (start a LocalCluster).
+    """
+    return configured or os.environ.get(ENV_ADDRESS) or None
+
+
 @contextlib.contextmanager
 def dask_client(address: str | None = None, *, workers: int | None = None) -> Iterator[tuple[object, int]]:
     """(client, threads per worker model): a Client of `address` (or $RECAP_DASK_ADDRESS), else of a LocalCluster.
@@ -25,7 +33,7 @@ def dask_client(address: str | None = None, *, workers: int | None = None) -> It
     """
     from distributed import Client, LocalCluster
 
-    address = address or os.environ.get(ENV_ADDRESS) or None
+    address = dask_address(address)
     if address:
         log.info("filter: joining Dask scheduler %s", address)
         client = Client(address, timeout="30s")

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from recap_tasks.config import DownloadConfig, RecapConfig
 from recap_tasks.errors import RecapError
 from recap_tasks.fetch import Fetcher, FetchFailed, FetchPolicy
+from recap_tasks.files import atomic_path, write_atomic
 from recap_tasks.readers import expand_files
 from recap_tasks.readers.parquet import pick_column
 from recap_tasks.runs import progress, utcnow
@@ -165,7 +166,7 @@ def plan(files: list[Path], out: Path, config: DownloadConfig) -> list[ShardJob]
         raise RecapError(f"{out} holds a download of other metadata ({MANIFEST}: "
                          f"{[i['path'] for i in previous.get('inputs', [])]}, {previous.get('samples_per_shard')} "
                          f"per shard): download into another folder, or remove it to start over")
-    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=2).encode())
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2).encode())
     shards = sum(math.ceil(rows / n) for _, _, rows in layout)
     digits = (max(5, len(str(max(shards - 1, 0)))), max(1, math.ceil(math.log10(n))))
     jobs, number = [], 0
@@ -259,12 +260,36 @@ def download_shard(job: ShardJob, config: DownloadConfig) -> dict:
     table = _read_rows(job)
     rows = table.to_pylist()
     previous = _previous_outcomes(out, job) if _read_stats(out, job.name) is not None else {}
-    tar_part, parquet_part = out / f"{job.name}.tar.part", out / f"{job.name}.parquet.part"
+    with atomic_path(out / f"{job.name}.tar", single_writer=True) as tar_part, \
+            atomic_path(out / f"{job.name}.parquet", single_writer=True) as parquet_part:
+        outcomes = _fetch_into(tar_part, job, rows, previous, config)
+        _write_parquet(parquet_part, table, job, rows, outcomes)
+        # Stats go last: a shard without them is unfinished and is redone whole by the next run.
+        (out / f"{job.name}_stats.json").unlink(missing_ok=True)
+    reasons: dict[str, int] = {}
+    for o in outcomes:
+        if o is not None and o.reason is not None:
+            reasons[o.reason] = reasons.get(o.reason, 0) + 1
+    successes = sum(1 for o in outcomes if o is not None and o.reason is None)
+    ended = time.time()
+    stats = {"shard": job.name, "count": len(rows), "successes": successes, "failed_to_download": len(rows) - successes,
+             "failed_to_resize": 0, "status_dict": {"success": successes, **dict(sorted(reasons.items()))},
+             "reasons": dict(sorted(reasons.items())), "retried": bool(previous),
+             "source": {"path": job.path, "start": job.start, "stop": job.stop},
+             "start_time": started, "end_time": ended, "duration": round(ended - started, 3),
+             "finished_at": utcnow().isoformat()}
+    write_atomic(out / f"{job.name}_stats.json", json.dumps(stats, indent=2).encode())
+    return stats
+
+
+def _fetch_into(tar_path: Path, job: ShardJob, rows: list[dict], previous: dict[str, _Outcome],
+                config: DownloadConfig) -> list[_Outcome | None]:
+    """Write the shard's tar at `tar_path`: successes carried over from `previous`, the rest fetched."""
     outcomes: list[_Outcome | None] = [None] * len(rows)
     fetcher = _fetcher(config)
-    with tarfile.open(tar_part, "w", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
         if previous:
-            _copy_successes(out / f"{job.name}.tar", tar, previous)
+            _copy_successes(Path(job.out) / f"{job.name}.tar", tar, previous)
         todo = []
         for i in range(len(rows)):
             old = previous.get(job.key(i))
@@ -292,25 +317,7 @@ def download_shard(job: ShardJob, config: DownloadConfig) -> dict:
                         _add_sample(tar, job, rows[outcome.index], outcome)
                         outcome.image = None  # written: do not hold the shard's images in memory
                     submit()
-    _write_parquet(parquet_part, table, job, rows, outcomes)
-    reasons: dict[str, int] = {}
-    for o in outcomes:
-        if o is not None and o.reason is not None:
-            reasons[o.reason] = reasons.get(o.reason, 0) + 1
-    successes = sum(1 for o in outcomes if o is not None and o.reason is None)
-    ended = time.time()
-    stats = {"shard": job.name, "count": len(rows), "successes": successes, "failed_to_download": len(rows) - successes,
-             "failed_to_resize": 0, "status_dict": {"success": successes, **dict(sorted(reasons.items()))},
-             "reasons": dict(sorted(reasons.items())), "retried": bool(previous),
-             "source": {"path": job.path, "start": job.start, "stop": job.stop},
-             "start_time": started, "end_time": ended, "duration": round(ended - started, 3),
-             "finished_at": utcnow().isoformat()}
-    # Stats go last: a shard without them is unfinished and is redone whole by the next run.
-    (out / f"{job.name}_stats.json").unlink(missing_ok=True)
-    os.replace(tar_part, out / f"{job.name}.tar")
-    os.replace(parquet_part, out / f"{job.name}.parquet")
-    _write_atomic(out / f"{job.name}_stats.json", json.dumps(stats, indent=2).encode())
-    return stats
+    return outcomes
 
 
 def _fetch_row(fetcher: Fetcher, index: int, row: dict, columns: Columns) -> _Outcome:
@@ -439,9 +446,3 @@ def _read_json(path: Path) -> dict | None:
         return None
     except ValueError:
         return None  # a torn write of an older tool: treated as unfinished
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

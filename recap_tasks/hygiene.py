@@ -7,6 +7,9 @@ Pure functions on strings, shared by the caption stage (which stores the flags) 
 from __future__ import annotations
 
 import re
+from typing import Iterable
+
+import numpy as np
 
 # Openings of refusals and non-answers seen from instruction-tuned captioners.
 _REFUSAL = re.compile(
@@ -55,5 +58,14 @@ def distinct_ngram_ratio(text: str, n: int = 3) -> float:
 
 
 def word_count(text: str | None) -> int:
-    """Words as the released table counts them: whitespace-separated tokens."""
+    """Words as the released table counts them (re_length, org_length): whitespace-separated tokens.
+
+    The one definition of a caption's word count; `word_counts` is the same over many texts.
+    """
     return len(text.split()) if text else 0
+
+
+def word_counts(texts: Iterable[str | None]) -> np.ndarray:
+    """`word_count` of each text, as int32 (the filter's caption_words, the tables' lengths)."""
+    texts = list(texts)
+    return np.fromiter((word_count(t) for t in texts), dtype=np.int32, count=len(texts))

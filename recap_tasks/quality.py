@@ -82,14 +82,15 @@ _PHRASES = _phrase_index()
 _LONGEST = max(len(p) for p in _PHRASES)
 
 
-def words(text: str | None) -> list[str]:
-    """Lower-case word tokens of a caption."""
+def caption_tokens(text: str | None) -> list[str]:
+    """Lower-case letter tokens of a caption, for vocabulary and object mentions (punctuation and
+    digits dropped); a caption's word count is `hygiene.word_count`, the published lengths."""
     return _WORD.findall((text or "").lower())
 
 
 def mentioned_objects(text: str | None) -> set[str]:
     """COCO object classes a text names (longest phrase first: "hot dog" is not a dog)."""
-    tokens = [_singular(w) for w in words(text)]
+    tokens = [_singular(w) for w in caption_tokens(text)]
     found, i = set(), 0
     while i < len(tokens):
         for n in range(min(_LONGEST, len(tokens) - i), 0, -1):
@@ -138,8 +139,8 @@ def parse_references(raw: str | None) -> list[str] | None:
 
 def vocabulary(originals: Iterable[str | None], recaptions: Iterable[str | None]) -> dict:
     """Distinct words of the originals, the recaptions, their union, and each one's share of the union."""
-    org = set().union(*(set(words(t)) for t in originals))
-    re_ = set().union(*(set(words(t)) for t in recaptions))
+    org = set().union(*(set(caption_tokens(t)) for t in originals))
+    re_ = set().union(*(set(caption_tokens(t)) for t in recaptions))
     union = org | re_
     n = len(union)
     return {"original": len(org), "recaption": len(re_), "union": n,
@@ -183,5 +184,5 @@ def length_stats(counts: Iterable[int | None]) -> dict:
 def top_words(texts: Iterable[str | None]) -> Counter:
     counts: Counter = Counter()
     for t in texts:
-        counts.update(words(t))
+        counts.update(caption_tokens(t))
     return counts

