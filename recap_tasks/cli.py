@@ -3,45 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import traceback
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 from recap_tasks import faults
 from recap_tasks.config import RecapConfig
 from recap_tasks.errors import RecapError
 from recap_tasks.lake import Lake
 from recap_tasks.runs import check_name, configure_logging
+from recap_tasks.stages import BY_NAME, STAGES
 
 log = logging.getLogger("recap")
 
 
 def _config(args: argparse.Namespace) -> RecapConfig:
-    overrides = {
-        "ingest": {"image_column": getattr(args, "image_column", None),
-                   "caption_column": getattr(args, "caption_column", None),
-                   "key_column": getattr(args, "key_column", None),
-                   "url_column": getattr(args, "url_column", None),
-                   "dataset": getattr(args, "dataset", None)},
-        "download": {"url_column": getattr(args, "dl_url_column", None),
-                     "caption_column": getattr(args, "dl_caption_column", None),
-                     "uid_column": getattr(args, "uid_column", None),
-                     "sha256_column": getattr(args, "sha256_column", None),
-                     "samples_per_shard": getattr(args, "samples_per_shard", None),
-                     "processes": getattr(args, "processes", None),
-                     "threads": getattr(args, "threads", None),
-                     "allow_private_networks": getattr(args, "allow_private_networks", None) or None},
-        "caption": {"batch_size": getattr(args, "batch_size", None),
-                    "max_new_tokens": getattr(args, "max_new_tokens", None),
-                    "device": getattr(args, "device", None),
-                    "backend": getattr(args, "backend", None)},
-        "evaluate": {"p_values": getattr(args, "p", None),
-                     "steps": getattr(args, "eval_steps", None),
-                     "device": getattr(args, "eval_device", None),
-                     "seed": getattr(args, "eval_seed", None)},
-    }
+    """The config file (or RECAP_CONFIG), then the flags of OPTIONS that were given."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for option in _OPTION_LIST:
+        section, name = option.key.split(".")
+        value = getattr(args, option.name, None)
+        # None: not given, the file's value stands (a switch left off is False, and means the same)
+        overrides.setdefault(section, {})[name] = None if value is False else value
     return RecapConfig.load(args.config, **overrides)
 
 
@@ -258,78 +248,188 @@ def _count(value: str) -> int:
     return n
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recap", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+@dataclass(frozen=True)
+class Option:
+    """A flag that sets one config key. Its help's {key}, {default} and {choices} are read from the config
+    dataclass, so the help cannot drift from it; a bool key is a switch, a Literal key has its choices."""
 
-    def stage(name: str, func, help: str, *, lake: bool = True, parent=None) -> argparse.ArgumentParser:
-        p = (parent or sub).add_parser(name, help=help, description=help)
-        if lake:
-            p.add_argument("--lake", required=True, help="lake root folder (Delta tables live under it)")
-            p.add_argument("--config", help="YAML file with ingest/filter/caption/validate sections")
-            p.add_argument("--run-id", type=_run_id,
-                           help="id recorded with every row this run writes (default: generated)")
-        p.set_defaults(func=func)
-        return p
+    flag: str
+    key: str  # section.field of RecapConfig
+    help: str
+    dest: str | None = None  # default: the flag's name; unique across OPTIONS, since _config reads them all
+    type: Callable[[str], Any] | None = None
+    nargs: str | None = None
+    metavar: str | None = None
 
-    def source_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("sources", nargs="+", metavar="SOURCE",
-                       help="folder or glob of webdataset .tar shards, or .parquet files")
-        p.add_argument("--image-column", help="parquet column with the image bytes (default: detected)")
-        p.add_argument("--caption-column", help="parquet column with the caption (default: detected)")
-        p.add_argument("--key-column", help="parquet column with the sample key (default: key/id or row number)")
-        p.add_argument("--url-column", help="parquet column with the image url (default: detected)")
-        p.add_argument("--dataset", help="name prefixed to the shard ids of these sources (ingest.dataset): "
-                                         "needed when another dataset's shards share their folder/file names")
+    @property
+    def name(self) -> str:
+        return self.dest or self.flag.removeprefix("--").replace("-", "_")
 
-    def caption_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", required=True, help="model id or local path (AutoModelForImageTextToText)")
-        p.add_argument("--batch-size", type=int, help="images per generate() call")
-        p.add_argument("--max-new-tokens", type=int, help="decoding limit (default 128, as in the paper)")
-        p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
-        p.add_argument("--backend", choices=["transformers", "vllm"],
-                       help="caption.backend: transformers (default) or vllm (needs ./dev setup-vllm or RECAP_VLLM_PYTHON)")
 
-    p = stage("download", cmd_download, "download the images of URL metadata (DataComp, LAION parquet or CSV) "
-                                        "into webdataset shards that ingest reads", lake=False)
+# Every flag that sets a config key, grouped as verbs take them: the one place a flag meets its key.
+# The parser's options and _config's overrides are both made from this table.
+OPTIONS: dict[str, tuple[Option, ...]] = {
+    "source": (
+        Option("--image-column", "ingest.image_column", "parquet column with the image bytes (default: detected)"),
+        Option("--caption-column", "ingest.caption_column", "parquet column with the caption (default: detected)"),
+        Option("--key-column", "ingest.key_column",
+               "parquet column with the sample key (default: key/id or row number)"),
+        Option("--url-column", "ingest.url_column", "parquet column with the image url (default: detected)"),
+        Option("--dataset", "ingest.dataset", "name prefixed to the shard ids of these sources ({key}): "
+                                              "needed when another dataset's shards share their folder/file names"),
+    ),
+    "download": (
+        Option("--url-column", "download.url_column", "column with the image URL (default: url/URL)",
+               dest="dl_url_column"),
+        Option("--caption-column", "download.caption_column", "column with the caption (default: text/TEXT)",
+               dest="dl_caption_column"),
+        Option("--uid-column", "download.uid_column",
+               "column with the source dataset's id (default: uid/SAMPLE_ID if present)"),
+        Option("--sha256-column", "download.sha256_column",
+               "column with the expected sha256 of the image (default: sha256 if present)"),
+        Option("--samples-per-shard", "download.samples_per_shard", "rows per shard (default {default})", type=_count),
+        Option("--processes", "download.processes", "worker processes (default {default})", type=_count),
+        Option("--threads", "download.threads", "concurrent fetches per process (default {default})", type=_count),
+    ),
+    # Apart from "download" only so that download's help keeps --retry-failed before it.
+    "private-networks": (
+        Option("--allow-private-networks", "download.allow_private_networks",
+               "allow URLs on loopback/private/link-local addresses (refused by default: SSRF)"),
+    ),
+    "caption": (
+        Option("--batch-size", "caption.batch_size", "images per generate() call (default {default})", type=int),
+        Option("--max-new-tokens", "caption.max_new_tokens", "decoding limit (default {default}, as in the paper)",
+               type=int),
+        Option("--device", "caption.device", "auto, cpu, cuda, cuda:1 ... (default {default})"),
+        Option("--backend", "caption.backend",
+               "{key}: {choices} (default {default}; vllm needs ./dev setup-vllm or RECAP_VLLM_PYTHON)"),
+    ),
+    "evaluate": (
+        Option("--p", "evaluate.p_values", "mix ratios to compare ({key}; default {default}; the paper: 0.8)",
+               type=float, nargs="+", metavar="P"),
+        Option("--steps", "evaluate.steps", "training steps per p ({key}, default {default})", dest="eval_steps",
+               type=_count),
+        Option("--device", "evaluate.device", "auto, cpu, cuda, cuda:1 ... ({key}, default {default})",
+               dest="eval_device"),
+        Option("--seed", "evaluate.seed", "initial weights and batch order ({key}, default {default})",
+               dest="eval_seed", type=int),
+    ),
+}
+_OPTION_LIST = tuple(option for group in OPTIONS.values() for option in group)
+
+
+def _config_field(key: str) -> tuple[Any, Any]:
+    """The default and the type of a config key such as caption.batch_size, from its dataclass."""
+    section, name = key.split(".")
+    section_cls = {f.name: f.default_factory for f in dataclasses.fields(RecapConfig)}[section]
+    field = {f.name: f for f in dataclasses.fields(section_cls)}[name]
+    default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+    return default, typing.get_type_hints(section_cls)[name]
+
+
+def _add_options(parser: argparse.ArgumentParser, group: str) -> None:
+    for option in OPTIONS[group]:
+        default, hint = _config_field(option.key)
+        choices = list(typing.get_args(hint)) if typing.get_origin(hint) is Literal else None
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        help = option.help.format(key=option.key, default=shown, choices=" or ".join(choices or ()))
+        if hint is bool:
+            parser.add_argument(option.flag, dest=option.name, action="store_true", help=help)
+        else:
+            parser.add_argument(option.flag, dest=option.name, type=option.type, nargs=option.nargs,
+                                metavar=option.metavar, choices=choices, help=help)
+
+
+def _verb(sub, name: str, func, help: str | None = None, *, lake: bool = True) -> argparse.ArgumentParser:
+    """A verb's parser; a stage's help is its line in recap_tasks.stages."""
+    help = help or BY_NAME[name].help
+    p = sub.add_parser(name, help=help, description=help)
+    if lake:
+        p.add_argument("--lake", required=True, help="lake root folder (Delta tables live under it)")
+        p.add_argument("--config", help="YAML file with ingest/filter/caption/validate sections")
+        p.add_argument("--run-id", type=_run_id, help="id recorded with every row this run writes (default: generated)")
+    p.set_defaults(func=func)
+    return p
+
+
+def _shard_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard", action="append", help="only this shard id (repeatable); default: all pending")
+
+
+def _source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="folder or glob of webdataset .tar shards, or .parquet files")
+    _add_options(p, "source")
+
+
+def _caption_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model id or local path (AutoModelForImageTextToText)")
+    _add_options(p, "caption")
+
+
+def _download_verb(sub) -> None:
+    p = _verb(sub, "download", cmd_download, lake=False)
     p.add_argument("metadata", nargs="+", metavar="METADATA", help="parquet/CSV/TSV files, folders or globs")
     p.add_argument("--out", required=True, help="folder for the shards (00000.tar, .parquet, _stats.json)")
     p.add_argument("--config", help="YAML file with a download section")
-    p.add_argument("--url-column", dest="dl_url_column", help="column with the image URL (default: url/URL)")
-    p.add_argument("--caption-column", dest="dl_caption_column", help="column with the caption (default: text/TEXT)")
-    p.add_argument("--uid-column", help="column with the source dataset's id (default: uid/SAMPLE_ID if present)")
-    p.add_argument("--sha256-column", help="column with the expected sha256 of the image (default: sha256 if present)")
-    p.add_argument("--samples-per-shard", type=_count, help="rows per shard (default 10000)")
-    p.add_argument("--processes", type=_count, help="worker processes (default 1)")
-    p.add_argument("--threads", type=_count, help="concurrent fetches per process (default 32)")
+    _add_options(p, "download")
     p.add_argument("--retry-failed", action="store_true",
                    help="fetch finished shards' transient failures (timeouts, connection errors, 429/5xx) again")
-    p.add_argument("--allow-private-networks", action="store_true",
-                   help="allow URLs on loopback/private/link-local addresses (refused by default: SSRF)")
-    p = stage("ingest", cmd_ingest, "read source shards into the pairs table; bad samples go to rejected")
-    source_options(p)
+    _add_options(p, "private-networks")
+
+
+def _ingest_verb(sub) -> None:
+    p = _verb(sub, "ingest", cmd_ingest)
+    _source_options(p)
     p.add_argument("--force", action="store_true", help="re-read shards already ingested (adds only new rows)")
-    p = stage("filter", cmd_filter, "apply the filter chain to pairs not yet filtered")
-    p.add_argument("--shard", action="append", help="only this shard id (repeatable); default: all pending")
-    p = stage("caption", cmd_caption, "caption kept pairs that have no caption yet")
-    caption_options(p)
-    p.add_argument("--shard", action="append", help="only this shard id (repeatable); default: all pending")
-    p = stage("validate", cmd_validate, "run the data-quality suite over captioned, unpublished rows")
-    p.add_argument("--shard", action="append", help="only this shard id (repeatable); default: all pending")
-    p = stage("publish", cmd_publish, "publish the latest validated batch into LAKE/recap (by uid, exactly once)")
+
+
+def _filter_verb(sub) -> None:
+    _shard_option(_verb(sub, "filter", cmd_filter))
+
+
+def _caption_verb(sub) -> None:
+    p = _verb(sub, "caption", cmd_caption)
+    _caption_options(p)
+    _shard_option(p)
+
+
+def _validate_verb(sub) -> None:
+    _shard_option(_verb(sub, "validate", cmd_validate))
+
+
+def _publish_verb(sub) -> None:
+    p = _verb(sub, "publish", cmd_publish)
     p.add_argument("--batch", type=_run_id, help="batch id to publish (default: the latest validated)")
-    p = stage("run", cmd_run, "all stages in order, locally")
-    source_options(p)
-    caption_options(p)
-    p = stage("status", cmd_status, "counts for the lake: ingested, rejected by stage and reason, published")
+
+
+def _report_verb(sub) -> None:
+    _verb(sub, "report", cmd_report)
+
+
+# The verb of each stage; build_parser adds them in recap_tasks.stages.STAGES order.
+_STAGE_VERBS = {"download": _download_verb, "ingest": _ingest_verb, "filter": _filter_verb,
+                "caption": _caption_verb, "validate": _validate_verb, "publish": _publish_verb,
+                "report": _report_verb}
+
+
+def _run_verb(sub) -> None:
+    p = _verb(sub, "run", cmd_run, "all stages in order, locally")
+    _source_options(p)
+    _caption_options(p)
+
+
+def _status_verb(sub) -> None:
+    p = _verb(sub, "status", cmd_status, "counts for the lake: ingested, rejected by stage and reason, published")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--verify", action="store_true",
                    help="also check uid by uid that every row is in one place (reads every shard: slow on a big lake)")
     p.add_argument("--shard", action="append", help="verify only this shard id (repeatable)")
-    stage("report", cmd_report, "write the HTML quality report of --run-id (default: the latest validated) and the index")
-    p = stage("maintain", cmd_maintain, "compact small files, checkpoint and vacuum old files of the lake's tables")
+
+
+def _maintain_verb(sub) -> None:
+    p = _verb(sub, "maintain", cmd_maintain,
+              "compact small files, checkpoint and vacuum old files of the lake's tables")
     p.add_argument("--table", action="append", type=_table, help="only this table (repeatable); default: all")
     p.add_argument("--retention-hours", type=int, default=168, help="vacuum files unreferenced for longer (>=168)")
     p.add_argument("--dry-run", action="store_true", help="list what vacuum would delete; change nothing")
@@ -337,40 +437,74 @@ def build_parser() -> argparse.ArgumentParser:
                    help="permit retention below 168 h (breaks readers on older versions)")
     p.add_argument("--migrate", action="store_true",
                    help="rewrite a lake made by an older Recap into shard partitions + progress records (once)")
-    p = stage("history", cmd_history, "versions of a table: operation, time, rows, batch id")
+
+
+def _history_verb(sub) -> None:
+    p = _verb(sub, "history", cmd_history, "versions of a table: operation, time, rows, batch id")
     p.add_argument("--table", default="recap", type=_table)
     p.add_argument("--limit", type=_count, default=20)
-    p = stage("snapshot", cmd_snapshot, "time travel: write a table as of a version or timestamp to parquet")
+
+
+def _snapshot_verb(sub) -> None:
+    p = _verb(sub, "snapshot", cmd_snapshot, "time travel: write a table as of a version or timestamp to parquet")
     p.add_argument("--table", default="recap", type=_table)
     p.add_argument("--version", type=int)
     p.add_argument("--as-of", help="ISO 8601 timestamp, e.g. 2026-11-27T03:00:00Z")
     p.add_argument("--out", required=True, help="parquet file to write")
-    p = stage("export", cmd_export, "write published rows as webdataset shards (image + both captions) for training")
+
+
+def _export_verb(sub) -> None:
+    p = _verb(sub, "export", cmd_export,
+              "write published rows as webdataset shards (image + both captions) for training")
     p.add_argument("--out", required=True, help="output folder for the .tar shards")
     p.add_argument("--shard-size", type=_count, default=1000)
     p.add_argument("--version", type=int, help="export the table as of this version (default: latest)")
     p.add_argument("--p-original", type=float, default=0.8,
                    help="recorded in the manifest: probability a loader picks the original caption")
-    p = sub.add_parser("evaluate", help="train small models on the published rows and measure them",
-                       description="train small models on the published rows and measure them")
-    which = p.add_subparsers(dest="evaluation", required=True, metavar="WHAT")
-    p = stage("clip", cmd_evaluate_clip, "train a small CLIP once per caption mix p (chance of the original "
-              "caption) and report held-out zero-shot retrieval Recall@1/5/10", parent=which)
-    p.add_argument("--p", nargs="+", type=float, metavar="P",
-                   help="mix ratios to compare (evaluate.p_values; default 0 0.5 0.8 1.0; the paper: 0.8)")
-    p.add_argument("--steps", dest="eval_steps", type=_count, help="training steps per p (evaluate.steps)")
-    p.add_argument("--device", dest="eval_device", help="auto, cpu, cuda, cuda:1 ... (evaluate.device)")
-    p.add_argument("--seed", dest="eval_seed", type=int, help="initial weights and batch order (evaluate.seed)")
-    p = stage("make-test-model", cmd_make_test_model,
-              "write a tiny random LLaVA captioner (DIR) and CLIP scorer (DIR/clip) for tests and demos",
-              lake=False)
+
+
+def _evaluate_verb(sub) -> None:
+    help = "train small models on the published rows and measure them"
+    which = sub.add_parser("evaluate", help=help, description=help).add_subparsers(
+        dest="evaluation", required=True, metavar="WHAT")
+    _add_options(_verb(which, "clip", cmd_evaluate_clip,
+                       "train a small CLIP once per caption mix p (chance of the original caption) "
+                       "and report held-out zero-shot retrieval Recall@1/5/10"), "evaluate")
+
+
+def _make_test_model_verb(sub) -> None:
+    p = _verb(sub, "make-test-model", cmd_make_test_model,
+              "write a tiny random LLaVA captioner (DIR) and CLIP scorer (DIR/clip) for tests and demos", lake=False)
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
-    p = stage("make-sample-data", cmd_make_sample_data, "write the built-in sample webdataset shards", lake=False)
+
+
+def _make_sample_data_verb(sub) -> None:
+    p = _verb(sub, "make-sample-data", cmd_make_sample_data, "write the built-in sample webdataset shards",
+              lake=False)
     p.add_argument("dir")
     p.add_argument("--shards", type=int, default=2)
-    p = stage("demo", cmd_demo, "sample data + tiny offline model through every stage", lake=False)
+
+
+def _demo_verb(sub) -> None:
+    p = _verb(sub, "demo", cmd_demo, "sample data + tiny offline model through every stage", lake=False)
     p.add_argument("--workdir", default=".recap-demo", help="where sample data, model and lake go")
+
+
+# The verbs that are not stages, in the order `recap --help` lists them after the stages.
+_OTHER_VERBS = (_run_verb, _status_verb, _maintain_verb, _history_verb, _snapshot_verb, _export_verb,
+                _evaluate_verb, _make_test_model_verb, _make_sample_data_verb, _demo_verb)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recap", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage in STAGES:
+        _STAGE_VERBS[stage.name](sub)
+    for add_verb in _OTHER_VERBS:
+        add_verb(sub)
     return parser
 
 

@@ -11,6 +11,7 @@ import pytest
 from tests.helpers import REPO
 
 from recap_tasks import lake as tables
+from recap_tasks.config import CaptionConfig, DownloadConfig, EvaluateConfig, IngestConfig, RecapConfig
 from recap_tasks.lake import Lake
 
 
@@ -98,3 +99,55 @@ def test_demo_is_quiet_and_ends_with_the_summary(tmp_path):
     assert noisy == [], noisy[:10]
     assert "every row accounted for: yes" in proc.stdout
     assert "quality report   :" in proc.stdout and "published table  :" in proc.stdout
+
+
+def _parse_config(*argv: str):
+    from recap_tasks.cli import _config, build_parser
+
+    return _config(build_parser().parse_args(list(argv)))
+
+
+def test_every_flag_sets_its_config_key(tmp_path, monkeypatch):
+    """Flags and config keys meet in one table (cli.OPTIONS): each flag lands in its key, a flag beats the
+    config file, and a key whose flag is not given (a switch left off included) keeps the file's value."""
+    from recap_tasks.cli import OPTIONS
+
+    monkeypatch.delenv("RECAP_CONFIG", raising=False)
+    options = [option for group in OPTIONS.values() for option in group]
+    assert len({option.name for option in options}) == len(options)  # _config reads every dest from one namespace
+    config = _parse_config("download", "m.parquet", "--out", "o", "--url-column", "u", "--caption-column", "c",
+                           "--uid-column", "i", "--sha256-column", "s", "--samples-per-shard", "5",
+                           "--processes", "2", "--threads", "3", "--allow-private-networks")
+    assert config.download == DownloadConfig(url_column="u", caption_column="c", uid_column="i", sha256_column="s",
+                                             samples_per_shard=5, processes=2, threads=3,
+                                             allow_private_networks=True)
+    file = tmp_path / "c.yaml"
+    file.write_text("download:\n  allow_private_networks: true\n  threads: 7\n  processes: 4\n")
+    config = _parse_config("download", "m.parquet", "--out", "o", "--config", str(file), "--threads", "3")
+    assert (config.download.allow_private_networks, config.download.threads, config.download.processes) == (True, 3, 4)
+    config = _parse_config("run", "src", "--lake", "L", "--model", "M", "--image-column", "img", "--caption-column",
+                           "txt", "--key-column", "k", "--url-column", "link", "--dataset", "d", "--batch-size", "2",
+                           "--max-new-tokens", "9", "--device", "cpu", "--backend", "vllm")
+    assert config.ingest == IngestConfig(image_column="img", caption_column="txt", key_column="k", url_column="link",
+                                         dataset="d")
+    assert config.caption == CaptionConfig(batch_size=2, max_new_tokens=9, device="cpu", backend="vllm")
+    config = _parse_config("evaluate", "clip", "--lake", "L", "--p", "0.5", "1", "--steps", "3", "--device", "cpu",
+                           "--seed", "4")
+    assert config.evaluate == EvaluateConfig(p_values=(0.5, 1.0), steps=3, device="cpu", seed=4)
+    assert _parse_config("caption", "--lake", "L", "--model", "M") == RecapConfig()
+
+
+def test_help_reads_defaults_from_the_config_and_stage_lines_from_the_stages():
+    import argparse
+
+    from recap_tasks.cli import build_parser
+    from recap_tasks.stages import STAGES
+
+    verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert list(verbs)[:len(STAGES)] == [stage.name for stage in STAGES]
+    assert all(verbs[stage.name].description == stage.help for stage in STAGES)
+    caption = " ".join(verbs["caption"].format_help().split())
+    assert f"decoding limit (default {CaptionConfig().max_new_tokens}, as in the paper)" in caption
+    assert "--backend {transformers,vllm}" in caption
+    download = " ".join(verbs["download"].format_help().split())
+    assert f"rows per shard (default {DownloadConfig().samples_per_shard})" in download
