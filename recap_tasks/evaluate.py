@@ -8,11 +8,11 @@ model is scored by zero-shot retrieval on the held-out rows, image->text and tex
 once against the held-out original captions (`org`) and once against their recaptions (`re`): a
 recaption-trained model may retrieve recaptions well and alt text badly, or the reverse.
 
-The model is transformers' `CLIPModel` from a small random `CLIPConfig` trained with its own
-contrastive loss (open_clip would pull another torch and torchvision); the tokenizer is word-level,
-learned from the training rows' captions (both kinds, so every p shares one vocabulary). At the
-default size this runs on a CPU in minutes and shows trends on a small lake only; the paper's
-scale is a GPU job (`evaluate.device: cuda`, a bigger `evaluate` section).
+The model (`recap_tasks.clip_model`) is transformers' `CLIPModel` from a small random `CLIPConfig`
+trained with its own contrastive loss (open_clip would pull another torch and torchvision); the
+tokenizer is word-level, learned from the training rows' captions (both kinds, so every p shares
+one vocabulary). At the default size this runs on a CPU in minutes and shows trends on a small lake
+only; the paper's scale is a GPU job (`evaluate.device: cuda`, a bigger `evaluate` section).
 """
 
 from __future__ import annotations
@@ -20,33 +20,29 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import html
-import io
 import logging
-import math
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 
+from recap_tasks.clip_model import (RECALL_AT, build_tokenizer, describe_model, image_batch, load_torch, pick_device,
+                                    retrieval_recall, sample_text, tokenize, train_clip)
 from recap_tasks.config import EvaluateConfig
 from recap_tasks.errors import RecapError
-from recap_tasks.export import CaptionMixer, export_webdataset
+from recap_tasks.export import export_webdataset
 from recap_tasks.lake import RECAP, Lake
-from recap_tasks.runs import check_name, new_run_id, progress, utcnow
+from recap_tasks.runs import check_name, new_run_id, utcnow
 
 log = logging.getLogger(__name__)
 
 EVALUATIONS = "_reports/evaluations"
 # Held-out text sets: webdataset field -> what it holds.
 TEXT_SETS = {"org": "org.txt", "re": "re.txt"}
-RECALL_AT = (1, 5, 10)
-_IMAGE_EXTS = ("jpg", "png", "webp", "gif")
-_SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
-# CLIP's image normalisation (OpenAI), as transformers' CLIPImageProcessor applies it.
-_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def evaluate_clip(lake: Lake, *, p_values: list[float] | tuple[float, ...] | None = None,
@@ -60,73 +56,33 @@ def evaluate_clip(lake: Lake, *, p_values: list[float] | tuple[float, ...] | Non
     if p_values is not None:
         config = dataclasses.replace(config, p_values=tuple(p_values))  # validated there
     run_id = check_name(run_id or new_run_id("eval"), "run id")
-    torch = _torch()
-    device = _device(torch, config.device)
+    torch = load_torch()
+    device = pick_device(torch, config.device)
     started, t0 = utcnow(), time.perf_counter()
-
-    published = _published_rows(lake)
-    with tempfile.TemporaryDirectory(prefix="recap-evaluate-") as tmp:
-        manifest = export_webdataset(lake, tmp, p_original=config.p_values[0])
-        samples = read_webdataset(tmp, manifest["shards"])
+    split = _export_split(lake, config)
     export_s = time.perf_counter() - t0
-
-    train_uids, heldout_uids = heldout_split([s["__key__"] for s in samples], fraction=config.heldout_fraction,
-                                             min_rows=config.min_heldout_rows)
-    if len(train_uids) < config.min_train_rows:
-        raise RecapError(
-            f"evaluate clip: {len(samples)} exported rows of {lake.uri} are too few: a held-out split of "
-            f"{len(heldout_uids)} (evaluate.heldout_fraction={config.heldout_fraction}, "
-            f"evaluate.min_heldout_rows={config.min_heldout_rows}) leaves {len(train_uids)} to train on, fewer "
-            f"than evaluate.min_train_rows={config.min_train_rows}: publish more rows or lower those settings")
-    by_uid = {s["__key__"]: s for s in samples}
-    train = [by_uid[u] for u in train_uids]
-    heldout = [by_uid[u] for u in heldout_uids]
-
     t1 = time.perf_counter()
-    tokenizer = build_tokenizer([_text(s, f) for s in train for f in TEXT_SETS.values()], config)
-    train_images = _images(train, config.image_size, torch)
-    heldout_images = _images(heldout, config.image_size, torch)
-    heldout_texts = {name: _tokenize(tokenizer, [_text(s, field) for s in heldout], torch)
-                     for name, field in TEXT_SETS.items()}
+    inputs = _prepare(split, config, torch)
     prepare_s = time.perf_counter() - t1
-
-    results = []
-    for p in config.p_values:
-        t2 = time.perf_counter()
-        model, losses, original_fraction = _train(train, train_images, tokenizer, p, config, device, torch)
-        retrieval = {name: _retrieval(model, heldout_images, texts, device, torch)
-                     for name, texts in heldout_texts.items()}
-        results.append({
-            "p": p, "train_rows": len(train), "heldout_rows": len(heldout), "steps": config.steps,
-            "batch_size": min(config.batch_size, len(train)), "first_loss": round(losses[0], 4),
-            "final_loss": round(losses[-1], 4), "original_fraction": round(original_fraction, 4),
-            "retrieval": retrieval, "seconds": round(time.perf_counter() - t2, 2),
-        })
-        del model
-        log.info("evaluate clip p=%.2f: loss %.3f -> %.3f, org i2t R@1 %.3f, re i2t R@1 %.3f", p, losses[0],
-                 losses[-1], retrieval["org"]["i2t"]["r1"], retrieval["re"]["i2t"]["r1"])
-
-    split_file = f"{EVALUATIONS}/clip-{run_id}-split.parquet"
-    lake.write_parquet(split_file, pa.table({
-        "uid": train_uids + heldout_uids,
-        "split": ["train"] * len(train_uids) + ["heldout"] * len(heldout_uids),
-    }))
+    results = [_train_and_score(p, split, inputs, config, device, torch) for p in config.p_values]
+    split_file = _write_split(lake, run_id, split)
+    vocab_size = len(inputs.tokenizer["vocab"])
     result = {
         "kind": "clip_retrieval",
         "run_id": run_id,
         "created_at": started.isoformat(),
         "lake": lake.uri,
-        "table_version": manifest["table_version"],
-        "model": f"transformers CLIPModel, random init, {_parameters(config, len(tokenizer['vocab']))}",
+        "table_version": split.table_version,
+        "model": f"transformers CLIPModel, random init, {describe_model(config, vocab_size)}",
         "tokenizer": {"kind": "word-level, lowercased, learned from the training rows' original captions and "
-                              "recaptions", "vocab_size": len(tokenizer["vocab"])},
+                              "recaptions", "vocab_size": vocab_size},
         "device": device,
-        "rows": {"published": published, "exported": len(samples), "train": len(train),
-                 "heldout": len(heldout)},
+        "rows": {"published": split.published, "exported": split.exported, "train": len(split.train),
+                 "heldout": len(split.heldout)},
         "split_file": split_file,
         "text_sets": {"org": "held-out original captions", "re": "held-out recaptions"},
         # Recall of a model that ranks at random, to read the figures against.
-        "chance": {f"r{k}": round(min(1.0, k / len(heldout)), 4) for k in RECALL_AT},
+        "chance": {f"r{k}": round(min(1.0, k / len(split.heldout)), 4) for k in RECALL_AT},
         "results": results,
         "config": dataclasses.asdict(config),
         "timings": {"export_s": round(export_s, 2), "prepare_s": round(prepare_s, 2),
@@ -137,6 +93,87 @@ def evaluate_clip(lake: Lake, *, p_values: list[float] | tuple[float, ...] | Non
     lake.write_json(result["path"], result)
     log.info("evaluate clip: wrote %s/%s", lake.uri, result["path"])
     return result
+
+
+@dataclass
+class _Split:
+    """The published rows as exported, split by uid into training and held-out samples."""
+
+    published: int
+    exported: int
+    table_version: int | None
+    train_uids: list[str]
+    heldout_uids: list[str]
+    train: list[dict]
+    heldout: list[dict]
+
+
+class _Inputs(NamedTuple):
+    """What every p shares: the tokenizer, the images as tensors, the tokenized held-out texts."""
+
+    tokenizer: dict
+    train_images: object
+    heldout_images: object
+    heldout_texts: dict[str, dict]
+
+
+def _export_split(lake: Lake, config: EvaluateConfig) -> _Split:
+    """Export the published rows as webdataset shards (what a training job reads) and split them;
+    a RecapError when too few are left to train on."""
+    published = _published_rows(lake)
+    with tempfile.TemporaryDirectory(prefix="recap-evaluate-") as tmp:
+        manifest = export_webdataset(lake, tmp, p_original=config.p_values[0])
+        samples = read_webdataset(tmp, manifest["shards"])
+    train_uids, heldout_uids = heldout_split([s["__key__"] for s in samples], fraction=config.heldout_fraction,
+                                             min_rows=config.min_heldout_rows)
+    if len(train_uids) < config.min_train_rows:
+        raise RecapError(
+            f"evaluate clip: {len(samples)} exported rows of {lake.uri} are too few: a held-out split of "
+            f"{len(heldout_uids)} (evaluate.heldout_fraction={config.heldout_fraction}, "
+            f"evaluate.min_heldout_rows={config.min_heldout_rows}) leaves {len(train_uids)} to train on, fewer "
+            f"than evaluate.min_train_rows={config.min_train_rows}: publish more rows or lower those settings")
+    by_uid = {s["__key__"]: s for s in samples}
+    return _Split(published, len(samples), manifest["table_version"], train_uids, heldout_uids,
+                  [by_uid[u] for u in train_uids], [by_uid[u] for u in heldout_uids])
+
+
+def _prepare(split: _Split, config: EvaluateConfig, torch) -> _Inputs:
+    """The tokenizer, learned from the training rows' captions (both kinds, so every p shares one
+    vocabulary), and the tensors every p trains and scores on."""
+    tokenizer = build_tokenizer([sample_text(s, f) for s in split.train for f in TEXT_SETS.values()], config)
+    return _Inputs(tokenizer, image_batch(split.train, config.image_size, torch),
+                   image_batch(split.heldout, config.image_size, torch),
+                   {name: tokenize(tokenizer, [sample_text(s, field) for s in split.heldout], torch)
+                    for name, field in TEXT_SETS.items()})
+
+
+def _train_and_score(p: float, split: _Split, inputs: _Inputs, config: EvaluateConfig, device: str, torch) -> dict:
+    """Train a CLIP at mix ratio `p` and score its held-out retrieval against each text set."""
+    t0 = time.perf_counter()
+    model, losses, original_fraction = train_clip(split.train, inputs.train_images, inputs.tokenizer, p, config,
+                                                  device, torch)
+    retrieval = {name: retrieval_recall(model, inputs.heldout_images, texts, device, torch)
+                 for name, texts in inputs.heldout_texts.items()}
+    seconds = round(time.perf_counter() - t0, 2)
+    del model
+    log.info("evaluate clip p=%.2f: loss %.3f -> %.3f, org i2t R@1 %.3f, re i2t R@1 %.3f", p, losses[0],
+             losses[-1], retrieval["org"]["i2t"]["r1"], retrieval["re"]["i2t"]["r1"])
+    return {
+        "p": p, "train_rows": len(split.train), "heldout_rows": len(split.heldout), "steps": config.steps,
+        "batch_size": min(config.batch_size, len(split.train)), "first_loss": round(losses[0], 4),
+        "final_loss": round(losses[-1], 4), "original_fraction": round(original_fraction, 4),
+        "retrieval": retrieval, "seconds": seconds,
+    }
+
+
+def _write_split(lake: Lake, run_id: str, split: _Split) -> str:
+    """Write which uid was trained on and which held out, next to the result; its path in the lake."""
+    split_file = f"{EVALUATIONS}/clip-{run_id}-split.parquet"
+    lake.write_parquet(split_file, pa.table({
+        "uid": split.train_uids + split.heldout_uids,
+        "split": ["train"] * len(split.train_uids) + ["heldout"] * len(split.heldout_uids),
+    }))
+    return split_file
 
 
 def latest_clip_evaluation(lake: Lake) -> dict | None:
@@ -217,154 +254,3 @@ def _published_rows(lake: Lake) -> int:
         raise RecapError(f"nothing published in {lake.uri}: run `recap publish` first (evaluate clip trains "
                          f"on the published rows)")
     return rows
-
-
-def _text(sample: dict, field: str) -> str:
-    return (sample.get(field) or b"").decode("utf-8", "replace")
-
-
-def build_tokenizer(texts: list[str], config: EvaluateConfig) -> dict:
-    """A word-level tokenizer learned from `texts`: {"tokenizer": tokenizers.Tokenizer, "vocab": {...}}."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-
-    core = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    core.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                  pre_tokenizers.Punctuation(behavior="removed")])
-    core.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=config.vocab_size, special_tokens=_SPECIAL))
-    vocab = core.get_vocab()
-    core.post_processor = processors.TemplateProcessing(single="<s> $A </s>",
-                                                        special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])])
-    core.enable_truncation(max_length=config.context_length)
-    core.enable_padding(pad_id=vocab["<pad>"], pad_token="<pad>")
-    return {"tokenizer": core, "vocab": vocab}
-
-
-def _tokenize(tokenizer: dict, texts: list[str], torch) -> dict:
-    encoded = tokenizer["tokenizer"].encode_batch(texts)
-    ids = torch.tensor([e.ids for e in encoded], dtype=torch.long)
-    mask = torch.tensor([e.attention_mask for e in encoded], dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def _images(samples: list[dict], size: int, torch):
-    """uint8 [n, 3, size, size]: each image resized on its short side and centre-cropped, as CLIP does."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    out = np.empty((len(samples), 3, size, size), dtype=np.uint8)
-    for i, sample in enumerate(samples):
-        data = next(sample[ext] for ext in _IMAGE_EXTS if ext in sample)
-        with Image.open(io.BytesIO(data)) as im:
-            fitted = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
-        out[i] = np.asarray(fitted).transpose(2, 0, 1)
-    return torch.from_numpy(out)
-
-
-def _pixels(images, device: str, torch):
-    mean = torch.tensor(_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(_STD, device=device).view(1, 3, 1, 1)
-    return (images.to(device).float() / 255 - mean) / std
-
-
-def _model(config: EvaluateConfig, vocab: dict, torch):
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-
-    clip = CLIPConfig(
-        text_config=CLIPTextConfig(vocab_size=len(vocab), hidden_size=config.width, intermediate_size=4 * config.width,
-                                   num_hidden_layers=config.layers, num_attention_heads=config.heads,
-                                   max_position_embeddings=config.context_length, pad_token_id=vocab["<pad>"],
-                                   bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"]),
-        vision_config=CLIPVisionConfig(hidden_size=config.width, intermediate_size=4 * config.width,
-                                       num_hidden_layers=config.layers, num_attention_heads=config.heads,
-                                       image_size=config.image_size, patch_size=config.patch_size),
-        projection_dim=config.embed_dim,
-    )
-    torch.manual_seed(config.seed)
-    return CLIPModel(clip)
-
-
-def _parameters(config: EvaluateConfig, vocab_size: int) -> str:
-    return (f"width {config.width}, {config.layers} layers, {config.heads} heads, embed {config.embed_dim}, "
-            f"image {config.image_size}px / patch {config.patch_size}, context {config.context_length}, "
-            f"vocab {vocab_size}")
-
-
-def _train(train: list[dict], images, tokenizer: dict, p: float, config: EvaluateConfig, device: str, torch):
-    """(model, loss per step, share of samples shown their original caption)."""
-    model = _model(config, tokenizer["vocab"], torch).to(device).train()
-    # No weight decay on biases, norms and the temperature (as OpenCLIP).
-    decay = [w for n, w in model.named_parameters() if w.ndim >= 2 and "logit_scale" not in n]
-    rest = [w for n, w in model.named_parameters() if not (w.ndim >= 2 and "logit_scale" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=config.learning_rate)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config.steps))
-    mixer = CaptionMixer(p_original=p, seed=config.seed)
-    order_rng = torch.Generator().manual_seed(config.seed)  # the same batches for every p
-    batch_size = min(config.batch_size, len(train))
-    order: list[int] = []
-    losses, shown_original = [], 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
-    bar = progress(desc=f"clip p={p:g}", total=config.steps, unit="step")
-    for _ in range(config.steps):
-        if len(order) < batch_size:  # a new epoch; no sample twice in one batch
-            order = torch.randperm(len(train), generator=order_rng).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
-        texts = [mixer(dict(train[i]))["txt"] for i in idx]
-        shown_original += sum(t == _text(train[i], "org.txt") for t, i in zip(texts, idx))
-        tokens = {k: v.to(device) for k, v in _tokenize(tokenizer, texts, torch).items()}
-        with autocast:
-            loss = model(**tokens, pixel_values=_pixels(images[idx], device, torch), return_loss=True).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the temperature
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-    bar.close()
-    if not all(math.isfinite(v) for v in losses):
-        raise RecapError(f"evaluate clip p={p}: the training loss diverged (non-finite); lower "
-                         f"evaluate.learning_rate ({config.learning_rate})")
-    return model.eval(), losses, shown_original / (config.steps * batch_size)
-
-
-def _lr_factor(step: int, steps: int) -> float:
-    """Linear warmup over the first 10% of steps, then cosine decay to zero."""
-    warmup = max(1, steps // 10)
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
-def _retrieval(model, images, texts: dict, device: str, torch, chunk: int = 256) -> dict:
-    """Recall@K both ways: image i's own text among its top K texts, and text i's image among its top K."""
-    with torch.inference_mode():
-        img = torch.cat([model.get_image_features(pixel_values=_pixels(images[s:s + chunk], device, torch))
-                         .pooler_output.float() for s in range(0, len(images), chunk)])
-        txt = torch.cat([model.get_text_features(input_ids=texts["input_ids"][s:s + chunk].to(device),
-                                                 attention_mask=texts["attention_mask"][s:s + chunk].to(device))
-                         .pooler_output.float() for s in range(0, len(texts["input_ids"]), chunk)])
-        sim = torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).T
-        own = sim.diag()
-        # Rank = how many candidates score strictly higher than the true pair (0 = top).
-        ranks = {"i2t": (sim > own[:, None]).sum(1), "t2i": (sim > own[None, :]).sum(0)}
-        return {d: {f"r{k}": round(float((r < k).float().mean()), 4) for k in RECALL_AT} for d, r in ranks.items()}
-
-
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        raise RecapError("evaluate clip needs torch and transformers: install recap[cpu] or recap[gpu]") from None
-    return torch
-
-
-def _device(torch, wanted: str) -> str:
-    if wanted == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if wanted.startswith("cuda") and not torch.cuda.is_available():
-        raise RecapError(f"evaluate.device={wanted} but no CUDA GPU is visible; use cpu or auto")
-    return wanted

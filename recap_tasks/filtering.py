@@ -12,6 +12,7 @@ import logging
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import numpy as np
 import pyarrow as pa
@@ -281,6 +282,24 @@ def _score_array(name: str, values: list) -> pa.Array:
 
 def _decide(lake: Lake, pending: pa.Table, outputs: dict[str, dict], chain: list[PairFilter],
             run_id: str, config: FilterConfig) -> tuple[pa.Table, pa.Table]:
+    """(filter_results rows, rejected rows) for the pending pairs the workers judged."""
+    rows = _merge_outputs(pending, outputs)
+    alive = rows.column("alive").to_numpy(zero_copy_only=False).astype(bool)
+    reason = rows.column("reason").to_pylist()
+    scores = {name: rows.column(name).to_pylist() for name in rows.column_names if name not in _NOT_SCORES}
+    if any(isinstance(f, CorpusFilter) for f in chain):
+        _apply_corpus_filters(lake, rows, chain, config, alive, reason, scores)
+    now = utcnow()
+    return (_verdict_rows(rows, alive, reason, scores, run_id, now),
+            _rejection_rows(rows, alive, reason, scores, run_id, now))
+
+
+# Columns of the merged rows that are not a filter's score.
+_NOT_SCORES = {"uid", "alive", "reason", "error", "key", "shard_id", "org_caption", "sha256", "width", "height"}
+
+
+def _merge_outputs(pending: pa.Table, outputs: dict[str, dict]) -> pa.Table:
+    """The workers' verdicts and scores with each pair's own columns, sorted by shard and uid."""
     scored = pa.concat_tables([o["table"] for o in outputs.values()], promote_options="default").combine_chunks()
     meta = pending.select(["uid", "key", "shard_id", "org_caption", "sha256", "width", "height"])
     # A dict join: Acero's hash join warns about the buffers tables arrive with from workers.
@@ -289,31 +308,35 @@ def _decide(lake: Lake, pending: pa.Table, outputs: dict[str, dict], chain: list
     rows = scored.drop_columns([c for c in meta.column_names if c != "uid" and c in scored.column_names])
     for name in meta.column_names[1:]:
         rows = rows.append_column(name, meta.column(name))
-    rows = rows.take(pc.sort_indices(rows, [("shard_id", "ascending"), ("uid", "ascending")]))
-    alive = rows.column("alive").to_numpy(zero_copy_only=False).astype(bool)
-    reason = rows.column("reason").to_pylist()
-    score_names = [c for c in rows.column_names if c not in {"uid", "alive", "reason", "error", "key", "shard_id",
-                                                              "org_caption", "sha256", "width", "height"}]
-    scores = {name: rows.column(name).to_pylist() for name in score_names}
-    if any(isinstance(f, CorpusFilter) for f in chain):
-        idx = np.flatnonzero(alive)
-        if "phash" not in rows.column_names:
-            rows = rows.append_column("phash", pa.nulls(rows.num_rows, pa.int64()))
-        survivors = rows.take(pa.array(idx))
-        # Earlier kept images these may duplicate: index lookups by their own keys only.
-        needs_history = any(isinstance(f, ImageDedupFilter) for f in chain)
-        history = dedup_index.history(lake, survivors.select(["uid", "sha256", "phash"]), config.max_phash_distance) \
-            if needs_history else dedup_index.EMPTY_HISTORY
-        c_alive, c_reason, c_scores = run_corpus(survivors, chain, history)
+    return rows.take(pc.sort_indices(rows, [("shard_id", "ascending"), ("uid", "ascending")]))
+
+
+def _apply_corpus_filters(lake: Lake, rows: pa.Table, chain: list[PairFilter], config: FilterConfig,
+                          alive: np.ndarray, reason: list, scores: dict[str, list]) -> None:
+    """Run the chain's corpus filters (dedup) over the rows still alive; their verdicts and scores
+    go into `alive`, `reason` and `scores` in place."""
+    idx = np.flatnonzero(alive)
+    if "phash" not in rows.column_names:
+        rows = rows.append_column("phash", pa.nulls(rows.num_rows, pa.int64()))
+    survivors = rows.take(pa.array(idx))
+    # Earlier kept images these may duplicate: index lookups by their own keys only.
+    needs_history = any(isinstance(f, ImageDedupFilter) for f in chain)
+    history = dedup_index.history(lake, survivors.select(["uid", "sha256", "phash"]), config.max_phash_distance) \
+        if needs_history else dedup_index.EMPTY_HISTORY
+    c_alive, c_reason, c_scores = run_corpus(survivors, chain, history)
+    for j, i in enumerate(idx):
+        if not c_alive[j]:
+            alive[i], reason[i] = False, c_reason[j]
+    for name, values in c_scores.items():
+        column = scores.setdefault(name, [None] * rows.num_rows)
         for j, i in enumerate(idx):
-            if not c_alive[j]:
-                alive[i], reason[i] = False, c_reason[j]
-        for name, values in c_scores.items():
-            column = scores.setdefault(name, [None] * rows.num_rows)
-            for j, i in enumerate(idx):
-                if values[j] is not None:
-                    column[i] = values[j]
-    now = utcnow()
+            if values[j] is not None:
+                column[i] = values[j]
+
+
+def _verdict_rows(rows: pa.Table, alive: np.ndarray, reason: list, scores: dict[str, list], run_id: str,
+                  now: datetime) -> pa.Table:
+    """One filter_results row per pair: kept or not, the reason, and the scores the table holds."""
     schema = tables.schemas.FILTER_RESULTS.arrow
     n = rows.num_rows
     columns = {"uid": rows.column("uid"), "shard_id": rows.column("shard_id"), "kept": pa.array(alive),
@@ -323,10 +346,15 @@ def _decide(lake: Lake, pending: pa.Table, outputs: dict[str, dict], chain: list
             columns[name] = pa.array(values, schema.field(name).type)
     columns["run_id"] = pa.array([run_id] * n, pa.string())
     columns["filtered_at"] = pa.array([now] * n, schema.field("filtered_at").type)
-    verdicts = pa.table(columns)
+    return pa.table(columns)
+
+
+def _rejection_rows(rows: pa.Table, alive: np.ndarray, reason: list, scores: dict[str, list], run_id: str,
+                    now: datetime) -> pa.Table:
+    """One rejected row per dropped pair; its detail is the worker's error, or else its scores."""
     errors = rows.column("error").to_pylist()
     dropped = np.flatnonzero(~alive)
-    rejected = pa.table({
+    return pa.table({
         "uid": rows.column("uid").take(pa.array(dropped)),
         "key": rows.column("key").take(pa.array(dropped)),
         "shard_id": rows.column("shard_id").take(pa.array(dropped)),
@@ -336,7 +364,6 @@ def _decide(lake: Lake, pending: pa.Table, outputs: dict[str, dict], chain: list
         "run_id": pa.array([run_id] * len(dropped), pa.string()),
         "rejected_at": pa.array([now] * len(dropped), tables.schemas.REJECTED.arrow.field("rejected_at").type),
     })
-    return verdicts, rejected
 
 
 def _detail(scores: dict[str, list], i: int) -> str:

@@ -8,6 +8,7 @@ import logging
 import re
 import tarfile
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
@@ -18,12 +19,14 @@ from recap_tasks import lake as tables
 from recap_tasks import progress as shard_progress
 from recap_tasks.config import IngestConfig, RecapConfig
 from recap_tasks.errors import RecapError
+from recap_tasks.ids import make_uid, shard_id_for
 from recap_tasks.images import ImageInfo, ImageRejected, inspect_image
 from recap_tasks.lake import Lake, sql_list
-from recap_tasks.readers import RawSample, expand_sources, make_uid, shard_id_for
+from recap_tasks.readers import RawSample, ShardReport, expand_sources
 from recap_tasks.readers.parquet import ParquetReader
 from recap_tasks.readers.webdataset import WebDatasetReader
 from recap_tasks.runs import new_run_id, progress, utcnow
+from recap_tasks.shards import ingest_records, is_ingested
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +77,10 @@ def ingest(sources: list[str], lake: Lake, *, config: IngestConfig | None = None
     shards = expand_sources(sources)
     _check_unique_shard_ids(shards, config.dataset)
     # One read of the small progress table for the whole call, not one per shard.
-    done = shard_progress.by_shard(lake, shard_ids=[shard_id_for(p, config.dataset) for p in shards],
-                                   stages=("ingest",))
+    done = ingest_records(lake, shards, config.dataset)
     results = []
     for path in progress(shards, desc="ingest", unit="shard"):
-        previous = done.get(shard_id_for(path, config.dataset), {}).get("ingest")
+        previous = done.get(shard_id_for(path, config.dataset))
         results.append(ingest_shard(path, lake, config=config, run_id=run_id, force=force, previous=previous))
     out = IngestResult(run_id, results)
     log.info("ingest %s: %s", run_id, out.summary())
@@ -89,96 +91,130 @@ def ingest_shard(path: Path, lake: Lake, *, config: IngestConfig, run_id: str, f
                  previous: dict | None = None) -> ShardResult:
     """One work unit: read a shard, check each sample, write pairs and rejections, mark it done.
 
-    `previous` is the shard's latest ingest progress record, if any (progress.by_shard).
+    `previous` is the shard's latest ingest progress record, if any (shards.ingest_records).
     """
     shard_id = shard_id_for(path, config.dataset)
     stat = path.stat()
     _check_same_source(shard_id, path, previous)
-    if previous and not force and previous["size"] == stat.st_size and previous["mtime_ns"] == stat.st_mtime_ns:
-        return ShardResult(shard_id, str(path), skipped=True, rows=0, rejected=0,
-                           truncated=previous.get("truncated", False), detail=previous.get("detail"))
     if previous and not force:
+        if is_ingested(previous, path):
+            return ShardResult(shard_id, str(path), skipped=True, rows=0, rejected=0,
+                               truncated=previous.get("truncated", False), detail=previous.get("detail"))
         log.warning("shard %s changed since run %s; ingesting samples not seen before", shard_id, previous["run_id"])
 
-    result = ShardResult(shard_id, str(path))
-    now = utcnow()
-    good: list[dict] = []
-    bad: list[dict] = []
-
-    def reject(sample: RawSample, reason: str, detail: str | None) -> None:
-        bad.append({"uid": make_uid(shard_id, sample.key, sample.occurrence), "key": _printable(sample.key[:1024]),
-                    "shard_id": shard_id, "stage": "ingest", "reason": reason,
-                    "detail": _printable((detail or "")[:1000]), "run_id": run_id, "rejected_at": now})
-        result.reasons[reason] = result.reasons.get(reason, 0) + 1
-
-    if path.suffix == ".tar":
-        reader: WebDatasetReader | ParquetReader = WebDatasetReader(
-            max_image_bytes=config.max_image_bytes, max_caption_bytes=config.max_caption_bytes)
-        source_format = "wds"
-    else:
-        reader = ParquetReader(image_column=config.image_column, caption_column=config.caption_column,
-                               key_column=config.key_column, url_column=config.url_column,
-                               max_image_bytes=config.max_image_bytes)
-        source_format = "parquet"
-    try:
-        for sample in reader.read(path):
-            if sample.error:
-                reject(sample, sample.error, sample.detail)
-                continue
-            verdict = _check(sample, config)
-            if isinstance(verdict, _Rejection):
-                reject(sample, verdict.reason, verdict.detail)
-                continue
-            caption, info, digest = verdict.caption, verdict.info, verdict.sha256
-            good.append({
-                "uid": make_uid(shard_id, sample.key, sample.occurrence), "key": sample.key, "url": sample.url,
-                "org_caption": caption, "sha256": digest, "source_uid": _source_uid(sample.meta),
-                "references": _references(sample.meta),
-                "width": info.width, "height": info.height,
-                "image_format": info.format, "source_uri": str(path), "source_format": source_format,
-                "image_offset": sample.image_offset, "image_size": sample.image_size,
-                "source_row": sample.source_row,
-                "image_column": getattr(reader, "image_column", None), "shard_id": shard_id,
-                "run_id": run_id, "ingested_at": now,
-            })
-    except (tarfile.TarError, EOFError, OSError, pa.ArrowException) as exc:
-        # The shard cannot be opened (not a tar, corrupt parquet footer): samples read before
-        # the failure are kept, the failure itself is one rejection row for the shard.
-        log.error("shard %s unreadable: %s", shard_id, exc)
-        bad.append({"uid": make_uid(shard_id, "#shard"), "key": None, "shard_id": shard_id, "stage": "ingest",
-                    "reason": "shard_unreadable", "detail": f"{type(exc).__name__}: {exc}"[:1000],
-                    "run_id": run_id, "rejected_at": now})
-        result.reasons["shard_unreadable"] = 1
-    report = reader.report
-    result.truncated, result.detail = report.truncated, report.detail
+    shard_rows = _ShardRows(path, shard_id, config, run_id, utcnow())
+    report = shard_rows.read()
     if report.truncated:
         log.warning("shard %s is truncated: %s", shard_id, report.detail)
-
-    schema_pairs = tables.schemas.PAIRS.arrow
-    result.rows = lake.insert_new(tables.PAIRS, pa.Table.from_pylist(good, schema=schema_pairs))
-    if previous and good:
-        # A shard re-read after it grew (img2dataset was still writing it): samples that were cut
-        # off before are whole now; their old ingest rejections go, so each row is in one place.
-        earlier = lake.read(tables.REJECTED, ["uid", "stage"], shards=[shard_id]).to_pylist()
-        whole = {r["uid"] for r in good} & {r["uid"] for r in earlier if r["stage"] == "ingest"}
-        if whole:
-            lake.delete(tables.REJECTED, [shard_id], f"stage = 'ingest' AND uid IN ({sql_list(sorted(whole))})")
-            log.info("shard %s: %d samples cut off before are whole now", shard_id, len(whole))
-    result.rejected = lake.insert_new(tables.REJECTED, pa.Table.from_pylist(bad, schema=tables.schemas.REJECTED.arrow))
-    failed = _download_failures(path, shard_id, run_id, now) if path.suffix == ".tar" else None
-    if failed is not None:
-        if previous:
-            # The shard was rewritten (`recap download --retry-failed`): its download verdicts now are
-            # the ones in its parquet; a retried sample that succeeded is a pair, not a rejection.
-            lake.delete(tables.REJECTED, [shard_id], "stage = 'download'")
-        lake.insert_new(tables.REJECTED, pa.Table.from_pylist(failed, schema=tables.schemas.REJECTED.arrow))
-        result.download_failed = len(failed)
-        shard_progress.record(lake, "download", [shard_id], run_id=run_id)
+    result = ShardResult(shard_id, str(path), truncated=report.truncated, detail=report.detail,
+                         reasons=shard_rows.reasons)
+    result.rows = lake.insert_new(tables.PAIRS,
+                                  pa.Table.from_pylist(shard_rows.good, schema=tables.schemas.PAIRS.arrow))
+    if previous and shard_rows.good:
+        _drop_healed_rejections(lake, shard_id, shard_rows.good)
+    result.rejected = lake.insert_new(tables.REJECTED,
+                                      pa.Table.from_pylist(shard_rows.bad, schema=tables.schemas.REJECTED.arrow))
+    if path.suffix == ".tar":
+        result.download_failed = _record_download_failures(lake, path, shard_id, run_id, shard_rows.now,
+                                                           rewritten=bool(previous))
     # Recorded last: a shard is done only once both tables hold its rows.
     shard_progress.record(lake, "ingest", [shard_id], run_id=run_id, sources={shard_id: {
         "source_uri": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
         "truncated": report.truncated, "detail": report.detail}})
     return result
+
+
+@dataclass
+class _ShardRows:
+    """One shard's samples, read and checked: pair rows (`good`), rejection rows (`bad`), and the
+    count of each rejection reason."""
+
+    path: Path
+    shard_id: str
+    config: IngestConfig
+    run_id: str
+    now: datetime
+    good: list[dict] = field(default_factory=list)
+    bad: list[dict] = field(default_factory=list)
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def read(self) -> ShardReport:
+        """Read the shard, sorting each sample into `good` or `bad`; the reader's report on the shard."""
+        reader, source_format = _reader(self.path, self.config)
+        try:
+            for sample in reader.read(self.path):
+                verdict = _Rejection(sample.error, sample.detail) if sample.error else _check(sample, self.config)
+                if isinstance(verdict, _Rejection):
+                    self._reject(sample, verdict.reason, verdict.detail)
+                else:
+                    self.good.append(self._pair(sample, verdict, source_format, getattr(reader, "image_column", None)))
+        except (tarfile.TarError, EOFError, OSError, pa.ArrowException) as exc:
+            # The shard cannot be opened (not a tar, corrupt parquet footer): samples read before
+            # the failure are kept, the failure itself is one rejection row for the shard.
+            log.error("shard %s unreadable: %s", self.shard_id, exc)
+            self.bad.append({"uid": make_uid(self.shard_id, "#shard"), "key": None, "shard_id": self.shard_id,
+                             "stage": "ingest", "reason": "shard_unreadable",
+                             "detail": f"{type(exc).__name__}: {exc}"[:1000], "run_id": self.run_id,
+                             "rejected_at": self.now})
+            self.reasons["shard_unreadable"] = 1
+        return reader.report
+
+    def _reject(self, sample: RawSample, reason: str, detail: str | None) -> None:
+        self.bad.append({"uid": make_uid(self.shard_id, sample.key, sample.occurrence),
+                         "key": _printable(sample.key[:1024]), "shard_id": self.shard_id, "stage": "ingest",
+                         "reason": reason, "detail": _printable((detail or "")[:1000]), "run_id": self.run_id,
+                         "rejected_at": self.now})
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+    def _pair(self, sample: RawSample, accepted: _Accepted, source_format: str, image_column: str | None) -> dict:
+        info = accepted.info
+        return {
+            "uid": make_uid(self.shard_id, sample.key, sample.occurrence), "key": sample.key, "url": sample.url,
+            "org_caption": accepted.caption, "sha256": accepted.sha256, "source_uid": _source_uid(sample.meta),
+            "references": _references(sample.meta),
+            "width": info.width, "height": info.height,
+            "image_format": info.format, "source_uri": str(self.path), "source_format": source_format,
+            "image_offset": sample.image_offset, "image_size": sample.image_size,
+            "source_row": sample.source_row,
+            "image_column": image_column, "shard_id": self.shard_id,
+            "run_id": self.run_id, "ingested_at": self.now,
+        }
+
+
+def _reader(path: Path, config: IngestConfig) -> tuple[WebDatasetReader | ParquetReader, str]:
+    """The reader for a shard's format, and the format's name (`source_format`)."""
+    if path.suffix == ".tar":
+        return WebDatasetReader(max_image_bytes=config.max_image_bytes,
+                                max_caption_bytes=config.max_caption_bytes), "wds"
+    return ParquetReader(image_column=config.image_column, caption_column=config.caption_column,
+                         key_column=config.key_column, url_column=config.url_column,
+                         max_image_bytes=config.max_image_bytes), "parquet"
+
+
+def _drop_healed_rejections(lake: Lake, shard_id: str, good: list[dict]) -> None:
+    """A shard re-read after it grew (img2dataset was still writing it): samples that were cut off
+    before are whole now; their old ingest rejections go, so each row is in one place."""
+    earlier = lake.read(tables.REJECTED, ["uid", "stage"], shards=[shard_id]).to_pylist()
+    whole = {r["uid"] for r in good} & {r["uid"] for r in earlier if r["stage"] == "ingest"}
+    if whole:
+        lake.delete(tables.REJECTED, [shard_id], f"stage = 'ingest' AND uid IN ({sql_list(sorted(whole))})")
+        log.info("shard %s: %d samples cut off before are whole now", shard_id, len(whole))
+
+
+def _record_download_failures(lake: Lake, path: Path, shard_id: str, run_id: str, now: datetime, *,
+                              rewritten: bool) -> int:
+    """Write a tar's download failures (the parquet beside it) as rejections and record the shard's
+    download stage; how many failed (0 when the tar has no download record)."""
+    failed = _download_failures(path, shard_id, run_id, now)
+    if failed is None:
+        return 0
+    if rewritten:
+        # The shard was rewritten (`recap download --retry-failed`): its download verdicts now are
+        # the ones in its parquet; a retried sample that succeeded is a pair, not a rejection.
+        lake.delete(tables.REJECTED, [shard_id], "stage = 'download'")
+    lake.insert_new(tables.REJECTED, pa.Table.from_pylist(failed, schema=tables.schemas.REJECTED.arrow))
+    shard_progress.record(lake, "download", [shard_id], run_id=run_id)
+    return len(failed)
 
 
 def _download_failures(path: Path, shard_id: str, run_id: str, now) -> list[dict] | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
+from typing import Callable
 
 import pyarrow as pa
 
@@ -129,49 +131,63 @@ def migrate(lake: Lake, *, run_id: str = "migrate") -> dict:
     idempotently.
     """
     from recap_tasks import progress
-    from recap_tasks.batches import all_batches, read_uids
-    from recap_tasks.filters import dedup_index
 
     if not lake.exists():
         raise RecapError(f"no lake at {lake.uri}")
-    out: dict = {"tables": {}}
+    out: dict = {"tables": _migrate_tables(lake)}
+    # Read once, only if a step below needs it.
+    pairs = functools.cache(lambda: lake.read("pairs", ["uid", "shard_id", "sha256"]))
+    # Progress records (lakes before them had none). A lake that has them keeps them as they are.
+    if not lake.exists(progress.PROGRESS):
+        out["progress_records"] = _migrate_progress(lake, pairs(), run_id)
+    out.update(_migrate_dedup_index(lake, pairs))
+    _name_batch_shards(lake, pairs)
+    log.info("migrate %s: %s", lake.uri, out)
+    return out
+
+
+def _migrate_tables(lake: Lake) -> dict[str, str]:
+    """Each shard table not yet in the bucket layout rewritten into it; table -> what was done."""
+    done = {}
     for name in schemas.SHARD_TABLES:
         if not lake.exists(name):
             continue
         dt = lake.delta(name)
         have = list(dt.metadata().partition_columns)
         if have == list(schemas.TABLES[name].partition_by):
-            out["tables"][name] = "already in the bucket layout"
+            done[name] = "already in the bucket layout"
             continue
         rows = _rewrite_bucketed(lake, name, dt)
-        out["tables"][name] = f"{rows} rows rewritten from {have or 'no partitions'} into shard buckets"
-        log.info("migrate %s: %s", name, out["tables"][name])
-    # Progress records (lakes before them had none): the old ingest ledger holds what ingest knew
-    # of each source file. A lake that has them keeps them as they are.
-    read: dict[str, pa.Table] = {}
+        done[name] = f"{rows} rows rewritten from {have or 'no partitions'} into shard buckets"
+        log.info("migrate %s: %s", name, done[name])
+    return done
 
-    def pairs() -> pa.Table:  # read once, only if a step below needs it
-        if "pairs" not in read:
-            read["pairs"] = lake.read("pairs", ["uid", "shard_id", "sha256"])
-        return read["pairs"]
 
-    if not lake.exists(progress.PROGRESS):
-        sources = {}
-        for rel in lake.list("_ledger/ingest", ".json"):
-            entry = lake.read_json(rel) or {}
-            if entry.get("shard_id"):
-                sources[entry["shard_id"]] = {k: entry.get(k) for k in ("source_uri", "size", "mtime_ns", "truncated",
-                                                                        "detail")}
-        rejected = lake.read("rejected", ["shard_id"])
-        shard_ids = sorted(set(sources) | set(pairs().column("shard_id").to_pylist())
-                           | set(rejected.column("shard_id").to_pylist()))
-        stages = [s for s in progress.STAGES if s != "download"]  # lakes this old never read download records
-        for stage in stages:
-            progress.record(lake, stage, shard_ids, run_id=run_id, sources=sources if stage == "ingest" else None)
-        out["progress_records"] = len(shard_ids) * len(stages)
-    # The dedup index, from the rows the filter kept: built when absent, rebuilt when it was written
-    # by an older Recap or for another pHash radius.
+def _migrate_progress(lake: Lake, pairs: pa.Table, run_id: str) -> int:
+    """Record every stage after download for every shard of the lake; the records written. The old
+    ingest ledger holds what ingest knew of each source file."""
+    from recap_tasks import progress
+
+    sources = {}
+    for rel in lake.list("_ledger/ingest", ".json"):
+        entry = lake.read_json(rel) or {}
+        if entry.get("shard_id"):
+            sources[entry["shard_id"]] = {k: entry.get(k) for k in ("source_uri", "size", "mtime_ns", "truncated",
+                                                                    "detail")}
+    rejected = lake.read("rejected", ["shard_id"])
+    shard_ids = sorted(set(sources) | set(pairs.column("shard_id").to_pylist())
+                       | set(rejected.column("shard_id").to_pylist()))
+    stages = [s for s in progress.STAGES if s != "download"]  # lakes this old never read download records
+    for stage in stages:
+        progress.record(lake, stage, shard_ids, run_id=run_id, sources=sources if stage == "ingest" else None)
+    return len(shard_ids) * len(stages)
+
+
+def _migrate_dedup_index(lake: Lake, pairs: Callable[[], pa.Table]) -> dict:
+    """The dedup index, from the rows the filter kept: built when absent, rebuilt when it was written
+    by an older Recap or for another pHash radius. What was built ({} when nothing was)."""
     from recap_tasks.config import RecapConfig
+    from recap_tasks.filters import dedup_index
 
     max_distance = RecapConfig.load().filter.max_phash_distance
     try:
@@ -179,16 +195,25 @@ def migrate(lake: Lake, *, run_id: str = "migrate") -> dict:
         stale = False
     except RecapError:
         stale = True
-    if (stale or not lake.exists(DEDUP_INDEX)) and lake.exists("filter_results"):
-        out["dedup_index_entries"] = dedup_index.add_kept(
-            lake, lake.read("filter_results", ["uid", "kept", "phash"]),
-            dict(zip(pairs().column("uid").to_pylist(), pairs().column("sha256").to_pylist())),
-            max_distance, replace=True)
-        out.update(dedup_index.build_runs(lake))  # written sorted: runs right away
-    # Batches now name their shards (reports and publish read only those).
+    wanted = stale or not lake.exists(DEDUP_INDEX)
+    if not wanted or not lake.exists("filter_results"):
+        return {}
+    built = {"dedup_index_entries": dedup_index.add_kept(
+        lake, lake.read("filter_results", ["uid", "kept", "phash"]),
+        dict(zip(pairs().column("uid").to_pylist(), pairs().column("sha256").to_pylist())),
+        max_distance, replace=True)}
+    built.update(dedup_index.build_runs(lake))  # written sorted: runs right away
+    return built
+
+
+def _name_batch_shards(lake: Lake, pairs: Callable[[], pa.Table]) -> None:
+    """Batches now name their shards (reports and publish read only those): name them where they do not."""
+    from recap_tasks.batches import all_batches, read_uids
+
     unnamed = [b for b in all_batches(lake) if not b.shards]
-    if unnamed:
-        shard_of = dict(zip(pairs().column("uid").to_pylist(), pairs().column("shard_id").to_pylist()))
+    if not unnamed:
+        return
+    shard_of = dict(zip(pairs().column("uid").to_pylist(), pairs().column("shard_id").to_pylist()))
     for batch in unnamed:
         try:
             uids = read_uids(lake, batch).to_pylist()
@@ -196,8 +221,6 @@ def migrate(lake: Lake, *, run_id: str = "migrate") -> dict:
             continue
         batch.shards = sorted({shard_of[u] for u in uids if u in shard_of})
         batch.save(lake)
-    log.info("migrate %s: %s", lake.uri, out)
-    return out
 
 
 def _rewrite_bucketed(lake: Lake, name: str, dt) -> int:

@@ -16,6 +16,7 @@ import logging
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from recap_tasks import lake as tables
@@ -131,51 +132,26 @@ def _pct(value) -> str:
 
 
 def _run_page(lake: Lake, batch: Batch) -> str:
+    """The report page of one validated batch; writes the batch's metrics beside it."""
     from recap_tasks.config import ValidateConfig
 
     status = lake_status(lake)
     rows, source, pairs = _run_rows(lake, batch)
     metrics = run_metrics(rows, min_distinct_ratio=ValidateConfig().min_distinct_ngram_ratio)
-    per_row_bad = metrics.pop("_per_row_hallucinated")
+    hal_of = dict(zip(rows.column("uid").to_pylist(), metrics.pop("_per_row_hallucinated")))
     lake.write_json(f"_reports/runs/{batch.batch_id}/metrics.json", {"batch_id": batch.batch_id, **metrics})
-    re_len = np.asarray(rows.column("re_length").to_pylist() or [], dtype=float)
     org_len = np.asarray(rows.column("org_length").to_pylist() or [], dtype=float)
-    re_words = quality.top_words(rows.column("re_caption").to_pylist())
-    re_clip = _floats(rows.column("re_clip_score").to_pylist())
-    org_clip = _floats(rows.column("org_clip_score").to_pylist())
-    vocab, wins, hyg, hal = (metrics["vocabulary"], metrics["clip_win_rate"], metrics["hygiene"],
-                             metrics["hallucination"])
-
-    verdict = "published" if batch.published else ("valid, not yet published" if batch.success else "REFUSED")
-    cards = [("rows checked", batch.rows), ("quarantined", batch.quarantined), ("verdict", verdict),
-             ("mean words, recaption", f"{re_len.mean():.1f}" if len(re_len) else "-"),
-             ("mean words, original", f"{org_len.mean():.1f}" if len(org_len) else "-"),
-             ("recaptions cover", f"{_pct(vocab['recaption_coverage'])} of vocabulary"),
-             ("CLIP win rate, recaption", _pct(wins["rate"])),
-             ("hallucination CHAIR-s", _pct(hal["chair_s"])),
-             ("published in lake", status["published"])]
-    plots = [
-        _plot_lengths(org_len, re_len),
-        _plot_top_words(re_words, "Top words in recaptions"),
-        _plot_clip(org_clip, re_clip),
-        _plot_funnel(status),
-    ]
-    hal_of = {u: bad for u, bad in zip(rows.column("uid").to_pylist(), per_row_bad)}
-    records = rows.to_pylist()
-    samples = records[:_SAMPLES]
-    scored = [r for r in records if r.get("re_clip_score") is not None]
-    lowest_clip = sorted(scored, key=lambda r: r["re_clip_score"])[:_WORST]
-    most_hal = sorted((r for r in records if hal_of.get(r["uid"])), key=lambda r: -len(hal_of[r["uid"]]))[:_WORST]
+    re_len = np.asarray(rows.column("re_length").to_pylist() or [], dtype=float)
+    samples, lowest_clip, most_hal = _picked_rows(rows, hal_of)
     quarantined = _quarantined_rows(lake, batch, pairs)
     thumbs = _thumbnails(lake, [*samples, *lowest_clip, *most_hal, *quarantined])
     parts = [
         f"<h1>Recap quality report: {html.escape(batch.batch_id)}</h1>",
         f"<p class=muted>Validated {html.escape(batch.validated_at)} · lake {html.escape(lake.uri)} · "
         f"figures over the {source} · <a href='../../index.html'>all runs</a></p>",
-        "<div class=grid>" + "".join(f"<div class=card>{html.escape(k)}<b>{html.escape(str(v))}</b></div>"
-                                     for k, v in cards) + "</div>",
+        _cards(batch, metrics, status, org_len, re_len),
         "<h2>Recaptions against originals</h2>", _paper_table(metrics),
-        "<h2>Distributions</h2><div class=plots>" + "".join(plots) + "</div>",
+        "<h2>Distributions</h2><div class=plots>" + _plots(rows, status, org_len, re_len) + "</div>",
         "<h2>Sample rows</h2>", _samples_table(samples, thumbs, hal_of),
         "<h2>Worst rows</h2>",
         "<h3>Lowest CLIP score of the recaption</h3>", _samples_table(lowest_clip, thumbs, hal_of),
@@ -187,6 +163,41 @@ def _run_page(lake: Lake, batch: Batch) -> str:
         "<h2>Where every row went</h2>", _status_table(status),
     ]
     return _page(f"Recap report {batch.batch_id}", "".join(parts))
+
+
+def _cards(batch: Batch, metrics: dict, status: dict, org_len: np.ndarray, re_len: np.ndarray) -> str:
+    """The headline figures of a batch, one card each."""
+    vocab, wins, hal = metrics["vocabulary"], metrics["clip_win_rate"], metrics["hallucination"]
+    verdict = "published" if batch.published else ("valid, not yet published" if batch.success else "REFUSED")
+    cards = [("rows checked", batch.rows), ("quarantined", batch.quarantined), ("verdict", verdict),
+             ("mean words, recaption", f"{re_len.mean():.1f}" if len(re_len) else "-"),
+             ("mean words, original", f"{org_len.mean():.1f}" if len(org_len) else "-"),
+             ("recaptions cover", f"{_pct(vocab['recaption_coverage'])} of vocabulary"),
+             ("CLIP win rate, recaption", _pct(wins["rate"])),
+             ("hallucination CHAIR-s", _pct(hal["chair_s"])),
+             ("published in lake", status["published"])]
+    return "<div class=grid>" + "".join(f"<div class=card>{html.escape(k)}<b>{html.escape(str(v))}</b></div>"
+                                        for k, v in cards) + "</div>"
+
+
+def _plots(rows: pa.Table, status: dict, org_len: np.ndarray, re_len: np.ndarray) -> str:
+    """Caption lengths, the recaptions' top words, CLIP scores and the lake's funnel."""
+    return "".join([
+        _plot_lengths(org_len, re_len),
+        _plot_top_words(quality.top_words(rows.column("re_caption").to_pylist()), "Top words in recaptions"),
+        _plot_clip(_floats(rows.column("org_clip_score").to_pylist()),
+                   _floats(rows.column("re_clip_score").to_pylist())),
+        _plot_funnel(status),
+    ])
+
+
+def _picked_rows(rows: pa.Table, hal_of: dict[str, list]) -> tuple[list[dict], list[dict], list[dict]]:
+    """(the first rows, the lowest CLIP scores of the recaption, the most hallucinated objects)."""
+    records = rows.to_pylist()
+    scored = [r for r in records if r.get("re_clip_score") is not None]
+    lowest_clip = sorted(scored, key=lambda r: r["re_clip_score"])[:_WORST]
+    most_hal = sorted((r for r in records if hal_of.get(r["uid"])), key=lambda r: -len(hal_of[r["uid"]]))[:_WORST]
+    return records[:_SAMPLES], lowest_clip, most_hal
 
 
 def _clip_evaluation_section(lake: Lake) -> str:

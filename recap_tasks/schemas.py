@@ -9,7 +9,7 @@ import pyarrow as pa
 _TS = pa.timestamp("us", tz="UTC")
 
 
-# Every table of per-shard rows carries the shard's key (readers.shard_key: 16 hex digits of
+# Every table of per-shard rows carries the shard's key (ids.shard_key: 16 hex digits of
 # sha1(shard id)) and is partitioned by its bucket, the key's first BUCKET_DIGITS hex digits: 256
 # partitions whatever the shard count (~1-2 GB each at 1.3B rows, Delta's advised partition size).
 # Within a bucket, files are written and compacted sorted by shard_key, so the per-file statistics
@@ -59,7 +59,7 @@ PAIRS = TableSchema(
             pa.field("source_row", pa.int64()),  # parquet: row index in the file
             pa.field("image_column", pa.string()),  # parquet: column holding the bytes
             pa.field("shard_id", pa.string()),  # "<folder>/<file>": the work unit
-            pa.field(SHARD_KEY, pa.string()),  # readers.shard_key(shard_id): the clustering key
+            pa.field(SHARD_KEY, pa.string()),  # ids.shard_key(shard_id): the clustering key
             pa.field(SHARD_BUCKET, pa.string()),  # partition: bucket_of(shard_key)
             pa.field("run_id", pa.string()),
             pa.field("ingested_at", _TS),

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Sequence
 
+from recap_tasks.ids import shard_id_for
 from recap_tasks.lake import Lake
-from recap_tasks.readers import expand_sources, shard_id_for
+from recap_tasks.readers import expand_sources
 
 
 def split_sources(source: str | list[str]) -> list[str]:
@@ -22,7 +24,7 @@ def list_shards(source: str | list[str], *, limit: int | None = None) -> list[st
     return shards[:limit] if limit else shards
 
 
-def ingest_records(lake: Lake, paths: list[str], dataset: str | None = None) -> dict[str, dict]:
+def ingest_records(lake: Lake, paths: Sequence[str | os.PathLike[str]], dataset: str | None = None) -> dict[str, dict]:
     """shard id -> the latest ingest progress record, for the shards at `paths` (one small read)."""
     from recap_tasks.progress import by_shard
 
@@ -31,20 +33,27 @@ def ingest_records(lake: Lake, paths: list[str], dataset: str | None = None) -> 
 
 
 def is_ingested(record: dict | None, path: str | os.PathLike[str]) -> bool:
-    """Whether a shard's ingest record matches the file (same size and mtime), as ingest decides it."""
+    """Whether a shard is ingested as it is now: its latest ingest record matches the file (same size
+    and mtime). The one answer for ingest (skip the shard) and the planner (not pending)."""
     if record is None:
         return False
     stat = Path(path).stat()
     return record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns
 
 
-def pending_shards(lake: Lake, source: str | list[str], *, limit: int | None = None,
-                   dataset: str | None = None) -> list[str]:
-    """Shards under `source` that the lake has not ingested yet (new, or changed since ingest)."""
+def shards_to_ingest(lake: Lake, source: str | list[str], *, limit: int | None = None,
+                     dataset: str | None = None) -> list[str]:
+    """Shards under `source` that the lake has not ingested yet (new, or changed since ingest).
+
+    Not `progress.pending_shards`, which answers for a stage after ingest from the records alone."""
     shards = list_shards(source)
     records = ingest_records(lake, shards, dataset)
     pending = [p for p in shards if not is_ingested(records.get(shard_id_for(p, dataset)), p)]
     return pending[:limit] if limit else pending
+
+
+# The old name, kept while plugins/recap_airflow/stages.py (`plan`) still imports it.
+pending_shards = shards_to_ingest
 
 
 def chunk(items: list[str], *, max_chunks: int, min_size: int = 1) -> list[list[str]]:

@@ -7,6 +7,8 @@ by uid, on a set of shards (what validation does for each batch, and `recap stat
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -112,51 +114,75 @@ def verify(lake: Lake, shard_ids: list[str]) -> dict:
     A table holding *more* rows than its record is not a problem: a stage that crashed between its
     data commit and its record is in flight, and its rerun records it.
     """
-    from recap_tasks.batches import read_uids
-
     shard_ids = sorted(set(shard_ids))
     rows = _read_shards(lake, shard_ids)  # each table once, for every check below
     places = _places(rows, len(shard_ids))
+    recorded = _Recorded(progress.latest(lake, shard_ids=shard_ids), shard_ids)
     problems: list[dict] = []
     checked: dict[str, int] = {}
-    records = progress.latest(lake, shard_ids=shard_ids)
-    ids = pa.array(shard_ids, pa.string())
-
-    def shortfalls(table: str, held: np.ndarray, stage: str, field: str, what: str) -> None:
-        recorded = progress.per_shard_counts(records, ids, stage, field)
-        for i in np.flatnonzero(held < recorded):
-            problems.append({"shard": shard_ids[i], "table": table, "kind": "lost",
-                             "detail": f"{table} holds {held[i]} {what}, the {stage} record says {recorded[i]}"})
-
-    def per_shard(table: pa.Table) -> np.ndarray:
-        held = np.zeros(len(ids), np.int64)
-        if table.num_rows:
-            counts = pc.value_counts(table.column("shard_id").combine_chunks())
-            held[pc.index_in(counts.field("values"), value_set=ids).to_numpy(zero_copy_only=False)] = \
-                counts.field("counts").to_numpy()
-        return held
-
     for table, stage, field in _RECORDED:
-        data = rows[table]
-        checked[table] = data.num_rows
-        shortfalls(table, per_shard(data), stage, field, "rows")
-        if data.num_rows:
-            counts = pc.value_counts(data.column("uid").combine_chunks())
-            twice = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
-            dup = data.filter(pc.is_in(data.column("uid"), value_set=twice))
-            for shard in sorted(set(dup.column("shard_id").to_pylist())):
-                n = pc.sum(pc.equal(dup.column("shard_id"), shard)).as_py()
-                problems.append({"shard": shard, "table": table, "kind": "duplicated",
-                                 "detail": f"{n} rows of {table} share a uid with another row"})
+        checked[table] = rows[table].num_rows
+        problems += recorded.shortfalls(table, rows[table], stage, field, "rows")
+        problems += _duplicated_uids(table, rows[table])
     # Rejections per stage against the records that `recap status` sums (download and ingest, whose
     # rows never became pairs; later stages' rejections are inside their stage's counts above).
     rejected = rows["rejected"]
     checked["rejected"] = rejected.num_rows
     for stage in ("download", "ingest"):
-        held = per_shard(rejected.filter(pc.equal(rejected.column("stage"), stage)))
-        shortfalls("rejected", held, stage, "rejected", f"{stage} rejections")
+        problems += recorded.shortfalls("rejected", rejected.filter(pc.equal(rejected.column("stage"), stage)),
+                                        stage, "rejected", f"{stage} rejections")
+    lost, checked["published batch uids"] = _unpublished_batch_rows(lake, shard_ids, rows)
+    problems += lost
+    if not places["balanced"]:
+        problems.append({"shard": ", ".join(shard_ids[:5]) + (" ..." if len(shard_ids) > 5 else ""),
+                         "table": "*", "kind": "unbalanced",
+                         "detail": "uids are not each in exactly one place (published, rejected, quarantined, in flight)"})
+    return {"shards": len(shard_ids), "places": places, "checked": checked,
+            "problems": sorted(problems, key=lambda p: (p["shard"], p["table"], p["kind"])), "ok": not problems}
+
+
+class _Recorded:
+    """The shards' latest progress records, to hold each table's rows per shard against."""
+
+    def __init__(self, records: pa.Table, shard_ids: list[str]):
+        self.records, self.shard_ids = records, shard_ids
+        self.ids = pa.array(shard_ids, pa.string())
+
+    def shortfalls(self, table: str, rows: pa.Table, stage: str, field: str, what: str) -> list[dict]:
+        """A `lost` problem per shard whose `rows` of `table` are fewer than its `stage` record's `field`."""
+        held = self._per_shard(rows)
+        recorded = progress.per_shard_counts(self.records, self.ids, stage, field)
+        return [{"shard": self.shard_ids[i], "table": table, "kind": "lost",
+                 "detail": f"{table} holds {held[i]} {what}, the {stage} record says {recorded[i]}"}
+                for i in np.flatnonzero(held < recorded)]
+
+    def _per_shard(self, rows: pa.Table) -> np.ndarray:
+        held = np.zeros(len(self.ids), np.int64)
+        if rows.num_rows:
+            counts = pc.value_counts(rows.column("shard_id").combine_chunks())
+            held[pc.index_in(counts.field("values"), value_set=self.ids).to_numpy(zero_copy_only=False)] = \
+                counts.field("counts").to_numpy()
+        return held
+
+
+def _duplicated_uids(table: str, rows: pa.Table) -> list[dict]:
+    """A `duplicated` problem per shard with rows of `table` that share a uid with another row."""
+    if not rows.num_rows:
+        return []
+    counts = pc.value_counts(rows.column("uid").combine_chunks())
+    twice = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+    return _per_shard_problems(rows.filter(pc.is_in(rows.column("uid"), value_set=twice)), table, "duplicated",
+                               lambda n: f"{n} rows of {table} share a uid with another row")
+
+
+def _unpublished_batch_rows(lake: Lake, shard_ids: list[str], rows: dict[str, pa.Table]) -> tuple[list[dict], int]:
+    """(A `lost` problem per shard and published batch whose rows are neither published nor
+    quarantined now, how many rows of the shards those batches published)."""
+    from recap_tasks.batches import read_uids
+
     settled = pa.concat_arrays([_uids(rows["recap"]), _uids(rows["quarantine"])])
     pairs = rows["pairs"]
+    problems: list[dict] = []
     published_uids = 0
     for batch in all_batches(lake):
         if not batch.published or not set(shard_ids).intersection(batch.shards):
@@ -167,19 +193,19 @@ def verify(lake: Lake, shard_ids: list[str]) -> dict:
             continue
         mine = pairs.filter(pc.is_in(pairs.column("uid"), value_set=uids))
         published_uids += mine.num_rows
-        gone = mine.filter(not_in(mine.column("uid"), settled))
-        for shard in sorted(set(gone.column("shard_id").to_pylist())):
-            n = pc.sum(pc.equal(gone.column("shard_id"), shard)).as_py()
-            problems.append({"shard": shard, "table": "recap", "kind": "lost",
-                             "detail": f"{n} rows of published batch {batch.batch_id} are neither published nor "
-                                       f"quarantined"})
-    checked["published batch uids"] = published_uids
-    if not places["balanced"]:
-        problems.append({"shard": ", ".join(shard_ids[:5]) + (" ..." if len(shard_ids) > 5 else ""),
-                         "table": "*", "kind": "unbalanced",
-                         "detail": "uids are not each in exactly one place (published, rejected, quarantined, in flight)"})
-    return {"shards": len(shard_ids), "places": places, "checked": checked,
-            "problems": sorted(problems, key=lambda p: (p["shard"], p["table"], p["kind"])), "ok": not problems}
+        problems += _per_shard_problems(
+            mine.filter(not_in(mine.column("uid"), settled)), "recap", "lost",
+            lambda n: f"{n} rows of published batch {batch.batch_id} are neither published nor quarantined")
+    return problems, published_uids
+
+
+def _per_shard_problems(rows: pa.Table, table: str, kind: str, detail: Callable[[int], str]) -> list[dict]:
+    """One problem per shard among `rows`; `detail` says it from the shard's row count."""
+    problems = []
+    for shard in sorted(set(rows.column("shard_id").to_pylist())):
+        n = pc.sum(pc.equal(rows.column("shard_id"), shard)).as_py()
+        problems.append({"shard": shard, "table": table, "kind": kind, "detail": detail(n)})
+    return problems
 
 
 def format_verified(verified: dict) -> str:

@@ -22,9 +22,9 @@ from recap_tasks.config import DownloadConfig
 from recap_tasks.download import download
 from recap_tasks.errors import RecapError
 from recap_tasks.fetch import blocked_address, opt_out
+from recap_tasks.ids import make_uid
 from recap_tasks.ingest import ingest
 from recap_tasks.lake import Lake
-from recap_tasks.readers import make_uid
 from recap_tasks.status import format_status, lake_status
 
 IMAGES = {f"{i}.jpg": jpeg(320 + 8 * i, 240, (40 * i % 255, 90, 160)) for i in range(12)}

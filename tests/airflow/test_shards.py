@@ -6,7 +6,7 @@ import pytest
 
 from recap_tasks.ingest import ingest
 from recap_tasks.lake import Lake
-from recap_tasks.shards import chunk, list_shards, pending_shards, split_sources
+from recap_tasks.shards import chunk, list_shards, shards_to_ingest, split_sources
 
 
 def test_chunk_respects_the_cap():
@@ -19,14 +19,14 @@ def test_chunk_respects_the_cap():
         chunk(items, max_chunks=0)
 
 
-def test_pending_shards_follow_the_ledger(tmp_path, sample_shards):
+def test_shards_to_ingest_follow_the_ledger(tmp_path, sample_shards):
     lake = Lake(tmp_path / "lake")
     shards = list_shards(f"{sample_shards}/*.tar")
     assert [os.path.basename(s) for s in shards] == ["00000.tar", "00001.tar"]
     assert list_shards(str(sample_shards), limit=1) == shards[:1]
     assert split_sources(" a/*.tar, b/ \n c") == ["a/*.tar", "b/", "c"]
-    assert pending_shards(lake, str(sample_shards)) == shards
+    assert shards_to_ingest(lake, str(sample_shards)) == shards
     ingest([shards[0]], lake, run_id="r1")
-    assert pending_shards(lake, str(sample_shards)) == shards[1:]
+    assert shards_to_ingest(lake, str(sample_shards)) == shards[1:]
     os.utime(shards[0], ns=(1, 1))  # a changed shard is pending again
-    assert pending_shards(lake, str(sample_shards)) == shards
+    assert shards_to_ingest(lake, str(sample_shards)) == shards
