@@ -31,7 +31,7 @@ os.environ.setdefault("RECAP_QUIET", "1")
 
 from _machine import describe  # noqa: E402
 
-from recap_tasks.captioning.test_model import CHAT_TEMPLATE  # noqa: E402
+from recap_tasks.captioning.tiny_model import CHAT_TEMPLATE  # noqa: E402
 from recap_tasks.captioning.transformers_backend import TransformersCaptioner  # noqa: E402
 from recap_tasks.config import CaptionConfig  # noqa: E402
 
@@ -110,7 +110,7 @@ def main() -> None:
 
     gpu = torch.cuda.is_available() and not args.tiny
     if not gpu:  # CPU smoke test: the same code path on the tiny model
-        from recap_tasks.captioning.test_model import make_test_model
+        from recap_tasks.captioning.tiny_model import make_test_model
 
         args.images, args.batch_size, args.new_tokens = min(args.images, 16), min(args.batch_size, 4), \
             min(args.new_tokens, 8)

@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from recap_tasks.captioning.test_model import make_test_model
+    from recap_tasks.captioning.tiny_model import make_test_model
     from recap_tasks.captioning.transformers_backend import TransformersCaptioner
     from recap_tasks.captioning.vllm_backend import VllmCaptioner
 

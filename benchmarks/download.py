@@ -32,7 +32,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from _machine import describe  # noqa: E402
 
 from recap_tasks.config import DownloadConfig  # noqa: E402
-from recap_tasks.download import download  # noqa: E402
+from recap_tasks.stages.download import download  # noqa: E402
 
 
 def load_photos(data: Path) -> list[bytes]:

@@ -33,7 +33,7 @@ from _machine import describe  # noqa: E402
 
 def whole_chain(lake_dir: Path, workers: int, clip: str | None) -> tuple[int, float, dict]:
     from recap_tasks.config import FilterConfig
-    from recap_tasks.filtering import run_filter
+    from recap_tasks.stages.filter import run_filter
     from recap_tasks.lake import Lake
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,7 +51,7 @@ def per_filter(lake_dir: Path, clip: str | None) -> dict[str, float]:
     from recap_tasks.config import FilterConfig
     from recap_tasks.filters import CorpusFilter
     from recap_tasks.filters.chain import build_chain, decode
-    from recap_tasks.filtering import _COLUMNS
+    from recap_tasks.stages.filter import _COLUMNS
     from recap_tasks.images import read_images
     from recap_tasks.lake import Lake
 
@@ -144,7 +144,7 @@ def main() -> None:
     if args.compare_minilm:
         compare_minilm(data)
         return
-    from recap_tasks.ingest import ingest
+    from recap_tasks.stages.ingest import ingest
     from recap_tasks.lake import Lake
 
     sets = {"coco-mini-wds (239 photos, 333-640 px)": [str(data / "coco-mini-wds")],

@@ -4,7 +4,7 @@ Usage: python benchmarks/ingest.py [--repeats 5] [--data ../shared/data]
 
 Reports, per source, the median of N runs into fresh lakes:
   - read+check: reading the shard and checking every sample (decode, hash), no writes;
-  - end to end: the ingest stage (`recap_tasks.ingest.ingest`, what `recap ingest` runs) into a
+  - end to end: the ingest stage (`recap_tasks.stages.ingest.ingest`, what `recap ingest` runs) into a
     fresh lake: the same reading and checks, then its writes (`pairs` and `rejected` through
     `Lake.insert_new`, which appends the shard's new rows, and a progress record per shard).
 """
@@ -25,7 +25,7 @@ os.environ.setdefault("RECAP_QUIET", "1")
 from _machine import describe  # noqa: E402
 
 from recap_tasks.config import IngestConfig  # noqa: E402
-from recap_tasks.ingest import _check, ingest  # noqa: E402
+from recap_tasks.stages.ingest import _check, ingest  # noqa: E402
 from recap_tasks.lake import Lake  # noqa: E402
 from recap_tasks.readers import expand_sources  # noqa: E402
 from recap_tasks.readers.parquet import ParquetReader  # noqa: E402

@@ -44,7 +44,7 @@ def main() -> None:
     source = args.data / "coco-mini-wds"
     if not source.is_dir():
         sys.exit(f"orchestration.py: no {source}; pass --data DIR")
-    from recap_tasks.captioning.test_model import make_test_model
+    from recap_tasks.captioning.tiny_model import make_test_model
     from tests.airflow.services import AirflowServices, postgres_available
 
     reason = postgres_available()

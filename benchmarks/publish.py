@@ -4,7 +4,7 @@ Usage: python benchmarks/publish.py [--sizes 10000 100000] [--shard-rows 10000]
 
 Per size N, into a fresh lake whose `pairs` and `captions` hold N captioned rows in shards of
 `--shard-rows`, written through the stages' own writer (`Lake.insert_new`), each figure times
-`recap_tasks.publish.run_publish` on a validated batch record (what `recap publish` runs):
+`recap_tasks.stages.publish.run_publish` on a validated batch record (what `recap publish` runs):
   - publish-new: a batch of N rows, none published yet (the append path);
   - publish-repeat: the same batch again (recorded in the table's app transactions: a no-op);
   - publish-noop: another batch of the same N rows, unchanged (reads the shards' published rows,
@@ -38,8 +38,8 @@ from recap_tasks.batches import Batch, write_uids  # noqa: E402
 from recap_tasks.config import ValidateConfig  # noqa: E402
 from recap_tasks.filters.language import english_scorer  # noqa: E402
 from recap_tasks.lake import Lake, conform  # noqa: E402
-from recap_tasks.publish import run_publish  # noqa: E402
-from recap_tasks.validate import check_frame, row_checks  # noqa: E402
+from recap_tasks.stages.publish import run_publish  # noqa: E402
+from recap_tasks.stages.validate import check_frame, row_checks  # noqa: E402
 
 WORDS = ("a the dog cat man woman red blue green sitting standing near table street park tree water sky "
          "building car bus photo white black small large wooden with of on in and next to").split()

@@ -168,15 +168,15 @@ def coco_shard(data: Path, out: Path) -> Path:
 
 def run_once(lake_dir: Path, shard: Path, model: Path, config_file: Path) -> dict:
     """One incremental run of `shard`, stage by stage, in this process."""
-    from recap_tasks.caption import run_caption
+    from recap_tasks.stages.caption import run_caption
     from recap_tasks.config import RecapConfig
-    from recap_tasks.filtering import run_filter
-    from recap_tasks.ingest import ingest
+    from recap_tasks.stages.filter import run_filter
+    from recap_tasks.stages.ingest import ingest
     from recap_tasks.lake import Lake
-    from recap_tasks.publish import run_publish
-    from recap_tasks.report import build_report
+    from recap_tasks.stages.publish import run_publish
+    from recap_tasks.stages.report import build_report
     from recap_tasks.status import lake_status
-    from recap_tasks.validate import run_validate
+    from recap_tasks.stages.validate import run_validate
 
     config = RecapConfig.load(config_file)
     out: dict = {}
@@ -233,7 +233,7 @@ def main() -> None:
         args.rows = [n * args.shard_rows for n in args.shards]
     if not (args.data / "coco-mini-wds").is_dir():
         sys.exit(f"scale.py: no {args.data}/coco-mini-wds; pass --data DIR (the shared data folder)")
-    from recap_tasks.captioning.test_model import make_test_model
+    from recap_tasks.captioning.tiny_model import make_test_model
 
     with contextlib.ExitStack() as stack:
         # Seeded lakes are kept in --workdir (and reused by later runs); a temporary folder otherwise.

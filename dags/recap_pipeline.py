@@ -55,7 +55,7 @@ def recap_pipeline():
                              max_chunks=max_work_units(), model=params["model"],
                              run_id=None if params["dry_run"] else run_id, config=config)
         if params["dry_run"] and chunks:
-            from recap_tasks.readers import shard_id_for
+            from recap_tasks.ids import shard_id_for
 
             arguments = caption_arguments(lake=params["lake"], model=params["model"], run_id=run_id,
                                           shard_ids=[shard_id_for(p) for p in chunks[0]],

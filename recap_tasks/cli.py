@@ -49,7 +49,7 @@ def _print(payload: dict) -> None:
 
 
 def cmd_download(args):
-    from recap_tasks.download import download
+    from recap_tasks.stages.download import download
 
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
@@ -58,28 +58,28 @@ def cmd_download(args):
 
 
 def cmd_ingest(args):
-    from recap_tasks.ingest import ingest
+    from recap_tasks.stages.ingest import ingest
 
     _print(ingest(args.sources, _lake(args), config=_config(args).ingest, run_id=args.run_id,
                   force=args.force).summary())
 
 
 def cmd_filter(args):
-    from recap_tasks.filtering import run_filter
+    from recap_tasks.stages.filter import run_filter
 
     _print(run_filter(_lake(args, must_exist=True), config=_config(args).filter, run_id=args.run_id,
                       shard_ids=args.shard or None).summary())
 
 
 def cmd_caption(args):
-    from recap_tasks.caption import run_caption
+    from recap_tasks.stages.caption import run_caption
 
     _print(run_caption(_lake(args, must_exist=True), model=args.model, config=_config(args).caption,
                        run_id=args.run_id, shard_ids=args.shard or None).summary())
 
 
 def cmd_validate(args):
-    from recap_tasks.validate import run_validate
+    from recap_tasks.stages.validate import run_validate
 
     result = run_validate(_lake(args, must_exist=True), config=_config(args).validate, run_id=args.run_id,
                           shard_ids=args.shard or None)
@@ -90,7 +90,7 @@ def cmd_validate(args):
 
 
 def cmd_publish(args):
-    from recap_tasks.publish import run_publish
+    from recap_tasks.stages.publish import run_publish
 
     _print(run_publish(_lake(args, must_exist=True), batch_id=args.batch, run_id=args.run_id).summary())
 
@@ -146,7 +146,7 @@ def cmd_status(args):
 
 
 def cmd_report(args):
-    from recap_tasks.report import build_report
+    from recap_tasks.stages.report import build_report
 
     print(build_report(_lake(args, must_exist=True), run_id=args.run_id))
 
@@ -211,7 +211,7 @@ def cmd_evaluate_clip(args):
 
 
 def cmd_make_test_model(args):
-    from recap_tasks.captioning.test_model import make_test_model
+    from recap_tasks.captioning.tiny_model import make_test_model
     from recap_tasks.filters.clip import make_test_clip_model
 
     captioner = make_test_model(args.dir, seed=args.seed)

@@ -14,7 +14,7 @@ import math
 from recap_tasks.config import EvaluateConfig
 from recap_tasks.errors import RecapError
 from recap_tasks.export import CaptionMixer
-from recap_tasks.runs import progress
+from recap_tasks.runs import progress_bar
 
 RECALL_AT = (1, 5, 10)
 _IMAGE_EXTS = ("jpg", "png", "webp", "gif")
@@ -125,7 +125,7 @@ def train_clip(train: list[dict], images, tokenizer: dict, p: float, config: Eva
     order: list[int] = []
     losses, shown_original = [], 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
-    bar = progress(desc=f"clip p={p:g}", total=config.steps, unit="step")
+    bar = progress_bar(desc=f"clip p={p:g}", total=config.steps, unit="step")
     for _ in range(config.steps):
         if len(order) < batch_size:  # a new epoch; no sample twice in one batch
             order = torch.randperm(len(train), generator=order_rng).tolist()

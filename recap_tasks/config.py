@@ -51,7 +51,7 @@ class IngestConfig:
 @dataclass(frozen=True)
 class DownloadConfig:
     # Metadata columns (parquet or CSV). None means "detect": DataComp's url/text/uid/sha256 and
-    # LAION's URL/TEXT/SAMPLE_ID (recap_tasks.download). Every other column is kept in each
+    # LAION's URL/TEXT/SAMPLE_ID (recap_tasks.stages.download). Every other column is kept in each
     # sample's .json and in the shard's parquet.
     url_column: str | None = None
     caption_column: str | None = None

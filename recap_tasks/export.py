@@ -28,7 +28,7 @@ from recap_tasks import lake as tables
 from recap_tasks.errors import RecapError
 from recap_tasks.images import read_images, upright_bytes
 from recap_tasks.lake import Lake
-from recap_tasks.runs import progress
+from recap_tasks.runs import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def export_webdataset(lake: Lake, out_dir: str | Path, *, shard_size: int = 1000
         raise RecapError(f"{published.num_rows - pointers.num_rows} published rows have no pair in {lake.uri}/pairs")
     shards = []
     changed: list[str] = []
-    bar = progress(desc="export", total=published.num_rows, unit="img")
+    bar = progress_bar(desc="export", total=published.num_rows, unit="img")
     for n, start in enumerate(range(0, published.num_rows, shard_size)):
         rows = published.slice(start, shard_size).to_pylist()
         problems: dict[int, tuple[str, str]] = {}

@@ -22,7 +22,7 @@ from deltalake.exceptions import CommitFailedError  # what `Lake.commit` raises 
 
 from recap_tasks import faults, schemas
 from recap_tasks.errors import RecapError
-from recap_tasks.readers import shard_key
+from recap_tasks.ids import shard_key
 
 log = logging.getLogger(__name__)
 

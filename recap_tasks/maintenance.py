@@ -228,7 +228,7 @@ def _rewrite_bucketed(lake: Lake, name: str, dt) -> int:
     sorted by shard_key; returns its rows. Streams one old bucket's rows at a time (`Lake.rewrite`:
     a local table is written fresh and the old one kept in `_migrated/`)."""
     from recap_tasks.batches import all_batches
-    from recap_tasks.publish import APP_ID_PREFIX
+    from recap_tasks.stages.publish import APP_ID_PREFIX
 
     schema = schemas.TABLES[name]
     old = list(dt.metadata().partition_columns)

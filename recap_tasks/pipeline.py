@@ -8,17 +8,17 @@ from pathlib import Path
 
 from recap_tasks import stages
 from recap_tasks.batches import Batch
-from recap_tasks.caption import run_caption
+from recap_tasks.stages.caption import run_caption
 from recap_tasks.config import RecapConfig
-from recap_tasks.filtering import run_filter
-from recap_tasks.ingest import ingest
+from recap_tasks.stages.filter import run_filter
+from recap_tasks.stages.ingest import ingest
 from recap_tasks.lake import Lake
 from recap_tasks.errors import ValidationFailed
-from recap_tasks.publish import run_publish
-from recap_tasks.report import build_report
+from recap_tasks.stages.publish import run_publish
+from recap_tasks.stages.report import build_report
 from recap_tasks.runs import new_run_id
 from recap_tasks.status import lake_status
-from recap_tasks.validate import ValidateResult, run_validate
+from recap_tasks.stages.validate import ValidateResult, run_validate
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ validate:
 
 def run_demo(workdir: str | Path) -> dict:
     """Sample shards + tiny offline model -> a published table under `workdir/lake`."""
-    from recap_tasks.captioning.test_model import make_test_model
+    from recap_tasks.captioning.tiny_model import make_test_model
     from recap_tasks.sample_data import make_sample_data
 
     work = Path(workdir).resolve()

@@ -38,7 +38,7 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def progress(items: Iterable[T] | None = None, *, desc: str, total: int | None = None, unit: str = "it") -> tqdm:
+def progress_bar(items: Iterable[T] | None = None, *, desc: str, total: int | None = None, unit: str = "it") -> tqdm:
     """A progress bar on a terminal; periodic lines in logs (Airflow, pods), off with RECAP_QUIET=1."""
     disable = os.environ.get("RECAP_QUIET") == "1"
     interactive = sys.stderr.isatty()

@@ -52,9 +52,6 @@ def shards_to_ingest(lake: Lake, source: str | list[str], *, limit: int | None =
     return pending[:limit] if limit else pending
 
 
-# The old name, kept while plugins/recap_airflow/stages.py (`plan`) still imports it.
-pending_shards = shards_to_ingest
-
 
 def chunk(items: list[str], *, max_chunks: int, min_size: int = 1) -> list[list[str]]:
     """Split `items` into at most `max_chunks` contiguous chunks of near-equal size (>= min_size)."""

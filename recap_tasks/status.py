@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from recap_tasks import progress, schemas
 from recap_tasks.batches import all_batches
-from recap_tasks.filtering import funnel
+from recap_tasks.stages.filter import funnel
 from recap_tasks.lake import Lake, not_in
 
 

@@ -37,7 +37,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from recap_tasks.captioning.test_model import make_test_model
+    from recap_tasks.captioning.tiny_model import make_test_model
 
     return make_test_model(tmp_path_factory.mktemp("models") / "tiny-llava")
 

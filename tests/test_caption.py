@@ -6,12 +6,12 @@ import pytest
 from tests.helpers import jpeg, sample, write_tar
 
 from recap_tasks import lake as tables
-from recap_tasks.caption import run_caption
+from recap_tasks.stages.caption import run_caption
 from recap_tasks.captioning.transformers_backend import TransformersCaptioner
 from recap_tasks.config import PAPER_PROMPT, CaptionConfig
 from recap_tasks.errors import RecapError
-from recap_tasks.filtering import run_filter
-from recap_tasks.ingest import ingest
+from recap_tasks.stages.filter import run_filter
+from recap_tasks.stages.ingest import ingest
 from recap_tasks.lake import Lake
 
 
@@ -115,7 +115,7 @@ def test_backend_is_a_checked_setting():
 def test_shard_rows_are_grouped_by_size_then_detail():
     import pyarrow as pa
 
-    from recap_tasks.caption import _by_expected_length
+    from recap_tasks.stages.caption import _by_expected_length
 
     rows = pa.table({"uid": ["a", "b", "c", "d"], "width": [1000, 100, 1000, 100], "height": [1000, 100, 1000, 100],
                      "image_size": [900_000, 9_000, 100_000, 1_000]})

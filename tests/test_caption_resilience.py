@@ -12,13 +12,13 @@ import pyarrow as pa
 import pytest
 
 from recap_tasks import lake as tables
-from recap_tasks.caption import _Backoff, is_out_of_memory, run_caption
+from recap_tasks.stages.caption import _Backoff, is_out_of_memory, run_caption
 from recap_tasks.captioning.transformers_backend import TransformersCaptioner
 from recap_tasks.config import PAPER_PROMPT, CaptionConfig
 from recap_tasks.errors import RecapError
-from recap_tasks.filtering import run_filter
+from recap_tasks.stages.filter import run_filter
 from recap_tasks.hygiene import clean_caption, distinct_ngram_ratio, echoes_prompt, is_refusal
-from recap_tasks.ingest import ingest
+from recap_tasks.stages.ingest import ingest
 from recap_tasks.lake import Lake
 from tests.helpers import REPO, jpeg, sample, write_tar
 

@@ -21,14 +21,14 @@ import pytest
 from tests.helpers import jpeg, sample, write_tar
 
 from recap_tasks import lake as tables
-from recap_tasks.caption import run_caption
+from recap_tasks.stages.caption import run_caption
 from recap_tasks.captioning import Captioner
 from recap_tasks.captioning.transformers_backend import TransformersCaptioner
 from recap_tasks.captioning.vllm_backend import VllmCaptioner, vllm_python
 from recap_tasks.config import CaptionConfig, ValidateConfig
 from recap_tasks.errors import RecapError
-from recap_tasks.filtering import run_filter
-from recap_tasks.ingest import ingest
+from recap_tasks.stages.filter import run_filter
+from recap_tasks.stages.ingest import ingest
 from recap_tasks.lake import Lake
 
 pytestmark = pytest.mark.vllm

@@ -19,11 +19,11 @@ from tests.http_server import ImageServer
 
 from recap_tasks import lake as tables
 from recap_tasks.config import DownloadConfig
-from recap_tasks.download import download
+from recap_tasks.stages.download import download
 from recap_tasks.errors import RecapError
 from recap_tasks.fetch import blocked_address, opt_out
 from recap_tasks.ids import make_uid
-from recap_tasks.ingest import ingest
+from recap_tasks.stages.ingest import ingest
 from recap_tasks.lake import Lake
 from recap_tasks.status import format_status, lake_status
 

@@ -81,7 +81,7 @@ def test_evaluate_clip_function(published_lake):
     section = clip_section_html(result)
     assert section.count("<tr>") == 2 + 3 and "R@10" in section
     # The run report shows the lake's latest evaluation.
-    from recap_tasks.report import build_report
+    from recap_tasks.stages.report import build_report
 
     page = open(build_report(published_lake, run_id="first")).read()
     assert "CLIP trained on this lake" in page and "R@10" in page

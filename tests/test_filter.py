@@ -4,8 +4,8 @@ from tests.helpers import jpeg, sample, write_tar
 
 from recap_tasks import lake as tables
 from recap_tasks.config import FilterConfig
-from recap_tasks.filtering import run_filter
-from recap_tasks.ingest import ingest
+from recap_tasks.stages.filter import run_filter
+from recap_tasks.stages.ingest import ingest
 from recap_tasks.lake import Lake
 
 
@@ -67,7 +67,7 @@ def test_shard_ids_filter_only_those_shards(tmp_path):
 
 
 def test_funnel_per_run(tmp_path):
-    from recap_tasks.filtering import funnel
+    from recap_tasks.stages.filter import funnel
 
     lake = _lake(tmp_path)
     run_filter(lake, run_id="r1", config=FilterConfig(executor="local"))

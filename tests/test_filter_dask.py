@@ -12,7 +12,7 @@ import pytest
 
 from recap_tasks import lake as tables
 from recap_tasks.config import FilterConfig
-from recap_tasks.filtering import ShardsFailed, funnel, model_loads, run_filter
+from recap_tasks.stages.filter import ShardsFailed, funnel, model_loads, run_filter
 from tests.filters.util import by_key, make_lake, photo
 
 NAMES = ("astronaut", "coffee", "chelsea", "rocket")

@@ -14,7 +14,7 @@ from deltalake import DeltaTable
 from recap_tasks import lake as tables
 from recap_tasks.errors import RecapError
 from recap_tasks.ids import make_uid
-from recap_tasks.ingest import ingest
+from recap_tasks.stages.ingest import ingest
 from recap_tasks.lake import Lake
 from recap_tasks.status import lake_status
 

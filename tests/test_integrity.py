@@ -19,16 +19,16 @@ import pytest
 from PIL import Image
 
 from recap_tasks import lake as tables
-from recap_tasks.caption import run_caption
+from recap_tasks.stages.caption import run_caption
 from recap_tasks.config import FilterConfig, RecapConfig
 from recap_tasks.errors import RecapError
 from recap_tasks.export import export_webdataset
-from recap_tasks.filtering import run_filter
-from recap_tasks.ingest import ingest
+from recap_tasks.stages.filter import run_filter
+from recap_tasks.stages.ingest import ingest
 from recap_tasks.lake import Lake
-from recap_tasks.publish import run_publish
+from recap_tasks.stages.publish import run_publish
 from recap_tasks.status import lake_status, reconcile
-from recap_tasks.validate import run_validate
+from recap_tasks.stages.validate import run_validate
 from tests.helpers import jpeg, sample, write_tar
 from tests.test_cli import recap
 

@@ -16,8 +16,8 @@ from recap_tasks.export import CaptionMixer, export_webdataset
 from recap_tasks.lake import Lake
 from recap_tasks.maintenance import history, maintain, snapshot
 from recap_tasks.pipeline import run_pipeline
-from recap_tasks.publish import run_publish
-from recap_tasks.validate import run_validate
+from recap_tasks.stages.publish import run_publish
+from recap_tasks.stages.validate import run_validate
 from tests.helpers import jpeg, sample, write_tar
 
 
@@ -36,9 +36,9 @@ def _publish_in_child(lake_uri: str, batch_id: str, queue) -> None:
 
 
 def test_concurrent_publishers_both_commit(tmp_path, tiny_model):
-    from recap_tasks.caption import run_caption
-    from recap_tasks.filtering import run_filter
-    from recap_tasks.ingest import ingest
+    from recap_tasks.stages.caption import run_caption
+    from recap_tasks.stages.filter import run_filter
+    from recap_tasks.stages.ingest import ingest
 
     lake = Lake(tmp_path / "lake")
     for shard in range(2):

@@ -7,7 +7,7 @@ import pytest
 from recap_tasks import lake as tables
 from recap_tasks.lake import Lake
 from recap_tasks.pipeline import run_pipeline
-from recap_tasks.publish import run_publish
+from recap_tasks.stages.publish import run_publish
 from recap_tasks.status import lake_status
 
 

@@ -12,12 +12,12 @@ from recap_tasks import lake as tables
 from recap_tasks import progress
 from recap_tasks.config import PAPER_PROMPT, ValidateConfig
 from recap_tasks.errors import ValidationFailed
-from recap_tasks.ingest import ingest
+from recap_tasks.stages.ingest import ingest
 from recap_tasks.lake import Lake
-from recap_tasks.publish import run_publish
+from recap_tasks.stages.publish import run_publish
 from recap_tasks.runs import utcnow
 from recap_tasks.status import lake_status
-from recap_tasks.validate import check_frame, row_checks, run_validate
+from recap_tasks.stages.validate import check_frame, row_checks, run_validate
 from tests.helpers import sample, write_tar
 
 GOOD = ("A brown dog runs across a green park with trees and a wooden bench in the background while "
@@ -151,7 +151,7 @@ def test_a_rerun_adopts_the_quarantine_rows_of_a_validate_killed_before_its_reco
     after the adopting validate started (a validate running alongside, before its record) are not
     its to adopt."""
     from recap_tasks.batches import Batch, all_batches
-    from recap_tasks.validate import _write_quarantine
+    from recap_tasks.stages.validate import _write_quarantine
 
     captions = [GOOD + f" number {i}" for i in range(18)] + [BAD_CAPTIONS["refusal"][0], BAD_CAPTIONS["too_short"][0]]
     config = ValidateConfig(max_refusal_fraction=0.1)
@@ -183,7 +183,7 @@ def test_a_rerun_adopts_the_quarantine_rows_of_a_validate_killed_before_its_reco
 def test_adopting_quarantine_rows_retries_over_a_concurrent_quarantine_commit(tmp_path, monkeypatch):
     """The adopting commit rewrites its shards' quarantine rows: a quarantine row another validate
     commits on those shards between its read and its commit must make it retry, not be overwritten."""
-    from recap_tasks.validate import _write_quarantine
+    from recap_tasks.stages.validate import _write_quarantine
 
     captions = [GOOD + f" number {i}" for i in range(18)] + [BAD_CAPTIONS["refusal"][0], BAD_CAPTIONS["too_short"][0]]
     lake = _crafted_lake(tmp_path, captions)

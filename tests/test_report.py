@@ -8,7 +8,7 @@ import pytest
 from recap_tasks.errors import RecapError
 from recap_tasks.lake import Lake
 from recap_tasks.pipeline import run_pipeline
-from recap_tasks.report import build_report
+from recap_tasks.stages.report import build_report
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from recap_tasks.config import RecapConfig
 from recap_tasks.lake import Lake
 from recap_tasks.maintenance import migrate
 from recap_tasks.pipeline import run_pipeline
-from recap_tasks.publish import run_publish
+from recap_tasks.stages.publish import run_publish
 from recap_tasks.ids import shard_id_for, shard_key
 from recap_tasks.status import lake_status, reconcile
 

@@ -8,14 +8,14 @@ from deltalake import DeltaTable
 
 from recap_tasks import lake as tables
 from recap_tasks.batches import all_batches
-from recap_tasks.caption import run_caption
+from recap_tasks.stages.caption import run_caption
 from recap_tasks.config import ValidateConfig
 from recap_tasks.errors import ValidationFailed
-from recap_tasks.filtering import run_filter
-from recap_tasks.ingest import ingest
+from recap_tasks.stages.filter import run_filter
+from recap_tasks.stages.ingest import ingest
 from recap_tasks.lake import Lake
-from recap_tasks.publish import run_publish
-from recap_tasks.validate import run_validate
+from recap_tasks.stages.publish import run_publish
+from recap_tasks.stages.validate import run_validate
 
 RELEASED = ["url", "re_caption", "org_caption", "sha256", "key", "re_clip_score", "org_clip_score", "re_length",
             "org_length"]

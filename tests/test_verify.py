@@ -94,7 +94,7 @@ def test_a_recaptioned_uid_replaces_its_published_row(clean_lake, tmp_path):
     """Publish replaces a published uid whose caption changed (a predicate overwrite of its shard's
     rows) and leaves every other row as it was."""
     from recap_tasks.batches import Batch, write_uids
-    from recap_tasks.publish import run_publish
+    from recap_tasks.stages.publish import run_publish
 
     lake = _copy(clean_lake, tmp_path)
     before = lake.read("recap").sort_by("uid")

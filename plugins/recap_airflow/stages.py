@@ -71,7 +71,7 @@ def plan(*, source: str, lake: str, shard_limit: int = 0, max_chunks: int, only_
     """
     from recap_tasks.lake import Lake
     from recap_tasks.preflight import check_run
-    from recap_tasks.shards import chunk, list_shards, pending_shards
+    from recap_tasks.shards import chunk, list_shards, shards_to_ingest
 
     check_run(source=source, lake=lake, model=model)
     if run_id and config is not None:
@@ -81,7 +81,7 @@ def plan(*, source: str, lake: str, shard_limit: int = 0, max_chunks: int, only_
 
     limit = shard_limit or None
     dataset = (config or RecapConfig.load()).ingest.dataset
-    shards = pending_shards(Lake(lake), source, limit=limit, dataset=dataset) if only_new \
+    shards = shards_to_ingest(Lake(lake), source, limit=limit, dataset=dataset) if only_new \
         else list_shards(source, limit=limit)
     chunks = chunk(shards, max_chunks=max_chunks)
     log.info("%d shards in %d work units", len(shards), len(chunks))
@@ -100,8 +100,8 @@ def download(*, source: str, source_kind: str, lake: str, dry_run: bool = False)
     from pathlib import Path
 
     from recap_tasks.config import RecapConfig
-    from recap_tasks.download import download as download_metadata
-    from recap_tasks.download import list_metadata
+    from recap_tasks.stages.download import download as download_metadata
+    from recap_tasks.stages.download import list_metadata
     from recap_tasks.errors import RecapError
     from recap_tasks.lake import Lake
     from recap_tasks.shards import split_sources
@@ -127,7 +127,7 @@ def download(*, source: str, source_kind: str, lake: str, dry_run: bool = False)
 @fail_fast
 def ingest(*, shards: list[str], lake: str, run_id: str) -> dict:
     """Ingest one work unit of shards; returns their shard ids for the next stages."""
-    from recap_tasks.ingest import ingest as ingest_sources
+    from recap_tasks.stages.ingest import ingest as ingest_sources
     from recap_tasks.lake import Lake
 
     result = ingest_sources(shards, Lake(lake), run_id=run_id)
@@ -144,7 +144,7 @@ def filter_pairs(*, lake: str, run_id: str, shard_ids: list[str] | None = None,
     (`filter: {executor: local}` in RECAP_CONFIG runs them in the task's process). Other
     settings: RECAP_CONFIG.
     """
-    from recap_tasks.filtering import run_filter
+    from recap_tasks.stages.filter import run_filter
     from recap_tasks.lake import Lake
 
     if profile not in (CONFIG_PROFILE, *FILTER_PROFILES):
@@ -159,7 +159,7 @@ def filter_pairs(*, lake: str, run_id: str, shard_ids: list[str] | None = None,
 @fail_fast
 def validate(*, lake: str, run_id: str) -> dict:
     from recap_tasks.lake import Lake
-    from recap_tasks.validate import run_validate
+    from recap_tasks.stages.validate import run_validate
 
     result = run_validate(Lake(lake), run_id=run_id)
     if result.batch is None:
@@ -170,7 +170,7 @@ def validate(*, lake: str, run_id: str) -> dict:
 @fail_fast
 def publish(*, lake: str, run_id: str) -> dict:
     from recap_tasks.lake import Lake
-    from recap_tasks.publish import run_publish
+    from recap_tasks.stages.publish import run_publish
 
     return run_publish(Lake(lake), batch_id=run_id, run_id=run_id).summary()
 
@@ -182,7 +182,7 @@ def report(*, lake: str, run_id: str | None, validated: dict | None = None) -> d
     `validated`: the run's validate summary; when it holds no batch (nothing new was validated)
     there is nothing to report on: say so, write nothing."""
     from recap_tasks.lake import Lake
-    from recap_tasks.report import build_report
+    from recap_tasks.stages.report import build_report
 
     if validated is not None and validated.get("batch_id") is None:
         note = f"nothing new in run {run_id}: {validated.get('note') or 'no batch validated'}; no report written"

@@ -64,7 +64,7 @@ def make_test_clip_model(out_dir: str | Path, *, seed: int = 0, image_size: int 
     from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
                               CLIPVisionConfig, PreTrainedTokenizerFast)
 
-    from recap_tasks.captioning.test_model import _WORDS
+    from recap_tasks.captioning.tiny_model import _WORDS
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from recap_tasks.errors import RecapError
-# Re-exported for lake.py, validate.py and dags/recap_pipeline.py, which still import them from here
-# (files this change may not edit); new code imports them from recap_tasks.ids.
-from recap_tasks.ids import make_uid, shard_id_for, shard_key  # noqa: F401
 
 SHARD_SUFFIXES = (".tar", ".parquet")
 

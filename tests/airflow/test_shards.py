@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from recap_tasks.ingest import ingest
+from recap_tasks.stages.ingest import ingest
 from recap_tasks.lake import Lake
 from recap_tasks.shards import chunk, list_shards, shards_to_ingest, split_sources
 

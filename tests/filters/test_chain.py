@@ -8,7 +8,7 @@ import pytest
 from recap_tasks import lake as tables
 from recap_tasks.config import FilterConfig, RecapConfig
 from recap_tasks.errors import RecapError
-from recap_tasks.filtering import run_filter
+from recap_tasks.stages.filter import run_filter
 from recap_tasks.filters import FilterDecision, PairFilter
 from recap_tasks.filters.basic import CaptionLengthFilter
 from recap_tasks.filters.chain import build_chain

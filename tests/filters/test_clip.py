@@ -8,7 +8,7 @@ import pytest
 
 from recap_tasks import lake as tables
 from recap_tasks.config import FilterConfig
-from recap_tasks.filtering import run_filter
+from recap_tasks.stages.filter import run_filter
 from recap_tasks.filters import ModelLoadError
 from recap_tasks.filters.chain import decode
 from recap_tasks.filters.clip import ClipScoreFilter, make_test_clip_model

@@ -8,7 +8,7 @@ import pytest
 
 from recap_tasks import lake as tables
 from recap_tasks.config import FilterConfig
-from recap_tasks.filtering import run_filter
+from recap_tasks.stages.filter import run_filter
 from recap_tasks.filters.chain import decode
 from recap_tasks.filters.dedup import hamming, near_pairs, normalise_caption, phash
 from tests.filters.util import by_key, make_lake, photo

@@ -15,7 +15,7 @@ from PIL import Image
 from recap_tasks import lake as tables
 from recap_tasks.captioning import Captioner
 from recap_tasks.config import FilterConfig
-from recap_tasks.filtering import run_filter
+from recap_tasks.stages.filter import run_filter
 from recap_tasks.filters.chain import decode
 from recap_tasks.filters.faces import FaceFilter
 from recap_tasks.images import read_images
@@ -116,7 +116,7 @@ class PixelCaptioner(Captioner):
 
 
 def test_captioning_sees_the_blurred_face(tmp_path):
-    from recap_tasks.caption import run_caption
+    from recap_tasks.stages.caption import run_caption
 
     original = photo("astronaut")
     lake = make_lake(tmp_path, {"00000.tar": [("000000001", "an astronaut in her orange suit with a flag", original)]})

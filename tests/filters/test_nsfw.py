@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from recap_tasks.config import FilterConfig
-from recap_tasks.filtering import run_filter
+from recap_tasks.stages.filter import run_filter
 from recap_tasks.filters import ModelLoadError
 from recap_tasks.filters.chain import decode
 from recap_tasks.filters.nsfw import NsfwFilter

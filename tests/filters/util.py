@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from tests.helpers import sample, write_tar
 
-from recap_tasks.ingest import ingest
+from recap_tasks.stages.ingest import ingest
 from recap_tasks.lake import Lake
 
 

@@ -39,7 +39,7 @@ from recap_tasks.fetch import Fetcher, FetchFailed, FetchPolicy
 from recap_tasks.files import atomic_path, write_atomic
 from recap_tasks.readers import expand_files
 from recap_tasks.readers.parquet import pick_column
-from recap_tasks.runs import progress, utcnow
+from recap_tasks.runs import progress_bar, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +135,12 @@ def download(sources: list[str], out: str | os.PathLike[str], *, config: Downloa
     result.skipped = len(done)
     log.info("download into %s: %d shards, %d done before, %d to do", out_dir, len(jobs), len(done), len(todo))
     if config.processes == 1 or len(todo) <= 1:
-        for job in progress(todo, desc="download", unit="shard"):
+        for job in progress_bar(todo, desc="download", unit="shard"):
             done[job.name] = download_shard(job, config)
     else:
         with ProcessPoolExecutor(max_workers=min(config.processes, len(todo)), mp_context=get_context("spawn")) as pool:
             futures = [pool.submit(download_shard, job, config) for job in todo]
-            for future in progress(as_completed(futures), desc="download", unit="shard", total=len(futures)):
+            for future in progress_bar(as_completed(futures), desc="download", unit="shard", total=len(futures)):
                 stats = future.result()
                 done[stats["shard"]] = stats
     result.shards = [done[j.name] for j in jobs]

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recap_tasks import lake as tables
-from recap_tasks import progress as shard_progress
+from recap_tasks import progress
 from recap_tasks.blur import store_blurred
 from recap_tasks.config import FilterConfig, RecapConfig
 from recap_tasks.errors import RecapError
@@ -28,7 +28,7 @@ from recap_tasks.filters import dedup_index
 from recap_tasks.filters.chain import build_chain, run_corpus, run_rows
 from recap_tasks.filters.dedup import ImageDedupFilter
 from recap_tasks.lake import Lake, not_in
-from recap_tasks.runs import new_run_id, progress, utcnow
+from recap_tasks.runs import new_run_id, progress_bar, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,13 @@ def run_filter(lake: Lake, *, config: FilterConfig | None = None, run_id: str | 
     config = config or RecapConfig.load().filter
     run_id = run_id or new_run_id()
     if shard_ids is not None:
-        shard_progress.require_known(lake, shard_ids)
+        progress.require_known(lake, shard_ids)
     # The chain is built and checked (files, filter names, model paths) even when nothing is
     # pending: a setting that cannot work fails the first scheduled run, not the first with data.
     driver_chain = chain if chain is not None else build_chain(config)
     for flt in driver_chain:
         flt.check()
-    targets = sorted(set(shard_ids)) if shard_ids is not None else shard_progress.pending_shards(lake, "filter")
+    targets = sorted(set(shard_ids)) if shard_ids is not None else progress.pending_shards(lake, "filter")
     pairs = lake.read(tables.PAIRS, _COLUMNS, shards=targets)
     judged = lake.read(tables.FILTER_RESULTS, ["uid", "kept", "phash"], shards=targets)
     # Before judging anything against the index: kept rows of a run that died after committing its
@@ -94,7 +94,7 @@ def run_filter(lake: Lake, *, config: FilterConfig | None = None, run_id: str | 
     result = FilterResult(run_id, rows_in=pending.num_rows)
     if pending.num_rows == 0:
         # Verdicts may have been committed by a run that died before recording them.
-        shard_progress.record(lake, "filter", targets, run_id=run_id)
+        progress.record(lake, "filter", targets, run_id=run_id)
         log.info("filter %s: nothing to filter", run_id)
         return result
     shards = {s: pending.filter(pc.equal(pending.column("shard_id"), s))
@@ -116,7 +116,7 @@ def run_filter(lake: Lake, *, config: FilterConfig | None = None, run_id: str | 
     lake.insert_new(tables.FILTER_RESULTS, verdicts)
     dedup_index.add_kept(lake, verdicts, dict(zip(pending.column("uid").to_pylist(),
                                                   pending.column("sha256").to_pylist())), config.max_phash_distance)
-    shard_progress.record(lake, "filter", [s for s in targets if s not in result.failed_shards], run_id=run_id)
+    progress.record(lake, "filter", [s for s in targets if s not in result.failed_shards], run_id=run_id)
     summary = {**result.summary(), "seconds": result.seconds, "shards": sorted(outputs), "chain": config.chain}
     lake.write_json(f"_runs/{run_id}/filter_summary.json" if shard_ids is None else
                     f"_runs/{run_id}/filter_summary-{_short_hash(sorted(shard_ids))}.json", summary)
@@ -153,7 +153,7 @@ def _index_unindexed(lake: Lake, pairs: pa.Table, judged: pa.Table, config: Filt
 def _run_shards(shards: dict[str, pa.Table], config: FilterConfig, chain: list[PairFilter] | None,
                 result: FilterResult):
     """Yield (shard id, output) as shards finish; failures go to result.failed_shards."""
-    bar = progress(desc="filter", total=len(shards), unit="shard")
+    bar = progress_bar(desc="filter", total=len(shards), unit="shard")
     if config.executor == "local":
         import os
 

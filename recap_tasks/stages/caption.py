@@ -18,14 +18,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recap_tasks import lake as tables
-from recap_tasks import progress as shard_progress
+from recap_tasks import progress
 from recap_tasks.captioning import Captioner, load_captioner
 from recap_tasks.config import CaptionConfig, RecapConfig
 from recap_tasks.errors import RecapError
 from recap_tasks.hygiene import clean_caption, distinct_ngram_ratio, echoes_prompt, is_refusal
 from recap_tasks.images import open_rgb, read_images
 from recap_tasks.lake import Lake, not_in
-from recap_tasks.runs import new_run_id, progress, utcnow
+from recap_tasks.runs import new_run_id, progress_bar, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def pending_pairs(lake: Lake, shard_ids: list[str] | None = None) -> pa.Table:
     """Pairs the filter kept that have no caption and no rejection yet, in `shard_ids` (default:
     the shards the progress records show pending). Reads only those shards' partitions."""
     if shard_ids is None:
-        shard_ids = shard_progress.pending_shards(lake, "caption")
+        shard_ids = progress.pending_shards(lake, "caption")
     verdicts = lake.read(tables.FILTER_RESULTS, ["uid", "kept"], shards=shard_ids)
     kept = verdicts.filter(pc.fill_null(verdicts.column("kept"), False)).column("uid")
     pairs = lake.read(tables.PAIRS, _POINTER, shards=shard_ids)
@@ -80,17 +80,17 @@ def run_caption(lake: Lake, *, model: str | None = None, captioner: Captioner | 
     config = config or RecapConfig.load().caption
     run_id = run_id or new_run_id()
     if shard_ids is not None:
-        shard_progress.require_known(lake, shard_ids)
+        progress.require_known(lake, shard_ids)
     if captioner is None and model is not None:
         from recap_tasks.preflight import check_model
 
         check_model(model)  # a missing model folder fails even when nothing is pending
-    targets = sorted(set(shard_ids)) if shard_ids is not None else shard_progress.pending_shards(lake, "caption")
+    targets = sorted(set(shard_ids)) if shard_ids is not None else progress.pending_shards(lake, "caption")
     pending = pending_pairs(lake, targets)
     result = CaptionResult(run_id, pending=pending.num_rows)
     if pending.num_rows == 0:
         # Captions may have been committed by a run that died before recording them.
-        shard_progress.record(lake, "caption", targets, run_id=run_id)
+        progress.record(lake, "caption", targets, run_id=run_id)
         log.info("caption %s: nothing to caption", run_id)
         return result
     if captioner is not None:
@@ -111,7 +111,7 @@ def _caption(lake: Lake, captioner: Captioner, config: CaptionConfig, run_id: st
     prov = captioner.provenance()
     batch_size = captioner.batch_size or config.batch_size
     backoff = _Backoff(captioner, batch_size)
-    bar = progress(desc="caption", total=pending.num_rows, unit="img")
+    bar = progress_bar(desc="caption", total=pending.num_rows, unit="img")
     with ThreadPoolExecutor(max_workers=config.decode_workers, thread_name_prefix="recap-decode") as pool:
         for shard_id in sorted(set(pending.column("shard_id").to_pylist())):
             rows = _by_expected_length(pending.filter(pc.equal(pending.column("shard_id"), shard_id)))
@@ -126,11 +126,11 @@ def _caption(lake: Lake, captioner: Captioner, config: CaptionConfig, run_id: st
                     result.captioned += _commit(lake, part, rejects, result)
                     part, rejects = [], []
             result.captioned += _commit(lake, part, rejects, result)
-            shard_progress.record(lake, "caption", [shard_id], run_id=run_id)
+            progress.record(lake, "caption", [shard_id], run_id=run_id)
             result.shards.append(shard_id)
     bar.close()
     # Shards that had nothing left to caption (finished by a run that died before recording).
-    shard_progress.record(lake, "caption", [s for s in targets if s not in set(result.shards)], run_id=run_id)
+    progress.record(lake, "caption", [s for s in targets if s not in set(result.shards)], run_id=run_id)
     result.oom_splits = backoff.splits
     log.info("caption %s: %s", run_id, result.summary())
     return result

@@ -23,14 +23,14 @@ from deltalake import CommitProperties
 
 from recap_tasks import lake as tables
 from recap_tasks import schemas
-from recap_tasks import progress as shard_progress
+from recap_tasks import progress
 from recap_tasks.batches import Batch, candidate_rows, recorded_ids, write_uids
 from recap_tasks.config import RecapConfig, ValidateConfig
 from recap_tasks.errors import ValidationFailed
 from recap_tasks.filters.language import english_scorer
 from recap_tasks.hygiene import distinct_ngram_ratio, echoes_prompt, is_refusal
 from recap_tasks.lake import Lake, bucket_transactions, conform, not_in
-from recap_tasks.readers import shard_key
+from recap_tasks.ids import shard_key
 from recap_tasks.runs import new_run_id, utcnow
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,8 @@ def run_validate(lake: Lake, *, config: ValidateConfig | None = None, run_id: st
     run_id = run_id or new_run_id()
     started = utcnow()  # quarantine rows of unrecorded batches older than this are adopted
     if shard_ids is not None:
-        shard_progress.require_known(lake, shard_ids)
-    targets = sorted(set(shard_ids)) if shard_ids is not None else shard_progress.pending_shards(lake, "publish")
+        progress.require_known(lake, shard_ids)
+    targets = sorted(set(shard_ids)) if shard_ids is not None else progress.pending_shards(lake, "publish")
     rows = candidate_rows(lake, targets)
     if rows.num_rows == 0:
         where = lake.uri if shard_ids is None else \

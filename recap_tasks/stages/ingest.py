@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recap_tasks import lake as tables
-from recap_tasks import progress as shard_progress
+from recap_tasks import progress
 from recap_tasks.config import IngestConfig, RecapConfig
 from recap_tasks.errors import RecapError
 from recap_tasks.ids import make_uid, shard_id_for
@@ -25,7 +25,7 @@ from recap_tasks.lake import Lake, sql_list
 from recap_tasks.readers import RawSample, ShardReport, expand_sources
 from recap_tasks.readers.parquet import ParquetReader
 from recap_tasks.readers.webdataset import WebDatasetReader
-from recap_tasks.runs import new_run_id, progress, utcnow
+from recap_tasks.runs import new_run_id, progress_bar, utcnow
 from recap_tasks.shards import ingest_records, is_ingested
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def ingest(sources: list[str], lake: Lake, *, config: IngestConfig | None = None
     # One read of the small progress table for the whole call, not one per shard.
     done = ingest_records(lake, shards, config.dataset)
     results = []
-    for path in progress(shards, desc="ingest", unit="shard"):
+    for path in progress_bar(shards, desc="ingest", unit="shard"):
         previous = done.get(shard_id_for(path, config.dataset))
         results.append(ingest_shard(path, lake, config=config, run_id=run_id, force=force, previous=previous))
     out = IngestResult(run_id, results)
@@ -118,7 +118,7 @@ def ingest_shard(path: Path, lake: Lake, *, config: IngestConfig, run_id: str, f
         result.download_failed = _record_download_failures(lake, path, shard_id, run_id, shard_rows.now,
                                                            rewritten=bool(previous))
     # Recorded last: a shard is done only once both tables hold its rows.
-    shard_progress.record(lake, "ingest", [shard_id], run_id=run_id, sources={shard_id: {
+    progress.record(lake, "ingest", [shard_id], run_id=run_id, sources={shard_id: {
         "source_uri": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
         "truncated": report.truncated, "detail": report.detail}})
     return result
@@ -213,7 +213,7 @@ def _record_download_failures(lake: Lake, path: Path, shard_id: str, run_id: str
         # the ones in its parquet; a retried sample that succeeded is a pair, not a rejection.
         lake.delete(tables.REJECTED, [shard_id], "stage = 'download'")
     lake.insert_new(tables.REJECTED, pa.Table.from_pylist(failed, schema=tables.schemas.REJECTED.arrow))
-    shard_progress.record(lake, "download", [shard_id], run_id=run_id)
+    progress.record(lake, "download", [shard_id], run_id=run_id)
     return len(failed)
 
 

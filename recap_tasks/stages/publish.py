@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recap_tasks import lake as tables
-from recap_tasks import progress as shard_progress
+from recap_tasks import progress
 from recap_tasks.batches import Batch, all_batches, candidate_rows, read_uids
 from recap_tasks.errors import RecapError, ValidationFailed
 from recap_tasks.lake import CommitFailedError, Lake, conform
@@ -104,6 +104,6 @@ def _pick(lake: Lake, batch_id: str | None) -> Batch:
 
 
 def _mark(lake: Lake, batch: Batch, version: int | None, run_id: str) -> None:
-    shard_progress.record(lake, "publish", batch.shards, run_id=run_id)
+    progress.record(lake, "publish", batch.shards, run_id=run_id)
     batch.published, batch.published_version = True, version
     batch.save(lake)
