@@ -77,12 +77,37 @@ FORM_FIELDS = ("Source", "Shard limit", "Source kind", "Lake", "Captioning model
                "Runner", "Dry run")
 
 
+def _fresh_shard(path):
+    """Four photos of noise (each its own pHash) with English captions of their own."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.helpers import sample, write_tar
+
+    rng = np.random.default_rng(2026)
+    colours = ["red", "green", "blue", "yellow"]
+    members = []
+    for i, colour in enumerate(colours):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+        members += sample(f"{i:09d}", f"a grainy photograph of {colour} static noise on an old television screen",
+                          image=buf.getvalue())
+    return write_tar(path, members)
+
+
 @pytest.fixture(scope="module")
-def form_run(browser, airflow_services, sample_shards) -> dict:
+def form_run(browser, airflow_services, sample_shards, tmp_path_factory) -> dict:
     """recap_pipeline triggered from its form in the browser: the source and batch size typed in,
     every other field left at its default (the lake is RECAP_LAKE, whose reports the UI serves).
-    Returns the form's text, what was typed, and the finished run (REST, with its task states)."""
+    The source is a shard of images no other test puts in that lake (the corpus dedup would drop
+    copies of the sample shards the REST test published), so the run has rows to publish whatever
+    ran before it. Returns the form's text, what was typed, and the finished run (REST, with its
+    task states)."""
     from selenium.webdriver.common.by import By
+
+    source = _fresh_shard(tmp_path_factory.mktemp("form-shards") / "00000.tar")
 
     af = airflow_services
     _login(browser, af)
@@ -90,7 +115,7 @@ def form_run(browser, airflow_services, sample_shards) -> dict:
     _wait_text(browser, By.TAG_NAME, "body", "recap_pipeline")
     _wait_for(browser, By.CSS_SELECTOR, "button[aria-label='Trigger Dag']").click()
     form = _wait_text(browser, By.TAG_NAME, "body", "Run Parameters")
-    typed = {"source": str(sample_shards / "00001.tar"), "batch_size": 4}
+    typed = {"source": str(source), "batch_size": 4}
     _type(browser, By.ID, "element_source", typed["source"])
     _type(browser, By.NAME, "element_batch_size", str(typed["batch_size"]))
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
