@@ -38,7 +38,7 @@ SCHEDULE = os.environ.get("RECAP_INCREMENTAL_SCHEDULE", "@hourly")
     params={
         "source": Param(os.environ.get("RECAP_INCREMENTAL_SOURCE", ""), type="string", title="Source",
                         description="Folder or glob that new shards land in (RECAP_INCREMENTAL_SOURCE)"),
-        "shard_limit": Param(0, type="integer", minimum=0, title="Shard limit",
+        "shard_limit": Param(0, type=["null", "integer"], minimum=0, title="Shard limit",
                              description="At most this many new shards per run (0: all); the rest wait"),
         **common_params(scheduled=True),
     },

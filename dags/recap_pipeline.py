@@ -29,10 +29,10 @@ FACTORY = CaptionRunnerFactory()
         "source": Param("", type="string", minLength=1, title="Source",
                         description="Folder, glob or file(s) of webdataset .tar or .parquet shards, or of URL "
                                     "metadata with source kind 'metadata' (comma-separated)"),
-        "shard_limit": Param(0, type="integer", minimum=0, title="Shard limit",
+        "shard_limit": Param(0, type=["null", "integer"], minimum=0, title="Shard limit",
                              description="Process at most this many shards (0: all)"),
         **common_params(),
-        "dry_run": Param(False, type="boolean", title="Dry run",
+        "dry_run": Param(False, type=["null", "boolean"], title="Dry run",
                          description="Only list the shards and render the caption pod; write nothing"),
     },
 )

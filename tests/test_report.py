@@ -129,3 +129,38 @@ def test_report_images_render_in_a_browser(coco_report, tmp_path):
         driver.save_screenshot(str(out / "report-samples.png"))
     finally:
         driver.quit()
+
+
+def test_run_report_says_its_model_is_the_random_test_model(demo_lake, tiny_model):
+    """The tiny model's captions are noise: the report says so beside the paper's figures."""
+    assert (tiny_model / "RECAP_TEST_MODEL.json").is_file()
+    page = open(demo_lake[1]["report"]).read()
+    assert "<b>Test model.</b>" in page and str(tiny_model) in page
+    assert "paper: ~10 vs ~49 (LLaVA-1.5-LLaMA3-8B; this run used the random test model)" in page
+
+
+def test_trend_labels_name_the_run_not_a_cut_timestamp():
+    from recap_tasks.stages.report import run_label
+
+    assert run_label("manual__2026-12-05T13:26:24.591638+00:00") == "manual 12-05 13:26:24"
+    assert run_label("scheduled__2026-12-05T13:00:00+00:00") == "scheduled 12-05 13:00:00"
+    assert run_label("r1") == "r1"
+    assert run_label("x" * 40) == "x" * 23 + "\u2026"
+
+
+def test_data_docs_need_no_network(demo_lake):
+    """GX's Data Docs load Bootstrap, jQuery and more from CDNs: the pages in the lake use local copies
+    of what they need instead (static/recap/), so nothing is fetched from outside."""
+    lake, _ = demo_lake
+    docs = lake.root / "_reports" / "data_docs"
+    pages = sorted(docs.rglob("*.html"))
+    assert len(pages) >= 3  # index, expectation suite, validation result
+    fetched = re.compile(r"""<(?:link|script|img)\b[^>]*\b(?:href|src)=["']https?://""", re.I)
+    for page in pages:
+        text = page.read_text()
+        assert not fetched.search(text), page
+        assert not re.search(r"url\(\s*['\"]?https?://", text), page
+        root = "../" * (len(page.relative_to(docs).parts) - 1)
+        assert f'href="{root}static/recap/offline.css"' in text and f'src="{root}static/recap/offline.js"' in text
+    assert (docs / "static" / "recap" / "offline.css").stat().st_size > 1000
+    assert (docs / "static" / "images" / "logo-long.png").is_file()

@@ -42,6 +42,7 @@ td,th{border-bottom:1px solid #e4e7eb;padding:.35rem .5rem;text-align:left;verti
 .ok{color:#2f8132;font-weight:600} .bad{color:#c62828;font-weight:600} img{max-width:100%}
 .thumb{width:160px;min-width:160px;max-width:160px;max-height:160px;object-fit:contain;border-radius:4px}
 .plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(480px,1fr));gap:1rem}
+.warn{background:#fff3c4;border-left:4px solid #f0b429;padding:.6rem .8rem}
 """
 
 
@@ -149,8 +150,9 @@ def _run_page(lake: Lake, batch: Batch) -> str:
         f"<h1>Recap quality report: {html.escape(batch.batch_id)}</h1>",
         f"<p class=muted>Validated {html.escape(batch.validated_at)} · lake {html.escape(lake.uri)} · "
         f"figures over the {source} · <a href='../../index.html'>all runs</a></p>",
+        _test_model_note(rows),
         _cards(batch, metrics, status, org_len, re_len),
-        "<h2>Recaptions against originals</h2>", _paper_table(metrics),
+        "<h2>Recaptions against originals</h2>", _paper_table(metrics, test_model=bool(test_models(rows))),
         "<h2>Distributions</h2><div class=plots>" + _plots(rows, status, org_len, re_len) + "</div>",
         "<h2>Sample rows</h2>", _samples_table(samples, thumbs, hal_of),
         "<h2>Worst rows</h2>",
@@ -210,7 +212,34 @@ def _clip_evaluation_section(lake: Lake) -> str:
     return "" if result is None else "<h2>CLIP trained on this lake</h2>" + clip_section_html(result)
 
 
-def _paper_table(m: dict) -> str:
+TEST_MODEL_MARKER = "RECAP_TEST_MODEL.json"  # written by captioning/tiny_model.py beside its weights
+
+
+def test_models(rows) -> list[str]:
+    """The models of `rows` that are the tiny random test model (a local folder holding its marker)."""
+    from pathlib import Path
+
+    names = set(rows.column("model").to_pylist()) if "model" in rows.column_names else set()
+    found = []
+    for name in sorted(n for n in names if n):
+        try:
+            if (Path(name) / TEST_MODEL_MARKER).is_file():
+                found.append(name)
+        except OSError:
+            continue
+    return found
+
+
+def _test_model_note(rows) -> str:
+    models = test_models(rows)
+    if not models:
+        return ""
+    return ("<p class=warn><b>Test model.</b> These captions come from the tiny randomly initialised test model "
+            f"({html.escape(', '.join(models))}; see its {TEST_MODEL_MARKER}): they are meaningless words, so the "
+            "comparisons with the paper below say nothing about a real captioner.</p>")
+
+
+def _paper_table(m: dict, *, test_model: bool = False) -> str:
     """The Recap-DataComp-1B paper's comparisons, and the hygiene and hallucination rates."""
     v, w, h = m["vocabulary"], m["clip_win_rate"], m["hygiene"]
     hal, hal_org = m["hallucination"], m["hallucination_original"]
@@ -221,7 +250,7 @@ def _paper_table(m: dict) -> str:
     lines = [
         ("mean / median words", f"{mean(m['length']['original']['mean'])} / {m['length']['original']['median']}",
          f"{mean(m['length']['recaption']['mean'])} / {m['length']['recaption']['median']}",
-         "paper: ~10 vs ~49"),
+         "paper: ~10 vs ~49" + (" (LLaVA-1.5-LLaMA3-8B; this run used the random test model)" if test_model else "")),
         ("vocabulary (distinct words)", v["original"], v["recaption"], f"union {v['union']}"),
         ("coverage of the joint vocabulary", _pct(v["original_coverage"]), _pct(v["recaption_coverage"]),
          "paper: recaptions cover 82.86%"),
@@ -377,13 +406,29 @@ def _plot_funnel(status: dict) -> str:
     return _img(plt, fig, "filter funnel", layout=False)
 
 
+def run_label(run_id: str) -> str:
+    """A short axis label for a run id: `manual__2026-12-05T13:26:24.591638+00:00` -> `manual 12-05 13:26:24`."""
+    import re
+
+    m = re.match(r"^([A-Za-z_]+?)_*(\d{4})-(\d\d-\d\d)[T ](\d\d:\d\d(?::\d\d)?)", run_id)
+    if m:
+        return f"{m.group(1).strip('_')} {m.group(3)} {m.group(4)}".strip()
+    return run_id if len(run_id) <= 24 else run_id[:23] + "\u2026"
+
+
+# Distinct markers and line styles: equal series (rows checked = published) stay visible.
+_STYLES = [dict(marker="o", linestyle="-"), dict(marker="s", linestyle="--", markerfacecolor="none"),
+           dict(marker="^", linestyle=":"), dict(marker="D", linestyle="-.", markerfacecolor="none"),
+           dict(marker="v", linestyle=(0, (5, 1)))]
+
+
 def _plot_trends(lake: Lake, batches: list[Batch]) -> str:
     plt, fig, ax = _figure()
-    names = [b.batch_id[-18:] for b in batches]
+    names = [run_label(b.batch_id) for b in batches]
     x = np.arange(len(batches))
-    ax.plot(x, [b.rows for b in batches], marker="o", label="rows checked")
-    ax.plot(x, [b.rows - b.quarantined if b.success else 0 for b in batches], marker="o", label="published")
-    ax.plot(x, [b.quarantined for b in batches], marker="o", label="quarantined")
+    ax.bar(x, [b.rows for b in batches], color="#d9e2ec", label="rows checked")
+    ax.plot(x, [b.rows - b.quarantined if b.success else 0 for b in batches], label="published", **_STYLES[0])
+    ax.plot(x, [b.quarantined for b in batches], label="quarantined", **_STYLES[1])
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("rows")
     ax.set_title("Runs over time")
@@ -403,12 +448,14 @@ def _plot_quality_trends(lake: Lake, batches: list[Batch]) -> str:
     def series(get):
         return [np.nan if get(m) is None else 100 * get(m) for _, m in runs]
 
-    ax.plot(x, series(lambda m: m["vocabulary"]["recaption_coverage"]), marker="o", label="recaption vocabulary coverage %")
-    ax.plot(x, series(lambda m: m["clip_win_rate"]["rate"]), marker="o", label="CLIP win rate %")
-    ax.plot(x, series(lambda m: m["hallucination"]["chair_s"]), marker="o", label="CHAIR-s %")
-    ax.plot(x, [m["length"]["recaption"]["mean"] or np.nan for _, m in runs], marker="s", label="mean words, recaption")
-    ax.plot(x, [m["length"]["original"]["mean"] or np.nan for _, m in runs], marker="s", label="mean words, original")
-    ax.set_xticks(x, [b.batch_id[-18:] for b, _ in runs], rotation=30, ha="right", fontsize=7)
+    lines = [(series(lambda m: m["vocabulary"]["recaption_coverage"]), "recaption vocabulary coverage %"),
+             (series(lambda m: m["clip_win_rate"]["rate"]), "CLIP win rate %"),
+             (series(lambda m: m["hallucination"]["chair_s"]), "CHAIR-s %"),
+             ([m["length"]["recaption"]["mean"] or np.nan for _, m in runs], "mean words, recaption"),
+             ([m["length"]["original"]["mean"] or np.nan for _, m in runs], "mean words, original")]
+    for (values, label), style in zip(lines, _STYLES):
+        ax.plot(x, values, label=label, **style)
+    ax.set_xticks(x, [run_label(b.batch_id) for b, _ in runs], rotation=30, ha="right", fontsize=7)
     ax.set_title("Caption quality over runs")
     ax.legend(fontsize=7)
     return _img(plt, fig, "caption quality trends")

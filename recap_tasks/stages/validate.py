@@ -10,6 +10,7 @@ is refused: nothing is published or quarantined.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -242,6 +243,7 @@ def check_frame(df: pd.DataFrame, config: ValidateConfig, *, name: str = "batch"
                     quarantine.setdefault(uid, []).append(name)
     report = None
     if docs_dir is not None:
+        offline_data_docs(docs_dir)
         pages = sorted(docs_dir.glob("validations/**/*.html"))
         report = str(docs_dir / "index.html") if not pages else str(max(pages, key=lambda p: p.stat().st_mtime))
     return results, quarantine, report
@@ -334,3 +336,159 @@ def _plain(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     return value
+
+
+# Data Docs without a network: GX's pages load Bootstrap, jQuery, bootstrap-table, Font Awesome and
+# Vega from public CDNs, and its logo from S3; none of them ships in the great_expectations package
+# (only its own styles, fonts and images, which the site builder copies to static/). On an offline
+# cluster those fetches hang and the page renders unstyled, with an empty index. So every page is
+# rewritten to use what the lake holds: the external tags go, a small stylesheet (the Bootstrap
+# classes GX's pages use) and a small script (the jQuery/bootstrap-table calls they make: tables
+# from their data, tabs, collapse) are written to static/recap/, the logo comes from static/images.
+_EXTERNAL_TAG = re.compile(r"""<(?:link|script)\b[^>]*\b(?:href|src)=["']https?://[^>]*>(?:\s*</script>)?""", re.I)
+_EXTERNAL_IMG = re.compile(r"""(<img\b[^>]*\bsrc=)["']https?://[^"']*logo-long\.png[^"']*["']""", re.I | re.S)
+_OFFLINE_MARK = "static/recap/offline.css"
+
+_OFFLINE_CSS = """
+*,::after,::before{box-sizing:border-box}
+body{margin:0;font-family:system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;font-size:1rem;
+ line-height:1.5;color:#212529;background:#fff}
+a{color:#007bff;text-decoration:none}a:hover{text-decoration:underline}
+h1,h2,h3,h4,h5,h6,.h1,.h2,.h3,.h4,.h5,.h6{margin:0 0 .5rem;font-weight:500;line-height:1.2}
+h1,.h1{font-size:2.2rem}h2,.h2{font-size:1.8rem}h3,.h3{font-size:1.5rem}h4,.h4{font-size:1.3rem}
+h5,.h5{font-size:1.1rem}h6,.h6{font-size:1rem}p{margin:0 0 1rem}
+.container,.container-fluid{width:100%;padding-right:15px;padding-left:15px;margin-right:auto;margin-left:auto}
+.row{display:flex;flex-wrap:wrap;margin-right:-15px;margin-left:-15px}
+[class*="col-"],.col{position:relative;width:100%;padding-right:15px;padding-left:15px}
+.col-12{flex:0 0 100%;max-width:100%}.col-6{flex:0 0 50%;max-width:50%}
+@media(min-width:768px){.col-md-2{flex:0 0 16.66%;max-width:16.66%}.col-md-3{flex:0 0 25%;max-width:25%}
+ .col-md-4{flex:0 0 33.33%;max-width:33.33%}.col-md-6{flex:0 0 50%;max-width:50%}.col-md-8{flex:0 0 66.66%;max-width:66.66%}
+ .col-md-9{flex:0 0 75%;max-width:75%}.col-md-10{flex:0 0 83.33%;max-width:83.33%}.col-md-12{flex:0 0 100%;max-width:100%}}
+@media(min-width:992px){.col-lg-2{flex:0 0 16.66%;max-width:16.66%}.col-lg-10{flex:0 0 83.33%;max-width:83.33%}}
+.table{width:100%;margin-bottom:1rem;border-collapse:collapse}
+.table td,.table th,table.table-sm td,table.table-sm th{padding:.3rem .5rem;vertical-align:top;border-top:1px solid #dee2e6;text-align:left}
+.table thead th{border-bottom:2px solid #dee2e6}.table-responsive{display:block;width:100%;overflow-x:auto}
+.badge{display:inline-block;padding:.25em .4em;font-size:75%;font-weight:700;line-height:1;border-radius:.25rem;
+ white-space:nowrap}
+.badge-secondary{color:#fff;background:#6c757d}.badge-info{color:#fff;background:#17a2b8}
+.badge-danger{color:#fff;background:#dc3545}.badge-success{color:#fff;background:#28a745}
+.alert{position:relative;padding:.5rem 1rem;margin-bottom:1rem;border:1px solid transparent;border-radius:.25rem}
+.alert-secondary{color:#383d41;background:#e2e3e5;border-color:#d6d8db}
+.alert-danger{color:#721c24;background:#f8d7da}.alert-success{color:#155724;background:#d4edda}
+.card{position:relative;display:flex;flex-direction:column;min-width:0;background:#fff;border:1px solid rgba(0,0,0,.125);
+ border-radius:.25rem;margin-bottom:1rem}
+.card-header{padding:.75rem 1.25rem;background:rgba(0,0,0,.03);border-bottom:1px solid rgba(0,0,0,.125)}
+.card-body{flex:1 1 auto;padding:1rem 1.25rem}
+.navbar{position:relative;display:flex;flex-wrap:wrap;align-items:center;justify-content:space-between;padding:.5rem 1rem;
+ background:#fff}
+.navbar-brand{display:inline-block;margin-right:1rem}
+.nav{display:flex;flex-wrap:wrap;padding-left:0;margin-bottom:0;list-style:none}.nav-link{display:block;padding:.4rem .8rem}
+.nav-pills .nav-link.active{color:#fff;background:#007bff;border-radius:.25rem}
+.flex-column{flex-direction:column!important}
+.tab-content>.tab-pane{display:none}.tab-content>.active{display:block}
+.collapse:not(.show){display:none}
+.breadcrumb{display:flex;flex-wrap:wrap;padding:.5rem 1rem;margin-bottom:1rem;list-style:none;background:#e9ecef;border-radius:.25rem}
+.breadcrumb-item+.breadcrumb-item::before{display:inline-block;padding:0 .5rem;color:#6c757d;content:"/"}
+.btn{display:inline-block;font-weight:400;text-align:center;border:1px solid transparent;padding:.3rem .7rem;
+ font-size:.9rem;border-radius:.25rem;cursor:pointer;background:#f8f9fa}
+.btn-primary{color:#fff;background:#007bff}.btn-secondary{color:#fff;background:#6c757d}.btn-sm{font-size:.8rem}
+.list-group{display:flex;flex-direction:column;padding-left:0;margin-bottom:0}
+.list-group-item{display:block;padding:.5rem 1rem;border:1px solid rgba(0,0,0,.125)}
+.sticky-top{position:sticky;top:0;z-index:1020}.border-bottom{border-bottom:1px solid #dee2e6!important}
+.d-none{display:none!important}.d-flex{display:flex!important}.d-block{display:block!important}
+@media(min-width:576px){.d-sm-block{display:block!important}}
+.float-left{float:left}.float-right{float:right}.align-items-center{align-items:center}
+.justify-content-between{justify-content:space-between}.w-100{width:100%}.h-100{height:100%}
+.rounded{border-radius:.25rem}.bg-light{background:#f8f9fa!important}.shadow-sm{box-shadow:0 .1rem .25rem rgba(0,0,0,.08)}
+.text-success{color:#28a745!important}.text-danger{color:#dc3545!important}.text-muted{color:#6c757d!important}
+.text-center{text-align:center}.text-right{text-align:right}
+.m-0{margin:0!important}.mt-0{margin-top:0!important}.mb-0{margin-bottom:0!important}.mr-0{margin-right:0!important}
+.mt-1{margin-top:.25rem!important}.mb-1{margin-bottom:.25rem!important}.ml-1{margin-left:.25rem!important}
+.mr-1{margin-right:.25rem!important}.mt-2{margin-top:.5rem!important}.mb-2{margin-bottom:.5rem!important}
+.ml-2{margin-left:.5rem!important}.mr-2{margin-right:.5rem!important}.mb-3{margin-bottom:1rem!important}
+.mb-4{margin-bottom:1.5rem!important}.mr-auto{margin-right:auto!important}
+.p-0{padding:0!important}.p-1{padding:.25rem!important}.p-2{padding:.5rem!important}.p-3{padding:1rem!important}
+.px-0{padding-left:0!important;padding-right:0!important}.pt-0{padding-top:0!important}.pb-0{padding-bottom:0!important}
+.pb-1{padding-bottom:.25rem!important}.pt-4{padding-top:1.5rem!important}.pb-4{padding-bottom:1.5rem!important}
+.pl-5{padding-left:3rem!important}.pr-5{padding-right:3rem!important}.pr-3{padding-right:1rem!important}
+@media(min-width:576px){.pl-sm-3{padding-left:1rem!important}}
+@media(min-width:768px){.pl-md-4{padding-left:1.5rem!important}.pr-md-3{padding-right:1rem!important}}
+.fas,.far,.fa{font-style:normal}.fa-check-circle::before{content:"\\2714";color:#28a745}
+.fa-times::before,.fa-times-circle::before{content:"\\2718";color:#dc3545}
+.fa-exclamation-triangle::before{content:"\\26A0"}.fa-info-circle::before{content:"\\2139"}
+.ge-walkthrough-modal,.modal{display:none}
+tr.clickable-row{cursor:pointer}tr.clickable-row:hover{background:#f1f3f5}
+"""
+
+_OFFLINE_JS = """
+(function () {
+  // The few jQuery / Bootstrap / bootstrap-table calls Great Expectations' pages make, without them.
+  function render(table, opts) {
+    var cols = (opts.columns || []).filter(function (c) { return c.visible !== false && c.visible !== 'false'; });
+    var head = '<thead><tr>' + cols.map(function (c) { return '<th>' + (c.title || '') + '</th>'; }).join('') +
+      '</tr></thead>';
+    var rows = (opts.data || []).map(function (row) {
+      var link = row._table_row_link_path;
+      return '<tr' + (link ? ' class="clickable-row" data-href="' + link + '"' : '') + '>' +
+        cols.map(function (c) { var v = row[c.field]; return '<td>' + (v == null ? '' : v) + '</td>'; }).join('') +
+        '</tr>';
+    });
+    table.classList.add('table');
+    table.innerHTML = head + '<tbody>' + rows.join('') + '</tbody>';
+    table.querySelectorAll('tr[data-href]').forEach(function (tr) {
+      tr.addEventListener('click', function () { window.location = tr.getAttribute('data-href'); });
+    });
+  }
+  function wrap(els) {
+    var api = {
+      bootstrapTable: function (opts) { if (opts && typeof opts === 'object') els.forEach(function (t) { render(t, opts); }); return proxy; },
+      ready: function (fn) { if (document.readyState !== 'loading') fn(); else document.addEventListener('DOMContentLoaded', fn); return proxy; },
+      fadeIn: function () { els.forEach(function (e) { e.style.display = ''; }); return proxy; },
+      fadeOut: function () { els.forEach(function (e) { e.style.display = 'none'; }); return proxy; },
+      parent: function () { return wrap(els.map(function (e) { return e.parentElement; }).filter(Boolean)); },
+      removeClass: function (c) { els.forEach(function (e) { e.classList && e.classList.remove(c); }); return proxy; },
+      addClass: function (c) { els.forEach(function (e) { e.classList && e.classList.add(c); }); return proxy; }
+    };
+    var proxy = new Proxy(api, { get: function (t, k) { return k in t ? t[k] : function () { return proxy; }; } });
+    return proxy;
+  }
+  window.$ = window.jQuery = function (sel) {
+    if (typeof sel === 'function') return wrap([document]).ready(sel);
+    if (typeof sel === 'string') { try { return wrap(Array.from(document.querySelectorAll(sel))); } catch (e) { return wrap([]); } }
+    return wrap(sel ? [sel] : []);
+  };
+  document.addEventListener('click', function (ev) {
+    var a = ev.target.closest && ev.target.closest('[data-toggle="tab"],[data-toggle="collapse"]');
+    if (!a) return;
+    var id = a.getAttribute('href') || a.getAttribute('data-target');
+    var target = id && id.charAt(0) === '#' ? document.getElementById(id.slice(1)) : null;
+    if (!target) return;
+    ev.preventDefault();
+    if (a.getAttribute('data-toggle') === 'collapse') { target.classList.toggle('show'); return; }
+    Array.from(target.parentElement.children).forEach(function (p) { p.classList.remove('active', 'show'); });
+    target.classList.add('active', 'show');
+    var nav = a.closest('.nav');
+    if (nav) nav.querySelectorAll('[data-toggle="tab"]').forEach(function (t) { t.classList.remove('active'); });
+    a.classList.add('active');
+  });
+})();
+"""
+
+
+def offline_data_docs(docs_dir: Path) -> None:
+    """Make the Data Docs site under `docs_dir` self-contained (see _OFFLINE_CSS): no http(s) fetches."""
+    assets = docs_dir / "static" / "recap"
+    assets.mkdir(parents=True, exist_ok=True)
+    (assets / "offline.css").write_text(_OFFLINE_CSS.lstrip(), encoding="utf-8")
+    (assets / "offline.js").write_text(_OFFLINE_JS.lstrip(), encoding="utf-8")
+    for page in docs_dir.rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        root = "../" * (len(page.relative_to(docs_dir).parts) - 1)
+        fixed = _EXTERNAL_TAG.sub("", text)
+        fixed = re.sub(r"url\(\s*['\"]?https?://[^)]*\)", "none", fixed)  # a dark-mode logo from S3
+        fixed = _EXTERNAL_IMG.sub(lambda m: f'{m.group(1)}"{root}static/images/logo-long.png"', fixed)
+        if _OFFLINE_MARK not in fixed:
+            fixed = re.sub(r"<head>", f'<head>\n<link rel="stylesheet" href="{root}{_OFFLINE_MARK}">\n'
+                                      f'<script src="{root}static/recap/offline.js"></script>', fixed, count=1)
+        if fixed != text:
+            page.write_text(fixed, encoding="utf-8")

@@ -138,6 +138,11 @@ def form_run(browser, airflow_services, sample_shards, tmp_path_factory) -> dict
 def test_trigger_form_submits_a_run_with_its_parameters(form_run, airflow_services):
     for field in FORM_FIELDS:
         assert field in form_run["form"], field
+    # Fields with a default are not marked required: the form marks every param whose type
+    # leaves out "null" as required.
+    params = airflow_services.request("GET", "/api/v2/dags/recap_pipeline/details")["params"]
+    for name in ("shard_limit", "dry_run", "batch_size"):
+        assert "null" in params[name]["schema"]["type"], (name, params[name])
     run, typed = form_run["run"], form_run["typed"]
     assert run["run_type"] == "manual" and run["state"] == "success", (run, airflow_services.logs())
     # The conf is the whole form: what was typed, and every other parameter at its default.
@@ -182,3 +187,124 @@ def test_run_opens_its_quality_report_inside_the_ui(browser, airflow_services, f
     browser.get(f"{af.url}/recap/reports")
     _wait_text(browser, By.TAG_NAME, "body", "Recap quality reports")
     assert browser.save_screenshot(str(ARTIFACTS / "report-index.png"))
+
+
+def test_failure_line_is_the_recap_error_or_the_exception_message():
+    """What a failed run's tab shows for each failed task: the last `recap ...` error line of its log
+    (JSON lines as Airflow 3 writes them, or plain text), else the exception's one-line message."""
+    import json
+
+    from recap_airflow.ui import failure_line
+
+    logged = [json.dumps({"level": "info", "event": "recap: 3 shards"}),
+              json.dumps({"level": "error", "event": "recap: source not found: /nope"}),
+              json.dumps({"level": "error", "event": "Task failed with exception", "error_detail": [
+                  {"exc_type": "AirflowFailException", "exc_value": "source not found: /nope"}]}),
+              json.dumps({"level": "info", "event": "::endgroup::"})]
+    assert failure_line(logged) == "recap: source not found: /nope"
+    assert failure_line(["recap caption: error: no such model: x", "Traceback (most recent call last):"]) == \
+        "recap caption: error: no such model: x"
+    assert failure_line([json.dumps({"level": "error", "event": "Task failed with exception", "error_detail": [
+        {"exc_type": "ValueError", "exc_value": "boom\nsecond line"}]})]) == "ValueError: boom"
+    assert failure_line(["all fine"]) is None
+
+
+def _open_run_tab(browser, af, dag_id: str, run_id: str):
+    """The run's "Quality report" tab, switched into its embedded (sandboxed) view."""
+    from selenium.webdriver.common.by import By
+
+    _login(browser, af)
+    browser.get(f"{af.url}/dags/{dag_id}/runs/{urllib.parse.quote(run_id, safe='')}/plugin/recap-quality-report")
+    frame = _wait_for(browser, By.TAG_NAME, "iframe")
+    assert "allow-top-navigation" not in (frame.get_attribute("sandbox") or "")
+    browser.switch_to.frame(frame)
+
+
+def test_a_failed_runs_tab_shows_the_error_and_opens_the_task_log(browser, airflow_services, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    af = airflow_services
+    missing = tmp_path / "no-such-folder"
+    run_id = af.trigger("recap_pipeline", {"source": str(missing)})
+    run = af.wait_run("recap_pipeline", run_id, timeout=300)
+    assert run["state"] == "failed" and run["tasks"]["plan[-1]"] == "failed", run
+    _open_run_tab(browser, af, "recap_pipeline", run_id)
+    try:
+        page = _wait_text(browser, By.TAG_NAME, "body", f"Run {run_id} failed")
+        assert f"plan: recap: source not found: {missing}" in page, page
+        link = browser.find_element(By.LINK_TEXT, "plan")
+        link.click()
+    finally:
+        browser.switch_to.default_content()
+    # The link opens the task's log in the UI (the frame may not navigate the page itself).
+    deadline = time.monotonic() + 30
+    while "/tasks/plan" not in urllib.parse.unquote(browser.current_url):
+        assert time.monotonic() < deadline, f"the link did not open the task: {browser.current_url}"
+        time.sleep(0.5)
+    assert urllib.parse.unquote(browser.current_url).endswith(f"/dags/recap_pipeline/runs/{run_id}/tasks/plan")
+    _wait_text(browser, By.TAG_NAME, "body", f"recap: source not found: {missing}", timeout=60)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "failed-run-task-log.png"))
+
+
+def test_a_no_op_incremental_runs_tab_says_nothing_new(browser, airflow_services, form_run):
+    """recap_incremental over the source the form's run already ingested: nothing is new, the stages
+    after `has_work` are skipped, and the tab says so (not "has not finished")."""
+    from selenium.webdriver.common.by import By
+
+    af = airflow_services
+    run_id = af.trigger("recap_incremental", {"source": form_run["typed"]["source"]})
+    run = af.wait_run("recap_incremental", run_id, timeout=300)
+    assert run["state"] == "success" and run["tasks"]["report[-1]"] == "skipped", run
+    _open_run_tab(browser, af, "recap_incremental", run_id)
+    try:
+        page = _wait_text(browser, By.TAG_NAME, "body", f"Nothing new in run {run_id}")
+        assert "has not finished" not in page and "`" not in page
+    finally:
+        browser.switch_to.default_content()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "no-op-incremental-run.png"))
+
+
+def test_data_docs_render_styled_without_network(airflow_services, form_run, tmp_path):
+    """The lake's Data Docs through the plugin, in a Chromium that resolves no host but 127.0.0.1:
+    every resource comes from the api-server, the stylesheets load, the index's table is filled."""
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+
+    from tests.airflow.browser import CHROMEDRIVER, CHROMIUM
+
+    af = airflow_services
+    assert form_run["run"]["state"] == "success"
+    docs = af.lake / "_reports" / "data_docs"
+    result = max(docs.glob("validations/**/*.html"), key=lambda p: p.stat().st_mtime).relative_to(docs)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'profile'}",
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
+        options.add_argument(arg)
+    offline = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    try:
+        _login(offline, af)
+        for page, name in (("index.html", "data-docs-index"), (result.as_posix(), "data-docs-validation")):
+            started = time.monotonic()
+            offline.get(f"{af.url}/recap/lake/data_docs/{urllib.parse.quote(page)}")
+            _wait_for(offline, By.CSS_SELECTOR, "nav.navbar")
+            assert time.monotonic() - started < 10, "the page waited for something it could not fetch"
+            seen = offline.execute_script(
+                "return {resources: performance.getEntriesByType('resource').map(r => r.name),"
+                " sheets: Array.from(document.styleSheets).map(s => [s.href, s.cssRules.length]),"
+                " row: getComputedStyle(document.querySelector('.row')).display,"
+                " logo: Array.from(document.images).filter(i => i.src.includes('logo')).map(i => [i.src, i.naturalWidth]),"
+                " rows: document.querySelectorAll('tbody tr').length}")
+            assert seen["resources"] and all(r.startswith(af.url + "/") for r in seen["resources"]), seen
+            assert [n for h, n in seen["sheets"] if h and h.endswith("/static/recap/offline.css")][0] > 50, seen
+            assert seen["row"] == "flex", seen  # the grid is styled
+            assert all(width > 0 for _, width in seen["logo"]), seen
+            assert seen["rows"] >= 1, seen  # index: its table rendered from the page's data
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            assert offline.save_screenshot(str(ARTIFACTS / f"{name}.png"))
+    finally:
+        offline.quit()
