@@ -1,6 +1,10 @@
 """Orchestration overhead: the same shards through Airflow (the UI path) and through `recap run`.
 
-Usage: python benchmarks/orchestration.py [--data ../shared/data] [--parallelism 2]
+Usage: python benchmarks/orchestration.py [--data ../shared/data] [--parallelism 2] [--dask-cluster]
+
+--dask-cluster: the filter tasks join one long-lived local Dask cluster (a `dask scheduler` and
+`dask worker`s, one single-threaded worker per core, RECAP_DASK_ADDRESS), as `./dev standalone`
+starts beside `airflow standalone`, instead of starting a LocalCluster each.
 
 Needs PostgreSQL on 127.0.0.1:5432 (as the Airflow tests). Starts a real api-server, scheduler and
 dag-processor (LocalExecutor, `[core] parallelism` as given) on a throwaway database, triggers
@@ -14,6 +18,7 @@ per-task process start and imports, a Dask cluster and model load per mapped uni
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import subprocess
@@ -36,10 +41,43 @@ def _ts(value: str | None) -> float | None:
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() if value else None
 
 
+class _DaskCluster:
+    """A `dask scheduler` and `dask worker`s on 127.0.0.1 as ./dev standalone starts them; yields the address."""
+
+    def __init__(self, scheduler_file: Path):
+        self.file = scheduler_file
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> str:
+        import json
+
+        dask = str(Path(sys.executable).parent / "dask")
+        self.procs.append(subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                                            "--scheduler-file", str(self.file)], stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 60
+        while not (self.file.exists() and self.file.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        self.procs.append(subprocess.Popen([dask, "worker", "--scheduler-file", str(self.file), "--nworkers",
+                                            str(os.cpu_count() or 1), "--nthreads", "1", "--host", "127.0.0.1",
+                                            "--no-dashboard"], stderr=subprocess.DEVNULL))
+        return json.loads(self.file.read_text())["address"]
+
+    def __exit__(self, *exc) -> None:
+        for proc in reversed(self.procs):
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--parallelism", type=int, default=2)
+    parser.add_argument("--dask-cluster", action="store_true",
+                        help="filter tasks join one long-lived local Dask cluster (as ./dev standalone)")
     args = parser.parse_args()
     source = args.data / "coco-mini-wds"
     if not source.is_dir():
@@ -70,7 +108,10 @@ def main() -> None:
         env = {"RECAP_LAKE": str(lake), "RECAP_MODEL": str(model), "RECAP_RUNNER": "local",
                "RECAP_CONFIG": str(config), "RECAP_INCREMENTAL_SCHEDULE": "none",
                "AIRFLOW__CORE__PARALLELISM": str(args.parallelism)}
-        with AirflowServices(work / "airflow-home", env) as af:
+        dask = _DaskCluster(work / "dask-scheduler.json") if args.dask_cluster else contextlib.nullcontext()
+        with dask as address, AirflowServices(work / "airflow-home", {**env, **({"RECAP_DASK_ADDRESS": address}
+                                                                               if address else {})}) as af:
+            print(f"filter: {'Dask cluster ' + address if address else 'a LocalCluster per task'}")
             t0 = time.perf_counter()
             run_id = af.trigger("recap_pipeline", {"source": str(source)})
             run = af.wait_run("recap_pipeline", run_id, timeout=1800)

@@ -44,10 +44,13 @@ def dask_client(address: str | None = None, *, workers: int | None = None) -> It
         return
     n = workers or os.cpu_count() or 1
     log.info("filter: starting a LocalCluster of %d worker processes", n)
-    # For the cluster's whole life, not just its start: the nannies (in this process) start a
-    # worker process again when one dies or is restarted.
+    # No dashboard; the scheduler still serves HTTP (health, metrics), by default on 8787, so that
+    # concurrent tasks warned "Port 8787 is already in use": it takes a free loopback port instead.
+    # The spawn guard for the cluster's whole life, not just its start: the nannies (in this
+    # process) start a worker process again when one dies or is restarted.
     with _main_hidden_from_spawn(), \
             LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                         scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                          silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
         yield client, max(1, (os.cpu_count() or 1) // n)
 

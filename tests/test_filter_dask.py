@@ -34,6 +34,16 @@ control.start()
 control.join()
 spec = __spec__
 
+# Another cluster's HTTP server holds Dask's default port: the task's scheduler takes a free one
+# without the "Port 8787 is already in use" warning (issue 23).
+import socket
+blocker = socket.socket()
+try:
+    blocker.bind(("", 8787))
+    blocker.listen()
+except OSError:
+    pass  # already held by something else: just as good
+
 from recap_tasks.distributed import dask_client
 
 with dask_client(workers=2) as (client, threads):
@@ -66,6 +76,7 @@ def test_local_cluster_workers_start_without_the_hosts_main_module(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["control_exit"] != 0 and "re-imported as '__mp_main__'" in proc.stderr  # the host is poisoned
+    assert "already in use" not in proc.stderr, proc.stderr[-3000:]
     assert out == {"control_exit": out["control_exit"], "workers": 2, "task": [True, 2], "restarted": 2,
                    "new_pids": True, "host": True, "file": True, "spec_restored": True}
 

@@ -140,7 +140,8 @@ def filter_pairs(*, lake: str, run_id: str, shard_ids: list[str] | None = None,
     """Filter the pairs of `shard_ids` with a filter chain profile.
 
     Row filters run on the Dask cluster at RECAP_DASK_ADDRESS (unless RECAP_CONFIG names
-    `filter: {dask_address: ...}`), or on a local cluster when unset
+    `filter: {dask_address: ...}`; `./dev standalone` starts one beside `airflow standalone` and
+    sets it), or on a LocalCluster of the task's own when unset
     (`filter: {executor: local}` in RECAP_CONFIG runs them in the task's process). Other
     settings: RECAP_CONFIG.
     """
