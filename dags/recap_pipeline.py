@@ -26,7 +26,9 @@ FACTORY = CaptionRunnerFactory()
     doc_md=__doc__,
     default_args=DEFAULT_ARGS,
     params={
-        "source": Param("", type="string", minLength=1, title="Source",
+        # No minLength: the form would flag the empty default as an error before anything is typed;
+        # a run without a source fails at once in `plan` with one line saying so.
+        "source": Param("", type="string", title="Source",
                         description="Folder, glob or file(s) of webdataset .tar or .parquet shards, or of URL "
                                     "metadata with source kind 'metadata' (comma-separated)"),
         "shard_limit": Param(0, type=["null", "integer"], minimum=0, title="Shard limit",

@@ -53,6 +53,10 @@ def check_lake(lake: Lake) -> None:
 
 def check_run(*, source: str | list[str], lake: str, model: str | None) -> int:
     """All checks; returns the number of shards found."""
+    names = [source] if isinstance(source, str) else list(source)
+    if not any(name and name.strip() for name in names):
+        raise RecapError("no source given: name a folder, glob or file of shards (the Source field of the "
+                         "trigger form, `source` in the run's conf)")
     shards = list_shards(source)
     if model is not None:
         check_model(model)

@@ -26,8 +26,20 @@ SOURCE_KINDS = ("shards", "metadata")
 # The published Delta table; its asset events carry {"lake", "run_id", "rows"} in `extra`.
 PUBLISHED = Asset(name="recap_published", uri=f"file://{DEFAULT_LAKE}/recap", group="recap")
 
+def log_failure_last(context) -> None:
+    """A failed task's log ends with its one-line error: Airflow logs the traceback of the failure,
+    then runs this callback (in the task's process), so the line a user reads last says what went
+    wrong and what to do (issue 23)."""
+    import logging
+
+    exc = context.get("exception")
+    if exc is not None:
+        logging.getLogger("recap").error("recap: error: %s", " ".join(str(exc).split())[:1500])
+
+
 DEFAULT_ARGS = {
     "owner": "recap",
+    "on_failure_callback": log_failure_last,
     "retries": 2,
     "retry_delay": timedelta(minutes=1),
     "retry_exponential_backoff": True,

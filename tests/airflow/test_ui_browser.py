@@ -2,6 +2,7 @@
 browser, the run it creates, and that run's quality report tab (the recap_reports plugin).
 Screenshots go to test-artifacts/airflow-ui/."""
 
+import json
 import time
 import urllib.parse
 
@@ -231,7 +232,7 @@ def test_a_failed_runs_tab_shows_the_error_and_opens_the_task_log(browser, airfl
     _open_run_tab(browser, af, "recap_pipeline", run_id)
     try:
         page = _wait_text(browser, By.TAG_NAME, "body", f"Run {run_id} failed")
-        assert f"plan: recap: source not found: {missing}" in page, page
+        assert f"plan: recap: error: source not found: {missing}" in page, page  # the log's last line
         link = browser.find_element(By.LINK_TEXT, "plan")
         link.click()
     finally:
@@ -245,6 +246,12 @@ def test_a_failed_runs_tab_shows_the_error_and_opens_the_task_log(browser, airfl
     _wait_text(browser, By.TAG_NAME, "body", f"recap: source not found: {missing}", timeout=60)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(ARTIFACTS / "failed-run-task-log.png"))
+    # The one-line error is the last thing in the task's log, after Airflow's traceback.
+    logs = sorted(p for p in (af.home / "logs").rglob("*.log")
+                  if f"run_id={run_id}" in str(p) and "task_id=plan" in str(p))
+    events = [json.loads(line).get("event", "") for line in logs[-1].read_text().splitlines() if line.startswith("{")]
+    events = [e for e in events if e.strip() and not e.startswith("::")]  # ::group:: markers fold the UI's log
+    assert events[-1] == f"recap: error: source not found: {missing}", events[-5:]
 
 
 def test_a_no_op_incremental_runs_tab_says_nothing_new(browser, airflow_services, form_run):
