@@ -160,7 +160,9 @@ def _no_report(session, dag_id: str, run_id: str) -> HTMLResponse:
     state = str(getattr(run, "state", "") or "").lower()
     tis = session.query(TaskInstance).filter(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id).all()
     if state.endswith("failed"):
-        failed = [t for t in tis if str(t.state or "").lower().endswith("failed")]
+        # The tasks that failed, not those skipped for it (upstream_failed: no error of their own).
+        failed = [t for t in tis if str(t.state or "").lower().endswith("failed")
+                  and not str(t.state or "").lower().endswith("upstream_failed")]
         items = []
         for t in failed:
             name = f"{t.task_id}{'' if t.map_index < 0 else f'[{t.map_index}]'}"

@@ -212,6 +212,9 @@ class Run:
             raise ValueError(f"not a dedup run of version {VERSION}")
         self.f = f
         self.layout = _Layout(rows, uid_width, sha_width)
+        size, want = f.size(), self.layout.fence1 + 8 * self.layout.fence1_len
+        if size != want:  # cut short (or grown): its sections are not where the header says
+            raise ValueError(f"a run of {rows} rows is {want} bytes, this file is {size}")
         self.reads = 0
 
     def _gather(self, base: int, width: int, idx: np.ndarray) -> np.ndarray:
@@ -310,7 +313,7 @@ def lookup(lake: Lake, rel: str, los: np.ndarray, his: np.ndarray, columns: list
                 mask = keep(keys)
                 rows, keys = rows[mask], keys[mask]
             return pa.table({"key": pa.array(keys, pa.int64()), **run.columns(rows, columns)})
-    except (FileNotFoundError, ValueError, struct.error, OSError) as err:
+    except (FileNotFoundError, ValueError, IndexError, struct.error, OSError) as err:
         log.warning("ignoring unreadable dedup run %s: %s", rel, err)
         return None
 
