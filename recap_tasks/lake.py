@@ -266,38 +266,54 @@ class Lake:
 
         return self.commit(table, attempt)
 
+    def update_shards(self, table: str, keys: list[str], change, *, bucket_prefix: str,
+                      metadata: dict[str, str] | None = None, app_id: str | None = None):
+        """Change the rows of the shards `keys` (shard keys) in one commit, serialised against other
+        writers of those shards; returns what `change` returns as its result.
+
+        `change(current)` gets the shards' current rows and returns `(kept, added, result)`: with
+        `kept` None, `added` is appended; else the shards' rows are replaced by `kept` + `added`.
+        Nothing is committed when `kept` is None and `added` is empty. The commit carries one app
+        transaction per bucket written (`bucket_prefix` + bucket): delta-rs fails a commit whose
+        app ids a concurrent commit also wrote, so the loser retries through `commit`, re-reads the
+        shards and decides again. With `app_id` the write is exactly-once: a table that already
+        records `app_id` is left alone and None returned.
+        """
+        def attempt(dt: DeltaTable):
+            if app_id is not None and dt.transaction_version(app_id) is not None:
+                return None
+            kept, added, result = change(self.read_shards(table, dt, keys))
+            if kept is None and added.num_rows == 0:
+                return result
+            txns = bucket_transactions(dt, bucket_prefix, keys)
+            if app_id is not None:
+                txns = [Transaction(app_id=app_id, version=1), *txns]
+            commit = CommitProperties(custom_metadata=metadata, app_transactions=txns)
+            if kept is None:
+                self.append_to(dt, added, commit_properties=commit)
+            else:
+                self.replace_shards(dt, keys, pa.concat_tables([kept, added]), commit_properties=commit)
+            return result
+
+        return self.commit(table, attempt)
+
     def write_once(self, table: str, keys: list[str], rows_for: Callable[[pa.Table], pa.Table], *, app_id: str,
                    bucket_prefix: str, metadata: dict[str, str] | None = None, key: str = "uid") -> tuple[int, int]:
         """Write rows into the shards `keys` (shard keys) by `key`, exactly once per `app_id`: rows
         with a new key are appended, rows whose key is there replace those rows. Returns (inserted,
         replaced); (0, 0) when `app_id` was already committed (a repeat, or a concurrent writer of
-        the same `app_id` won).
-
-        `rows_for(current)` picks the rows to write (conformed) from the shards' current rows. The
-        commit carries `app_id` and one app transaction per bucket written (`bucket_prefix` +
-        bucket): delta-rs fails a commit whose app ids a concurrent commit also wrote, so two
-        writers of one shard serialise (the loser retries through `commit`, re-reads the shards and
-        skips what the winner added). With no key to replace it is an append; else the shards' rows
-        are overwritten (`replace_shards`) by the kept ones plus the new.
-        """
-        def attempt(dt: DeltaTable) -> tuple[int, int]:
-            if dt.transaction_version(app_id) is not None:
-                return 0, 0
-            current = self.read_shards(table, dt, keys)
+        the same `app_id` won). `rows_for(current)` picks the rows to write (conformed) from the
+        shards' current rows (see `update_shards`)."""
+        def change(current: pa.Table):
             take = rows_for(current)
-            if take.num_rows == 0:
-                return 0, 0
             replaced = pc.sum(pc.is_in(take.column(key), value_set=current.column(key).combine_chunks())).as_py() or 0
-            commit = CommitProperties(custom_metadata=metadata, app_transactions=[
-                Transaction(app_id=app_id, version=1), *bucket_transactions(dt, bucket_prefix, keys)])
-            if replaced:
-                kept = current.filter(not_in(current.column(key), take.column(key).combine_chunks()))
-                self.replace_shards(dt, keys, pa.concat_tables([kept, take]), commit_properties=commit)
-            else:
-                self.append_to(dt, take, commit_properties=commit)
-            return take.num_rows - replaced, replaced
+            if not replaced:
+                return None, take, (take.num_rows, 0)
+            kept = current.filter(not_in(current.column(key), take.column(key).combine_chunks()))
+            return kept, take, (take.num_rows - replaced, replaced)
 
-        return self.commit(table, attempt)
+        done = self.update_shards(table, keys, change, bucket_prefix=bucket_prefix, metadata=metadata, app_id=app_id)
+        return done or (0, 0)
 
     def commit(self, table: str, attempt):
         """`attempt(latest DeltaTable)`, retried with backoff while concurrent commits conflict."""

@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import CommitProperties
 
 from recap_tasks import lake as tables
 from recap_tasks import schemas
@@ -30,7 +29,7 @@ from recap_tasks.config import RecapConfig, ValidateConfig
 from recap_tasks.errors import ValidationFailed
 from recap_tasks.filters.language import english_scorer
 from recap_tasks.hygiene import distinct_ngram_ratio, echoes_prompt, is_refusal
-from recap_tasks.lake import Lake, bucket_transactions, conform, not_in
+from recap_tasks.lake import Lake, conform, not_in
 from recap_tasks.ids import shard_key
 from recap_tasks.runs import new_run_id, utcnow
 
@@ -274,7 +273,7 @@ def _write_quarantine(lake: Lake, rows: pa.Table, quarantine: dict[str, list[str
     Such a row names a batch that was never recorded: the dead run's quarantine commit landed, its
     batch record did not, and the rerun (which no longer sees those rows: they are settled) would
     count fewer quarantined than a clean run. Adopting re-labels them with this batch's id. One
-    commit for both, through `Lake.commit` with the bucket app transactions `insert_new` uses, so a
+    commit for both (`Lake.update_shards`, with the bucket app transactions `insert_new` uses), so a
     concurrent writer of these shards' quarantine rows (another validate) makes it retry against
     the winner's rows: a row is never lost or written twice. Only rows quarantined `before` this
     validate started are adopted: a validate running alongside, between its quarantine commit and
@@ -302,8 +301,7 @@ def _write_quarantine(lake: Lake, rows: pa.Table, quarantine: dict[str, list[str
             recorded.update(recorded_ids(lake))
         return {b for b in ids if b not in recorded}
 
-    def attempt(dt) -> int:
-        current = lake.read_shards(tables.QUARANTINE, dt, keys)
+    def change(current: pa.Table):
         ids = current.column("batch_id")
         earlier = pc.fill_null(pc.less(current.column("quarantined_at"),
                                        pa.scalar(before, pa.timestamp("us", tz="UTC"))), False)
@@ -314,22 +312,20 @@ def _write_quarantine(lake: Lake, rows: pa.Table, quarantine: dict[str, list[str
                           earlier)
         relabelled, adopted = pc.sum(relabel).as_py() or 0, pc.sum(own).as_py() or 0
         new = fresh.filter(not_in(fresh.column("uid"), current.column("uid").combine_chunks()))
-        if new.num_rows == 0 and relabelled == 0:
-            return adopted
-        commit = CommitProperties(app_transactions=bucket_transactions(dt, f"recap-insert:{tables.QUARANTINE}:", keys),
-                                  custom_metadata={"recap.batch_id": batch_id})
         if relabelled == 0:
-            lake.append_to(dt, new, commit_properties=commit)
-            return adopted
+            return None, new, (adopted, 0, orphans)
         index = current.schema.get_field_index("batch_id")
-        current = current.set_column(index, current.schema.field(index),
-                                     pc.if_else(relabel, pa.scalar(batch_id, pa.string()), ids))
-        lake.replace_shards(dt, keys, pa.concat_tables([current, new]), commit_properties=commit)
+        kept = current.set_column(index, current.schema.field(index),
+                                  pc.if_else(relabel, pa.scalar(batch_id, pa.string()), ids))
+        return kept, new, (adopted, relabelled, orphans)
+
+    adopted, relabelled, orphans = lake.update_shards(
+        tables.QUARANTINE, keys, change, bucket_prefix=f"recap-insert:{tables.QUARANTINE}:",
+        metadata={"recap.batch_id": batch_id})
+    if relabelled:
         log.info("validate %s: adopted %d quarantine rows of the unrecorded batches %s", batch_id, relabelled,
                  ", ".join(sorted(orphans)))
-        return adopted + relabelled
-
-    return lake.commit(tables.QUARANTINE, attempt)
+    return adopted + relabelled
 
 
 def _plain(value):

@@ -26,6 +26,12 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
+def _screenshot(browser, name: str) -> None:
+    """What the browser shows now, as test-artifacts/airflow-ui/<name>."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / name))
+
+
 def _login(browser, af) -> None:
     # The UI keeps its JWT in the `_token` cookie; a token from POST /auth/token is the same kind.
     browser.get(af.url + "/api/v2/monitor/health")
@@ -119,8 +125,7 @@ def form_run(browser, airflow_services, sample_shards, tmp_path_factory) -> dict
     typed = {"source": str(source), "batch_size": 4}
     _type(browser, By.ID, "element_source", typed["source"])
     _type(browser, By.NAME, "element_batch_size", str(typed["batch_size"]))
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    assert browser.save_screenshot(str(ARTIFACTS / "trigger-form.png"))
+    _screenshot(browser, "trigger-form.png")
     submit = [b for b in browser.find_elements(By.CSS_SELECTOR, "[role='dialog'] button")
               if b.text.strip() == "Trigger"]
     assert len(submit) == 1 and submit[0].is_enabled(), "no enabled Trigger button in the form"
@@ -131,7 +136,7 @@ def form_run(browser, airflow_services, sample_shards, tmp_path_factory) -> dict
         assert time.monotonic() < deadline, f"the form did not open a run: {browser.current_url}"
         time.sleep(0.5)
     run_id = urllib.parse.unquote(browser.current_url.split("/dags/recap_pipeline/runs/", 1)[1].split("/")[0])
-    assert browser.save_screenshot(str(ARTIFACTS / "triggered-run.png"))
+    _screenshot(browser, "triggered-run.png")
     run = af.wait_run("recap_pipeline", run_id)
     return {"form": form, "typed": typed, "run": run}
 
@@ -181,13 +186,12 @@ def test_run_opens_its_quality_report_inside_the_ui(browser, airflow_services, f
         assert "No quality report" not in back and "Not found" not in back
     finally:
         browser.switch_to.default_content()
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    assert browser.save_screenshot(str(ARTIFACTS / "run-quality-report.png"))
+    _screenshot(browser, "run-quality-report.png")
     assert "No quality report yet" not in report
 
     browser.get(f"{af.url}/recap/reports")
     _wait_text(browser, By.TAG_NAME, "body", "Recap quality reports")
-    assert browser.save_screenshot(str(ARTIFACTS / "report-index.png"))
+    _screenshot(browser, "report-index.png")
 
 
 def test_failure_line_is_the_recap_error_or_the_exception_message():
@@ -244,8 +248,7 @@ def test_a_failed_runs_tab_shows_the_error_and_opens_the_task_log(browser, airfl
         time.sleep(0.5)
     assert urllib.parse.unquote(browser.current_url).endswith(f"/dags/recap_pipeline/runs/{run_id}/tasks/plan")
     _wait_text(browser, By.TAG_NAME, "body", f"recap: source not found: {missing}", timeout=60)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    assert browser.save_screenshot(str(ARTIFACTS / "failed-run-task-log.png"))
+    _screenshot(browser, "failed-run-task-log.png")
     # The one-line error is the last thing in the task's log, after Airflow's traceback.
     logs = sorted(p for p in (af.home / "logs").rglob("*.log")
                   if f"run_id={run_id}" in str(p) and "task_id=plan" in str(p))
@@ -269,8 +272,7 @@ def test_a_no_op_incremental_runs_tab_says_nothing_new(browser, airflow_services
         assert "has not finished" not in page and "`" not in page
     finally:
         browser.switch_to.default_content()
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    assert browser.save_screenshot(str(ARTIFACTS / "no-op-incremental-run.png"))
+    _screenshot(browser, "no-op-incremental-run.png")
 
 
 def test_data_docs_render_styled_without_network(airflow_services, form_run, tmp_path):
@@ -311,7 +313,6 @@ def test_data_docs_render_styled_without_network(airflow_services, form_run, tmp
             assert seen["row"] == "flex", seen  # the grid is styled
             assert all(width > 0 for _, width in seen["logo"]), seen
             assert seen["rows"] >= 1, seen  # index: its table rendered from the page's data
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            assert offline.save_screenshot(str(ARTIFACTS / f"{name}.png"))
+            _screenshot(offline, f"{name}.png")
     finally:
         offline.quit()
