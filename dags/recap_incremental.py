@@ -7,7 +7,7 @@ uid, so a run that starts late, runs twice, or overlaps a manual run publishes e
 
 Schedule: `RECAP_INCREMENTAL_SCHEDULE` (cron or preset, default `@hourly`; `none` disables it).
 Source: `RECAP_INCREMENTAL_SOURCE` (shards, or URL metadata with source kind `metadata`: the
-`download` task fetches what is new into shards first). Backfill: the runs do not depend on their
+mapped `download` task fetches what is new into shards first). Backfill: the runs do not depend on their
 logical date (a run processes whatever is new), so there is nothing to backfill per interval; to reprocess older data
 trigger `recap_pipeline` with a source glob, or `airflow backfill create --dag-id recap_incremental
 --from-date ... --to-date ...`, which is safe for the same reasons.

@@ -1,8 +1,9 @@
 """Recaption a set of source shards, triggered from the UI form.
 
-download (source kind `metadata`: image-URL parquet/CSV -> shards; else nothing) -> plan (list shards,
-group them into work units) -> ingest, filter, caption (one mapped task per
-work unit; caption in a GPU pod or a local subprocess) -> validate -> publish -> report.
+plan_download -> download -> gather_downloads (source kind `metadata`: image-URL parquet/CSV -> shards,
+one mapped `download` instance per unit of shard jobs; else nothing) -> plan (list shards, group them
+into work units) -> ingest, filter, caption (one mapped task per work unit; caption in a GPU pod or a
+local subprocess) -> validate -> publish -> report.
 With `dry_run` the run stops after `plan`, which logs the shards and the rendered caption pod.
 """
 

@@ -49,12 +49,12 @@ def _print(payload: dict) -> None:
 
 
 def cmd_download(args):
+    from recap_tasks import storage
     from recap_tasks.stages.download import download
 
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise RecapError(f"--out {args.out} is a file: name a folder (created if missing)")
-    _print(download(args.metadata, out, config=_config(args).download, retry_failed=args.retry_failed).summary())
+    if storage.is_file(args.out):
+        raise RecapError(f"--out {args.out} is a file: name a folder (created if missing) or an s3:// prefix")
+    _print(download(args.metadata, args.out, config=_config(args).download, retry_failed=args.retry_failed).summary())
 
 
 def cmd_ingest(args):
@@ -358,7 +358,7 @@ def _shard_option(p: argparse.ArgumentParser) -> None:
 
 def _source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="folder or glob of webdataset .tar shards, or .parquet files")
+                   help="folder or glob (local or s3://) of webdataset .tar shards, or .parquet files")
     _add_options(p, "source")
 
 
@@ -369,8 +369,10 @@ def _caption_options(p: argparse.ArgumentParser) -> None:
 
 def _download_verb(sub) -> None:
     p = _verb(sub, "download", cmd_download, lake=False)
-    p.add_argument("metadata", nargs="+", metavar="METADATA", help="parquet/CSV/TSV files, folders or globs")
-    p.add_argument("--out", required=True, help="folder for the shards (00000.tar, .parquet, _stats.json)")
+    p.add_argument("metadata", nargs="+", metavar="METADATA",
+                   help="parquet/CSV/TSV files, folders or globs (local or s3://)")
+    p.add_argument("--out", required=True,
+                   help="folder or s3:// prefix for the shards (00000.tar, .parquet, _stats.json)")
     p.add_argument("--config", help="YAML file with a download section")
     _add_options(p, "download")
     p.add_argument("--retry-failed", action="store_true",

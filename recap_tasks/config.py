@@ -116,6 +116,11 @@ class FilterConfig:
     # CenterFace's cost grows with pixels (~200 ms at 640 px, ~50 ms at 320 px per image on one
     # core here); smaller finds fewer small faces.
     face_max_side: int = 640
+    # Where the faces filter gets a row's boxes. "auto": the boxes the source's metadata carried
+    # (pairs.face_bboxes, from DataComp's face_bboxes) where the row has them, CenterFace on the
+    # others; "metadata": never CenterFace, rows without boxes are dropped (no_face_boxes: an image
+    # whose faces nobody looked for is not captioned unblurred); "detect": CenterFace on every row.
+    face_boxes: Literal["auto", "metadata", "detect"] = "auto"
     # Images are decoded once per row at most this long side for the model filters (faces, NSFW,
     # pHash, CLIP); blurring works on the full-size original.
     max_decode_side: int = 640
@@ -152,6 +157,8 @@ class FilterConfig:
             raise RecapError("filter.max_caption_repeats must be >= 1")
         if self.executor not in ("dask", "local"):
             raise RecapError(f"filter.executor must be 'dask' or 'local', got {self.executor!r}")
+        if self.face_boxes not in ("auto", "metadata", "detect"):
+            raise RecapError(f"filter.face_boxes must be 'auto', 'metadata' or 'detect', got {self.face_boxes!r}")
         if self.workers is not None and self.workers < 1:
             raise RecapError("filter.workers must be >= 1")
 

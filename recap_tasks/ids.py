@@ -6,16 +6,24 @@ import hashlib
 import os
 from pathlib import Path
 
+from recap_tasks.storage import is_remote
+
 
 def shard_id_for(path: str | os.PathLike[str], dataset: str | None = None) -> str:
     """`<folder>/<file>`, or `<dataset>/<folder>/<file>` for a named dataset (ingest.dataset).
 
-    Stable when a dataset folder moves. Two datasets whose shards share a folder and file name
-    (img2dataset writes `<out>/shards/00000.tar` for every dataset) need names of their own:
-    ingest refuses a shard whose id another existing source file already holds.
+    Stable when a dataset folder moves, also between a bucket and a local copy: for an `s3://` URI
+    the folder is the key's last prefix (the bucket for a key at its root), taken as written, so
+    `s3://b/x/shards/00000.tar` and `/data/shards/00000.tar` are both `shards/00000.tar`. Two
+    datasets whose shards share a folder and file name (img2dataset writes `<out>/shards/00000.tar`
+    for every dataset) need names of their own: ingest refuses a shard whose id another existing
+    source file already holds.
     """
-    p = Path(path).resolve()
-    sid = f"{p.parent.name}/{p.name}"
+    if is_remote(path):
+        sid = "/".join(path.rstrip("/").split("://", 1)[1].split("/")[-2:])
+    else:
+        p = Path(path).resolve()
+        sid = f"{p.parent.name}/{p.name}"
     return f"{dataset}/{sid}" if dataset else sid
 
 

@@ -23,6 +23,7 @@ from deltalake.exceptions import CommitFailedError  # what `Lake.commit` raises 
 from recap_tasks import faults, schemas
 from recap_tasks.errors import RecapError
 from recap_tasks.ids import shard_key
+from recap_tasks.storage import _s3_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -509,19 +510,6 @@ class Lake:
 
     def read_parquet(self, rel: str) -> pa.Table:
         return pq.read_table(self._abs(rel), filesystem=self.fs)
-
-
-def _s3_filesystem() -> pafs.S3FileSystem:
-    """pyarrow's S3 client configured from the same AWS_* variables delta-rs reads."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict = {}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        kwargs["region"] = region
-    return pafs.S3FileSystem(**kwargs)
 
 
 def normalize(data: pa.Table) -> pa.Table:

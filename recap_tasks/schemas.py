@@ -48,11 +48,22 @@ PAIRS = TableSchema(
             # JSON list of human reference captions or object labels the sample carried (COCO's 5
             # `captions`), for the report's hallucination measure; null when it carried none.
             pa.field("references", pa.string()),
+            # Face boxes the source's metadata carried (DataComp's `face_bboxes`), checked at ingest:
+            # JSON [[x1, y1, x2, y2], ...] normalized to [0, 1] of the upright image. "[]" = the
+            # source's detector ran and found none; null = no usable boxes (none carried, or malformed:
+            # ingest counts those). A JSON string like `references` and `filter_results.face_boxes`:
+            # one flat type that every reader (delta-rs, pyarrow, the Dask workers) round-trips alike.
+            pa.field("face_bboxes", pa.string()),
+            # The CLIP score the source's metadata carried (DataComp's clip_l14_similarity_score, or
+            # its ViT-B/32 one, or LAION's `similarity`), and which model made it. Kept apart from
+            # our own org_clip_score, which uses the configured CLIP for both captions.
+            pa.field("source_clip_score", pa.float32()),
+            pa.field("source_clip_model", pa.string()),
             pa.field("width", pa.int32()),
             pa.field("height", pa.int32()),
             pa.field("image_format", pa.string()),  # PIL format name: JPEG, PNG, WEBP
             # Pointer to the image in its source shard; images are never copied into tables.
-            pa.field("source_uri", pa.string()),  # absolute path of the shard file
+            pa.field("source_uri", pa.string()),  # the shard file: an absolute local path or an s3:// URI
             pa.field("source_format", pa.string()),  # "wds" or "parquet"
             pa.field("image_offset", pa.int64()),  # wds: byte offset of the member's data
             pa.field("image_size", pa.int64()),  # wds: member size in bytes
@@ -102,8 +113,11 @@ FILTER_RESULTS = TableSchema(
             pa.field("aspect_ratio", pa.float32()),
             pa.field("english_score", pa.float32()),  # fastText lid.176 probability of English
             pa.field("nsfw_score", pa.float32()),  # open_nsfw probability
-            pa.field("faces", pa.int32()),  # CenterFace detections (blurred in what captioning reads)
-            pa.field("face_boxes", pa.string()),  # JSON [[x1, y1, x2, y2, score], ...] in source pixels
+            pa.field("faces", pa.int32()),  # faces found (blurred in what captioning reads)
+            # JSON [[x1, y1, x2, y2, score], ...] in upright source pixels (score null for boxes from
+            # metadata), and where the boxes came from: "metadata" (pairs.face_bboxes) or "detector".
+            pa.field("face_boxes", pa.string()),
+            pa.field("face_source", pa.string()),
             pa.field("phash", pa.int64()),  # 64-bit DCT perceptual hash
             pa.field("duplicate_of", pa.string()),  # uid of the surviving copy, for duplicates
             pa.field("phash_distance", pa.int32()),  # Hamming bits to that copy (0 = same sha256)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
+from recap_tasks import storage
 from recap_tasks.ids import shard_id_for
 from recap_tasks.lake import Lake
 from recap_tasks.readers import expand_sources
@@ -19,8 +20,8 @@ def split_sources(source: str | list[str]) -> list[str]:
 
 
 def list_shards(source: str | list[str], *, limit: int | None = None) -> list[str]:
-    """Shard files under `source` (folders, globs, files), sorted; at most `limit` of them."""
-    shards = [str(p) for p in expand_sources(split_sources(source))]
+    """Shard files under `source` (folders, globs, files; local or s3://), sorted; at most `limit` of them."""
+    shards = expand_sources(split_sources(source))
     return shards[:limit] if limit else shards
 
 
@@ -34,11 +35,12 @@ def ingest_records(lake: Lake, paths: Sequence[str | os.PathLike[str]], dataset:
 
 def is_ingested(record: dict | None, path: str | os.PathLike[str]) -> bool:
     """Whether a shard is ingested as it is now: its latest ingest record matches the file (same size
-    and mtime). The one answer for ingest (skip the shard) and the planner (not pending)."""
+    and mtime; for an S3 object its size and Last-Modified). The one answer for ingest (skip the shard)
+    and the planner (not pending)."""
     if record is None:
         return False
-    stat = Path(path).stat()
-    return record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns
+    size, mtime_ns = storage.stat(path)
+    return record.get("size") == size and record.get("mtime_ns") == mtime_ns
 
 
 def shards_to_ingest(lake: Lake, source: str | list[str], *, limit: int | None = None,
@@ -48,7 +50,10 @@ def shards_to_ingest(lake: Lake, source: str | list[str], *, limit: int | None =
     Not `progress.pending_shards`, which answers for a stage after ingest from the records alone."""
     shards = list_shards(source)
     records = ingest_records(lake, shards, dataset)
-    pending = [p for p in shards if not is_ingested(records.get(shard_id_for(p, dataset)), p)]
+    # One stat per ingested shard (a HEAD on S3): a few at a time, as they wait on the network.
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        done = pool.map(lambda p: is_ingested(records.get(shard_id_for(p, dataset)), p), shards)
+        pending = [p for p, ingested in zip(shards, done) if not ingested]
     return pending[:limit] if limit else pending
 
 

@@ -88,29 +88,63 @@ def max_work_units() -> int:
     return conf.getint("core", "max_map_length", fallback=1024)
 
 
-def download_task(*, unconfigured: str | None = None):
-    """The `download` task: for source kind `metadata`, download the images into shards (under
-    RECAP_DOWNLOAD_DIR, else LAKE/_downloads) and return them as the source; else the source as is.
+def _download_instances() -> int:
+    value = os.environ.get("RECAP_DOWNLOAD_INSTANCES", "").strip() or "4"
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"RECAP_DOWNLOAD_INSTANCES={value!r}: set a whole number of at least 1 (default 4)")
+    return int(value)
 
+
+# How many `download` task instances of one DAG run may fetch at once (max_active_tis_per_dagrun);
+# each gets 1/N of the download's per-host connection bound (recap_airflow.stages.instance_connections).
+DOWNLOAD_INSTANCES = _download_instances()
+
+
+def download_task(*, unconfigured: str | None = None):
+    """plan_download -> download (mapped: one task instance per unit of shard jobs) -> gather_downloads.
+
+    For source kind `metadata` the images are downloaded into shards (under RECAP_DOWNLOAD_DIR, else
+    LAKE/_downloads) and their folders become the source; kind `shards` passes the source through
+    without any `download` instance. Returns the source for `plan`.
     `unconfigured`: a scheduled DAG without a source or model skips with this message.
     """
 
-    @task(execution_timeout=timedelta(hours=12))
-    def download() -> str:
+    @task
+    def plan_download() -> list[dict]:
+        """The units `download` is mapped over (its return value); the source for `plan` as XCom `source`."""
         from recap_airflow import stages
 
-        params, _, _ = run_context()
+        params, _, context = run_context()
         if unconfigured and (not params["source"] or not params["model"]):
             # Not configured is not a failure: an unpaused, unconfigured deployment stays green.
             raise AirflowSkipException(unconfigured)
-        return stages.download(source=params["source"], source_kind=params["source_kind"], lake=params["lake"],
-                               dry_run=bool(params.get("dry_run")))
+        planned = stages.plan_download(source=params["source"], source_kind=params["source_kind"],
+                                       lake=params["lake"], max_units=max_work_units(),
+                                       instances=DOWNLOAD_INSTANCES, dry_run=bool(params.get("dry_run")))
+        context["ti"].xcom_push(key="source", value=planned["source"])
+        return planned["units"]
 
-    return download()
+    # A retried or rerun instance resumes: shards with their stats file are skipped.
+    @task(max_active_tis_per_dagrun=DOWNLOAD_INSTANCES, execution_timeout=timedelta(hours=12))
+    def download(unit: dict) -> list[dict]:
+        from recap_airflow import stages
+
+        return stages.download_unit(**unit)
+
+    # Runs when `download` has no instance (kind `shards`, a dry run), not when plan_download skipped.
+    @task(trigger_rule="none_failed_min_one_success")
+    def gather_downloads(source: str, summaries) -> str:
+        from recap_airflow import stages
+
+        stages.gather_downloads(list(summaries or []))
+        return source
+
+    units = plan_download()
+    return gather_downloads(units["source"], download.expand(unit=units))
 
 
 def recaption_stages(chunks, *, factory: CaptionRunnerFactory | None = None):
-    """ingest -> filter -> caption (pods or local) -> validate -> publish -> report, one mapped task
+    """ingest -> filter -> caption (pods, Dask or local) -> validate -> publish -> report, one mapped task
     instance per work unit (a chunk of shard paths) in the first three stages."""
     factory = factory or CaptionRunnerFactory()
 

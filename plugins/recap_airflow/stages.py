@@ -88,40 +88,133 @@ def plan(*, source: str, lake: str, shard_limit: int = 0, max_chunks: int, only_
     return chunks
 
 
-@fail_fast
-def download(*, source: str, source_kind: str, lake: str, dry_run: bool = False) -> str:
-    """The shard source for `plan`: `source` itself (kind `shards`), or for kind `metadata` the folders
-    its metadata files were downloaded to (one per file, kept across runs: a rerun resumes)."""
-    if source_kind == "shards":
-        return source
-    if source_kind != "metadata":
-        raise ValueError(f"unknown source kind {source_kind!r}")
-    import hashlib
-    from pathlib import Path
+# The download, mapped over Airflow workers (source kind `metadata`) ------------------------------
+#
+# Politeness across task instances: `download.per_host_connections` holds per process, so one
+# `recap download` opens at most per_host_connections x processes connections to a host at once.
+# The mapped download keeps that bound for a DAG run: each `download` task instance runs its shards
+# in one process and gets the bound divided by the instances that may run at once (the task's
+# max_active_tis_per_dagrun, or fewer when there are fewer units), at least 1 each. Approximate:
+# instances of other DAG runs (or a CLI download) are not counted, and a bound smaller than the
+# number of instances still gives each instance 1.
 
-    from recap_tasks.config import RecapConfig
-    from recap_tasks.stages.download import download as download_metadata
-    from recap_tasks.stages.download import list_metadata
-    from recap_tasks.errors import RecapError
+
+def instance_connections(config, instances: int) -> int:
+    """Per-host connections of each of `instances` download task instances running at once
+    (`config`: the DownloadConfig), so that together they stay within one download's bound."""
+    return max(1, config.per_host_connections * config.processes // max(1, instances))
+
+
+def download_folders(source: str, lake: str) -> list[tuple[str, str]]:
+    """(metadata file, its download folder) for each metadata file of `source`: one folder per file
+    under RECAP_DOWNLOAD_DIR, else LAKE/_downloads (local or s3://), kept across runs (a rerun resumes)."""
+    import hashlib
+    import posixpath
+
+    from recap_tasks import storage
     from recap_tasks.lake import Lake
     from recap_tasks.shards import split_sources
+    from recap_tasks.stages.download import list_metadata
 
-    files = list_metadata(split_sources(source))
-    root = os.environ.get("RECAP_DOWNLOAD_DIR")
-    if not root:
-        target = Lake(lake)
-        if not target.is_local:
-            raise RecapError(f"lake {target.uri} is in object storage: set RECAP_DOWNLOAD_DIR to a local or "
-                             f"mounted folder for downloaded shards")
-        root = str(target.root / "_downloads")
-    outs = [Path(root) / f"{f.stem}-{hashlib.sha1(str(f).encode()).hexdigest()[:8]}" for f in files]
+    root = os.environ.get("RECAP_DOWNLOAD_DIR") or storage.join(Lake(lake).uri, "_downloads")
+    return [(f, storage.join(root, f"{posixpath.splitext(posixpath.basename(f))[0]}-"
+                                   f"{hashlib.sha1(f.encode()).hexdigest()[:8]}"))
+            for f in list_metadata(split_sources(source))]
+
+
+@fail_fast
+def plan_download(*, source: str, source_kind: str, lake: str, max_units: int, instances: int,
+                  dry_run: bool = False) -> dict:
+    """The download's work: {"source": what `plan` reads after it, "units": one per `download` task instance}.
+
+    Kind `shards`: the source as is and no units. Kind `metadata`: the download folders, and the
+    shard jobs of every metadata file grouped into at most `max_units` units (max_map_length), each
+    {"runs": [{"metadata": file, "out": folder, "shards": [first, stop]}], "per_host_connections": n}:
+    file names and shard numbers, never rows. `instances`: how many units may download at once.
+    """
+    if source_kind == "shards":
+        return {"source": source, "units": []}
+    if source_kind != "metadata":
+        raise ValueError(f"unknown source kind {source_kind!r}")
+    from recap_tasks.config import RecapConfig
+    from recap_tasks.shards import chunk
+    from recap_tasks.stages.download import plan as plan_shards
+
+    folders = download_folders(source, lake)
     if dry_run:
-        log.info("would download %s", {str(f): str(o) for f, o in zip(files, outs)})
-        return ""
+        log.info("would download %s", dict(folders))
+        return {"source": "", "units": []}
     config = RecapConfig.load().download
-    for f, out in zip(files, outs):
-        log.info("download %s -> %s: %s", f, out, download_metadata([str(f)], out, config=config).summary())
-    return ",".join(str(o) for o in outs)
+    jobs = [job for f, out in folders for job in plan_shards([f], out, config)]
+    units = chunk(jobs, max_chunks=max_units)
+    connections = instance_connections(config, min(instances, len(units)))
+    log.info("download: %d shards of %d metadata files in %d units, at most %d connections per host each",
+             len(jobs), len(folders), len(units), connections)
+    return {"source": ",".join(out for _, out in folders),
+            "units": [{"runs": _runs(unit), "per_host_connections": connections} for unit in units]}
+
+
+def _runs(jobs: list) -> list[dict]:
+    """Consecutive shard jobs of one metadata file as one run {"metadata", "out", "shards": [first, stop]}."""
+    runs: list[dict] = []
+    for job in jobs:
+        last = runs[-1] if runs else None
+        if last and last["metadata"] == job.path and last["out"] == job.out and last["shards"][1] == job.number:
+            last["shards"][1] += 1
+        else:
+            runs.append({"metadata": job.path, "out": job.out, "shards": [job.number, job.number + 1]})
+    return runs
+
+
+@fail_fast
+def download_unit(*, runs: list[dict], per_host_connections: int) -> list[dict]:
+    """Download one unit's shards, one at a time, skipping finished ones; its summary per folder."""
+    from dataclasses import replace
+
+    from recap_tasks.config import RecapConfig
+    from recap_tasks.stages.download import DownloadResult, download_shard
+    from recap_tasks.stages.download import plan as plan_shards
+
+    config = replace(RecapConfig.load().download, per_host_connections=per_host_connections)
+    summaries = []
+    for run in runs:
+        first, stop = run["shards"]
+        # plan() is the one definition of a folder's shard jobs (and refuses a changed metadata file).
+        jobs = plan_shards([run["metadata"]], run["out"], config)[first:stop]
+        result = DownloadResult(run["out"])
+        for job in jobs:
+            stats = finished_shard(job)
+            if stats is None:
+                stats = download_shard(job, config)
+            else:
+                result.skipped += 1
+            result.shards.append(stats)
+        summaries.append(result.summary())
+    return summaries
+
+
+def finished_shard(job) -> dict | None:
+    """A shard's stats if it is finished (download()'s own test: its `_stats.json`), else None."""
+    from recap_tasks.stages.download import finished
+
+    return finished(job)
+
+
+def gather_downloads(summaries: list[list[dict]]) -> list[dict]:
+    """The download's summary per folder (shards, skipped, rows, successes, failures per reason),
+    summed over the task instances' summaries and logged, one line per folder."""
+    counts = ("shards", "shards_skipped", "count", "successes", "failed")
+    merged: dict[str, dict] = {}
+    for summary in (s for unit in summaries for s in unit):
+        total = merged.setdefault(summary["out"], {"out": summary["out"], **dict.fromkeys(counts, 0), "reasons": {}})
+        for key in counts:
+            total[key] += summary[key]
+        for reason, n in summary["reasons"].items():
+            total["reasons"][reason] = total["reasons"].get(reason, 0) + n
+    for total in merged.values():
+        total["reasons"] = dict(sorted(total["reasons"].items()))
+        log.info("download %s: %s", total["out"], total)
+    return list(merged.values())
 
 
 @fail_fast

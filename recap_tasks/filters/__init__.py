@@ -36,6 +36,7 @@ class PairImage:
     rgb: Image.Image
     data: bytes
     scale: float  # rgb size / original size (<= 1)
+    size: tuple[int, int]  # (width, height) of the original, upright: what face boxes are relative to
 
 
 class ModelLoadError(RecapError):

@@ -102,11 +102,11 @@ def decode(data: bytes, max_side: int) -> PairImage:
         ratio = max(w, h) / max_side
         if ratio >= 2:
             im.draft("RGB", (int(w / ratio), int(h / ratio)))
-    width = h if orientation(im) in (5, 6, 7, 8) else w  # upright width, full resolution
+    size = (h, w) if orientation(im) in (5, 6, 7, 8) else (w, h)  # upright, full resolution
     rgb = upright(im).convert("RGB")
     if max(rgb.size) > max_side:
         rgb.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-    return PairImage(rgb=rgb, data=data, scale=rgb.size[0] / width)
+    return PairImage(rgb=rgb, data=data, scale=rgb.size[0] / size[0], size=size)
 
 
 @dataclass

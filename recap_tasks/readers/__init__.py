@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import glob
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from recap_tasks import storage
 from recap_tasks.errors import RecapError
 
 SHARD_SUFFIXES = (".tar", ".parquet")
@@ -43,37 +41,24 @@ class ShardReport:
     detail: str | None = None
 
 
-def expand_sources(sources: list[str]) -> list[Path]:
-    """Folders, globs and files -> a sorted, de-duplicated list of shard files."""
-    found: dict[Path, None] = {}
+def expand_sources(sources: list[str]) -> list[str]:
+    """Folders, globs and files (local or s3://) -> a sorted, de-duplicated list of shard files (absolute
+    paths or s3:// URIs)."""
+    found: dict[str, None] = {}
     for source in sources:
         if not source or not source.strip():
             raise RecapError("an empty source names no shards: give a folder, glob or shard file")
-        p = Path(source).expanduser()
-        for m in expand_files(source, SHARD_SUFFIXES, what="a .tar or .parquet shard", plural=".tar or .parquet shards",
-                              noun="source"):
-            if m.suffix == ".parquet" and m.with_suffix(".tar").is_file() and m != p:
-                continue  # img2dataset writes a metadata parquet beside each tar: not a source
-            found[m.resolve()] = None
+        matches = storage.list_files(source, SHARD_SUFFIXES, what="a .tar or .parquet shard",
+                                     plural=".tar or .parquet shards", noun="source")
+        named, listed = storage.normalize(source), set(matches)
+        for m in matches:
+            # img2dataset writes a metadata parquet beside each tar: not a source (unless named itself)
+            if m.endswith(".parquet") and m != named and _beside_tar(m, listed):
+                continue
+            found[m] = None
     return list(found)
 
 
-def expand_files(source: str, suffixes, *, what: str, plural: str, noun: str) -> list[Path]:
-    """The files with `suffixes` that a folder, glob or file name `source` names (sorted); RecapError
-    when it names none (`what`: "a .tar or .parquet shard", `plural`: ".tar or .parquet shards",
-    `noun`: "source")."""
-    p = Path(source).expanduser()
-    if p.is_dir():
-        matches = sorted(q for q in p.iterdir() if q.suffix in suffixes and q.is_file())
-    elif any(ch in source for ch in "*?["):
-        matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(source), recursive=True))
-        matches = [m for m in matches if m.suffix in suffixes and m.is_file()]
-    elif p.is_file():
-        if p.suffix not in suffixes:
-            raise RecapError(f"{source}: not {what}")
-        matches = [p]
-    else:
-        raise RecapError(f"{noun} not found: {source}")
-    if not matches:
-        raise RecapError(f"no {plural} in {source}")
-    return matches
+def _beside_tar(parquet: str, listed: set[str]) -> bool:
+    tar = parquet.removesuffix(".parquet") + ".tar"
+    return tar in listed or storage.exists(tar)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Iterator
+import bisect
+from typing import Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recap_tasks import storage
 from recap_tasks.errors import RecapError
 from recap_tasks.readers import RawSample, ShardReport
 
@@ -17,7 +18,7 @@ KEY_CANDIDATES = ("key", "id", "uid")
 URL_CANDIDATES = ("url", "URL", "image_url")
 
 
-def pick_column(names: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, path: Path,
+def pick_column(names: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, path: str,
                 required: bool, *, section: str = "ingest") -> str | None:
     """The column holding `what`: `wanted` when set (must exist), else the first of `candidates`
     present; RecapError naming the `section.<what>_column` setting when a required one is missing."""
@@ -34,6 +35,13 @@ def pick_column(names: list[str], wanted: str | None, candidates: tuple[str, ...
     return found
 
 
+def metadata_columns(schema: pa.Schema, image_column: str) -> list[str]:
+    """A sample's metadata in a parquet source: every column but the image bytes (and other binary
+    columns), as img2dataset's save_additional_columns copies them into a tar sample's .json."""
+    return [f.name for f in schema if f.name != image_column and not (
+        pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) or pa.types.is_binary_view(f.type))]
+
+
 class ParquetReader:
     """Reads samples from one parquet file, a record batch at a time."""
 
@@ -45,9 +53,10 @@ class ParquetReader:
         self.report = ShardReport()
         self.image_column: str | None = None
 
-    def read(self, path: Path) -> Iterator[RawSample]:
+    def read(self, path: str) -> Iterator[RawSample]:
+        """The samples of the parquet file at `path` (a local path or s3:// URI: ranged reads per row group)."""
         self.report = ShardReport()
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(storage.open_input(path))  # the file closes with `pf`
         names = pf.schema_arrow.names
         image_col = pick_column(names, self.columns[0], IMAGE_CANDIDATES, "image", path, True)
         caption_col = pick_column(names, self.columns[1], CAPTION_CANDIDATES, "caption", path, True)
@@ -57,7 +66,8 @@ class ParquetReader:
                 or pa.types.is_large_binary(pf.schema_arrow.field(image_col).type)):
             raise RecapError(f"{path}: column {image_col!r} is {pf.schema_arrow.field(image_col).type}, not image bytes")
         self.image_column = image_col
-        wanted = [c for c in (image_col, caption_col, key_col, url_col) if c]
+        meta_cols = metadata_columns(pf.schema_arrow, image_col)
+        wanted = list(dict.fromkeys([c for c in (image_col, caption_col, key_col, url_col) if c] + meta_cols))
         row = 0
         seen: dict[str, int] = {}
         for batch in pf.iter_batches(batch_size=self.batch_size, columns=wanted):
@@ -75,6 +85,7 @@ class ParquetReader:
                     source_row=row,
                     caption=caption,
                     url=url if isinstance(url, str) else None,
+                    meta={name: cols[name][i] for name in meta_cols},
                 )
                 if isinstance(caption, bytes):  # a binary caption column: decoded (strictly) by ingest
                     sample.caption = caption
@@ -89,3 +100,20 @@ class ParquetReader:
                         f"key {sample.key!r} appears {sample.occurrence + 1} times in the file"
                 yield sample
                 row += 1
+
+
+def take_rows(pf: pq.ParquetFile, rows: Sequence[int], columns: list[str] | None = None) -> pa.Table:
+    """Rows `rows` of a parquet file (row numbers in the file, in that order), read from only the row
+    groups that hold them: a few rows of a remote file cost their row groups, not the whole file."""
+    starts = [0]
+    for i in range(pf.metadata.num_row_groups):
+        starts.append(starts[-1] + pf.metadata.row_group(i).num_rows)
+    if any(not 0 <= r < starts[-1] for r in rows):
+        raise IndexError(f"rows {sorted(r for r in rows if not 0 <= r < starts[-1])[:3]} are not in a file of "
+                         f"{starts[-1]} rows")
+    group_of = [bisect.bisect_right(starts, r) - 1 for r in rows]
+    first, n = {}, 0  # each group's first row in the table read
+    for g in sorted(set(group_of)):
+        first[g], n = n, n + starts[g + 1] - starts[g]
+    table = pf.read_row_groups(sorted(first), columns=columns)
+    return table.take(pa.array([first[g] + r - starts[g] for r, g in zip(rows, group_of)], pa.int64()))

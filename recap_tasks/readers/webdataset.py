@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import posixpath
 import tarfile
-from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
+from recap_tasks import storage
 from recap_tasks.readers import RawSample, ShardReport
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
@@ -41,12 +42,18 @@ class WebDatasetReader:
         self.max_caption_bytes = max_caption_bytes
         self.report = ShardReport()
 
-    def read(self, path: Path) -> Iterator[RawSample]:
-        size = path.stat().st_size
+    def read(self, path: str) -> Iterator[RawSample]:
+        """The samples of the tar at `path` (a local path or s3:// URI), read front to back."""
+        with storage.open_sequential(path) as f:
+            yield from self._read(f)
+
+    def _read(self, f: BinaryIO) -> Iterator[RawSample]:
+        size = f.seek(0, io.SEEK_END)
+        f.seek(0)
         self.report = ShardReport()
         # Mode "r:" (random access, uncompressed) gives each member's data offset: the pointer
         # the caption stage seeks to. tarfile.ReadError on open means no member is readable.
-        with tarfile.open(path, mode="r:") as tf:
+        with tarfile.open(fileobj=f, mode="r:") as tf:
             seen: dict[str, int] = {}
             group: dict[str, tarfile.TarInfo | bytes] = {}
             group_key: str | None = None
@@ -89,7 +96,7 @@ class WebDatasetReader:
                 group[ext] = member
             if group_key is not None:
                 yield self._sample(group_key, group, seen, tf)
-        if not self.report.truncated and not _has_end_marker(path, end, size):
+        if not self.report.truncated and not _has_end_marker(f, end, size):
             self.report = ShardReport(True, f"no end-of-archive marker after byte {end} (shard cut off?)")
 
     @staticmethod
@@ -142,10 +149,9 @@ def _read(tf: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes:
     return data
 
 
-def _has_end_marker(path: Path, end: int, size: int) -> bool:
+def _has_end_marker(f: BinaryIO, end: int, size: int) -> bool:
     """A complete tar ends with two zero blocks after its last member."""
     if size - end < 2 * _BLOCK:
         return False
-    with path.open("rb") as f:
-        f.seek(end)
-        return f.read(2 * _BLOCK) == b"\0" * (2 * _BLOCK)
+    f.seek(end)
+    return f.read(2 * _BLOCK) == b"\0" * (2 * _BLOCK)

@@ -12,6 +12,10 @@ Keys are img2dataset's: the shard number (5 digits) then the row's index in the 
 metadata always gives the same keys (and, through ingest, the same uids). `_download.json` records
 the inputs: a rerun on other metadata into the same folder is refused. Fetching is in
 recap_tasks.fetch (SSRF refusal, bounded redirects, time and bytes, X-Robots-Tag opt-outs).
+
+The metadata and the output folder may be local or `s3://` (recap_tasks.storage): each shard is
+written in a local temporary folder and published whole, so a half-written shard is never seen
+under its final name, and the stats that mark it finished are read back from the output.
 """
 
 from __future__ import annotations
@@ -33,12 +37,11 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from recap_tasks import storage
 from recap_tasks.config import DownloadConfig, RecapConfig
 from recap_tasks.errors import RecapError
 from recap_tasks.fetch import Fetcher, FetchFailed, FetchPolicy
-from recap_tasks.files import atomic_path, write_atomic
-from recap_tasks.readers import expand_files
-from recap_tasks.readers.parquet import pick_column
+from recap_tasks.readers.parquet import pick_column, take_rows
 from recap_tasks.runs import progress_bar, utcnow
 
 log = logging.getLogger(__name__)
@@ -103,13 +106,14 @@ class DownloadResult:
                 "successes": ok, "failed": count - ok, "reasons": dict(sorted(reasons.items()))}
 
 
-def list_metadata(sources: list[str]) -> list[Path]:
-    """Metadata files (.parquet, .csv, .tsv) under folders, globs and file names, sorted, unique."""
-    found: dict[Path, None] = {}
+def list_metadata(sources: list[str]) -> list[str]:
+    """Metadata files (.parquet, .csv, .tsv) under folders, globs and file names (local or s3://),
+    sorted, unique, as absolute paths or s3:// URIs."""
+    found: dict[str, None] = {}
     for source in sources:
-        matches = expand_files(source, METADATA_SUFFIXES, what="a metadata file (.parquet, .csv or .tsv)",
-                               plural=".parquet, .csv or .tsv metadata", noun="metadata")
-        found.update((m.resolve(), None) for m in matches)
+        found.update(dict.fromkeys(storage.list_files(
+            source, METADATA_SUFFIXES, what="a metadata file (.parquet, .csv or .tsv)",
+            plural=".parquet, .csv or .tsv metadata", noun="metadata")))
     return list(found)
 
 
@@ -121,13 +125,12 @@ def download(sources: list[str], out: str | os.PathLike[str], *, config: Downloa
     are fetched again and the shard rewritten (its successes copied, never fetched twice).
     """
     config = config or RecapConfig.load().download
-    out_dir = Path(out).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = storage.normalize(out)
     jobs = plan(list_metadata(sources), out_dir, config)
-    result = DownloadResult(str(out_dir))
+    result = DownloadResult(out_dir)
     todo, done = [], {}
     for job in jobs:
-        stats = _read_stats(out_dir, job.name)
+        stats = finished(job)
         if stats is None or (retry_failed and any(r in TRANSIENT for r in stats["reasons"])):
             todo.append(job)
         else:
@@ -148,39 +151,42 @@ def download(sources: list[str], out: str | os.PathLike[str], *, config: Downloa
     return result
 
 
-def plan(files: list[Path], out: Path, config: DownloadConfig) -> list[ShardJob]:
+def plan(files: list[str | os.PathLike[str]], out: str | os.PathLike[str], config: DownloadConfig) -> list[ShardJob]:
     """Split every metadata file into shards of `samples_per_shard` rows, numbered across files.
 
-    Records the inputs in `out/_download.json`; refuses an `out` that holds another download.
+    Files and `out` are local paths or s3:// URIs. Records the inputs in `out/_download.json`;
+    refuses an `out` that holds another download.
     """
     n = config.samples_per_shard
+    out = storage.normalize(out)
     inputs, layout = [], []
-    for path in files:
+    for path in map(storage.normalize, files):
         schema, rows = _schema_and_rows(path)
         layout.append((path, _columns(path, schema, config), rows))
-        stat = path.stat()
-        inputs.append({"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "rows": rows})
+        size, mtime_ns = storage.stat(path)
+        inputs.append({"path": path, "size": size, "mtime_ns": mtime_ns, "rows": rows})
     manifest = {"inputs": inputs, "samples_per_shard": n}
-    previous = _read_json(out / MANIFEST)
+    previous = _read_json(storage.join(out, MANIFEST))
     if previous is not None and {k: previous.get(k) for k in manifest} != manifest:
         raise RecapError(f"{out} holds a download of other metadata ({MANIFEST}: "
                          f"{[i['path'] for i in previous.get('inputs', [])]}, {previous.get('samples_per_shard')} "
                          f"per shard): download into another folder, or remove it to start over")
-    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2).encode())
+    if previous is None:
+        _write_json(storage.join(out, MANIFEST), manifest)
     shards = sum(math.ceil(rows / n) for _, _, rows in layout)
     digits = (max(5, len(str(max(shards - 1, 0)))), max(1, math.ceil(math.log10(n))))
     jobs, number = [], 0
     for path, columns, rows in layout:
         for start in range(0, rows, n):
-            jobs.append(ShardJob(number, str(path), start, min(start + n, rows), digits, str(out), columns))
+            jobs.append(ShardJob(number, path, start, min(start + n, rows), digits, out, columns))
             number += 1
     return jobs
 
 
-def _schema_and_rows(path: Path) -> tuple[pa.Schema, int]:
+def _schema_and_rows(path: str) -> tuple[pa.Schema, int]:
     try:
-        if path.suffix == ".parquet":
-            meta = pq.ParquetFile(path).metadata
+        if path.endswith(".parquet"):
+            meta = pq.ParquetFile(storage.open_input(path)).metadata
             return meta.schema.to_arrow_schema(), meta.num_rows
         table = _read_csv(path)
         return table.schema, table.num_rows
@@ -188,7 +194,7 @@ def _schema_and_rows(path: Path) -> tuple[pa.Schema, int]:
         raise RecapError(f"metadata {path} cannot be read: {exc}") from None
 
 
-def _columns(path: Path, schema: pa.Schema, config: DownloadConfig) -> Columns:
+def _columns(path: str, schema: pa.Schema, config: DownloadConfig) -> Columns:
     names = schema.names
 
     def pick(wanted: str | None, candidates: tuple[str, ...], what: str, required: bool) -> str | None:
@@ -200,27 +206,18 @@ def _columns(path: Path, schema: pa.Schema, config: DownloadConfig) -> Columns:
                    sha256=pick(config.sha256_column, SHA256_CANDIDATES, "sha256", False))
 
 
-def _read_csv(path: Path) -> pa.Table:
-    delimiter = "\t" if path.suffix == ".tsv" else ","
-    return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True))
+def _read_csv(path: str) -> pa.Table:
+    delimiter = "\t" if path.endswith(".tsv") else ","
+    with storage.open_input(path) as f:
+        return pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True))
 
 
 def _read_rows(job: ShardJob) -> pa.Table:
     """Only the row groups of the metadata file that hold the job's rows."""
-    path = Path(job.path)
-    if path.suffix != ".parquet":
-        return _read_csv(path).slice(job.start, job.stop - job.start)
-    pf = pq.ParquetFile(path)
-    groups, offset, first = [], 0, None
-    for i in range(pf.metadata.num_row_groups):
-        rows = pf.metadata.row_group(i).num_rows
-        if offset + rows > job.start and offset < job.stop:
-            groups.append(i)
-            first = offset if first is None else first
-        offset += rows
-    if not groups:
-        return pf.schema_arrow.empty_table()
-    return pf.read_row_groups(groups).slice(job.start - first, job.stop - job.start)
+    if not job.path.endswith(".parquet"):
+        return _read_csv(job.path).slice(job.start, job.stop - job.start)
+    with storage.open_input(job.path) as f:
+        return take_rows(pq.ParquetFile(f), range(job.start, job.stop))
 
 
 # One shard ---------------------------------------------------------------------------------------
@@ -255,17 +252,18 @@ def download_shard(job: ShardJob, config: DownloadConfig) -> dict:
     A shard with stats already is being retried: its successes and final failures are carried over
     from its own files, only transient failures are fetched again.
     """
-    out = Path(job.out)
+    out = job.out
     started = time.time()
     table = _read_rows(job)
     rows = table.to_pylist()
     previous = _previous_outcomes(out, job) if _read_stats(out, job.name) is not None else {}
-    with atomic_path(out / f"{job.name}.tar", single_writer=True) as tar_part, \
-            atomic_path(out / f"{job.name}.parquet", single_writer=True) as parquet_part:
+    # Written locally (beside the target, or in a temporary folder for S3), published when whole.
+    with storage.output_path(storage.join(out, f"{job.name}.tar"), single_writer=True) as tar_part, \
+            storage.output_path(storage.join(out, f"{job.name}.parquet"), single_writer=True) as parquet_part:
         outcomes = _fetch_into(tar_part, job, rows, previous, config)
         _write_parquet(parquet_part, table, job, rows, outcomes)
         # Stats go last: a shard without them is unfinished and is redone whole by the next run.
-        (out / f"{job.name}_stats.json").unlink(missing_ok=True)
+        storage.remove(storage.join(out, f"{job.name}_stats.json"))
     reasons: dict[str, int] = {}
     for o in outcomes:
         if o is not None and o.reason is not None:
@@ -278,7 +276,7 @@ def download_shard(job: ShardJob, config: DownloadConfig) -> dict:
              "source": {"path": job.path, "start": job.start, "stop": job.stop},
              "start_time": started, "end_time": ended, "duration": round(ended - started, 3),
              "finished_at": utcnow().isoformat()}
-    write_atomic(out / f"{job.name}_stats.json", json.dumps(stats, indent=2).encode())
+    _write_json(storage.join(out, f"{job.name}_stats.json"), stats)
     return stats
 
 
@@ -289,7 +287,7 @@ def _fetch_into(tar_path: Path, job: ShardJob, rows: list[dict], previous: dict[
     fetcher = _fetcher(config)
     with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
         if previous:
-            _copy_successes(Path(job.out) / f"{job.name}.tar", tar, previous)
+            _copy_successes(storage.join(job.out, f"{job.name}.tar"), tar, previous)
         todo = []
         for i in range(len(rows)):
             old = previous.get(job.key(i))
@@ -397,9 +395,10 @@ def _write_parquet(path: Path, table: pa.Table, job: ShardJob, rows: list[dict],
     pq.write_table(meta, path)
 
 
-def _previous_outcomes(out: Path, job: ShardJob) -> dict[str, _Outcome]:
+def _previous_outcomes(out: str, job: ShardJob) -> dict[str, _Outcome]:
     """key -> outcome, from a finished shard's parquet (to retry its transient failures)."""
-    table = pq.read_table(out / f"{job.name}.parquet", columns=["key", "reason", "error_message", "sha256"])
+    with storage.open_input(storage.join(out, f"{job.name}.parquet")) as f:
+        table = pq.read_table(f, columns=["key", "reason", "error_message", "sha256"])
     previous = {}
     for i, r in enumerate(table.to_pylist()):
         detail = r["error_message"] or ""
@@ -408,9 +407,9 @@ def _previous_outcomes(out: Path, job: ShardJob) -> dict[str, _Outcome]:
     return previous
 
 
-def _copy_successes(old: Path, tar: tarfile.TarFile, previous: dict[str, _Outcome]) -> None:
+def _copy_successes(old: str, tar: tarfile.TarFile, previous: dict[str, _Outcome]) -> None:
     """Members of the successful samples of the shard's current tar, copied into the new one."""
-    with tarfile.open(old, "r:") as src:
+    with storage.open_sequential(old) as f, tarfile.open(fileobj=f, mode="r:") as src:
         for member in src:
             key = member.name.split(".", 1)[0]
             if member.isfile() and previous.get(key) is not None and previous[key].reason is None:
@@ -435,14 +434,27 @@ def _plain(value: object) -> object:
     return value
 
 
-def _read_stats(out: Path, name: str) -> dict | None:
-    return _read_json(out / f"{name}_stats.json")
+def finished(job: ShardJob) -> dict | None:
+    """A shard's stats if it is finished (its `_stats.json`, written last), else None: the one test
+    of a finished shard for `download()` and the DAGs' mapped download instances."""
+    return _read_stats(job.out, job.name)
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_stats(out: str | os.PathLike[str], name: str) -> dict | None:
+    return _read_json(storage.join(out, f"{name}_stats.json"))
+
+
+def _read_json(uri: str) -> dict | None:
+    raw = storage.read_bytes(uri)
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
+        return None if raw is None else json.loads(raw)
     except ValueError:
         return None  # a torn write of an older tool: treated as unfinished
+
+
+def _write_json(uri: str, payload: dict) -> None:
+    try:
+        with storage.open_output(uri) as f:
+            f.write(json.dumps(payload, indent=2).encode())
+    except OSError as exc:  # no such bucket, no permission, a read-only folder
+        raise RecapError(f"cannot write {uri}: {' '.join(str(exc).split())[:300]}") from None

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # What a worker needs of a pair: the caption and size for the rules, the pointer for the image.
 _COLUMNS = ["uid", "key", "org_caption", "sha256", "width", "height", "shard_id", "source_uri", "source_format",
-            "image_offset", "image_size", "source_row", "image_column"]
+            "image_offset", "image_size", "source_row", "image_column", "face_bboxes"]
 
 
 def default_chain(config: FilterConfig) -> list[PairFilter]:
@@ -60,10 +60,11 @@ class FilterResult:
     dropped: dict[str, int] = field(default_factory=dict)
     failed_shards: dict[str, str] = field(default_factory=dict)  # shard id -> error
     seconds: dict[str, float] = field(default_factory=dict)  # per filter, summed over workers
+    face_sources: dict[str, int] = field(default_factory=dict)  # rows whose face boxes came from each source
 
     def summary(self) -> dict:
         return {"run_id": self.run_id, "rows_in": self.rows_in, "kept": self.kept, "dropped": self.dropped,
-                "failed_shards": sorted(self.failed_shards)}
+                "failed_shards": sorted(self.failed_shards), "face_sources": self.face_sources}
 
 
 def run_filter(lake: Lake, *, config: FilterConfig | None = None, run_id: str | None = None,
@@ -109,6 +110,8 @@ def run_filter(lake: Lake, *, config: FilterConfig | None = None, run_id: str | 
     for reason in rejected.column("reason").to_pylist():
         result.dropped[reason] = result.dropped.get(reason, 0) + 1
     result.kept = int(pc.sum(verdicts.column("kept")).as_py() or 0)
+    if "face_source" in verdicts.column_names:
+        result.face_sources = dict(Counter(s for s in verdicts.column("face_source").to_pylist() if s))
     result.rows_in = verdicts.num_rows
     # Rejections first: a crash between the writes leaves the row unfiltered, and the rerun
     # inserts only what is missing. Then the index entries of the kept rows, then the records.

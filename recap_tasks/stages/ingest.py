@@ -5,18 +5,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
 import re
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recap_tasks import lake as tables
-from recap_tasks import progress
+from recap_tasks import progress, storage
 from recap_tasks.config import IngestConfig, RecapConfig
 from recap_tasks.errors import RecapError
 from recap_tasks.ids import make_uid, shard_id_for
@@ -42,6 +44,8 @@ class ShardResult:
     skipped: bool = False  # already ingested by an earlier run
     reasons: dict[str, int] = field(default_factory=dict)
     download_failed: int = 0  # rows of the shard's download record that never became a sample
+    # Metadata set aside on rows that were kept (face_bboxes malformed...): {reason: rows}.
+    metadata_ignored: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -66,6 +70,7 @@ class IngestResult:
             "rows": self.rows,
             "rejected": self.rejected,
             "download_failed": sum(s.download_failed for s in self.shards),
+            "metadata_ignored": dict(sum((Counter(s.metadata_ignored) for s in self.shards), Counter())),
         }
 
 
@@ -87,18 +92,19 @@ def ingest(sources: list[str], lake: Lake, *, config: IngestConfig | None = None
     return out
 
 
-def ingest_shard(path: Path, lake: Lake, *, config: IngestConfig, run_id: str, force: bool = False,
-                 previous: dict | None = None) -> ShardResult:
+def ingest_shard(path: str | os.PathLike[str], lake: Lake, *, config: IngestConfig, run_id: str,
+                 force: bool = False, previous: dict | None = None) -> ShardResult:
     """One work unit: read a shard, check each sample, write pairs and rejections, mark it done.
 
     `previous` is the shard's latest ingest progress record, if any (shards.ingest_records).
     """
+    path = storage.normalize(path)  # a local path or an s3:// URI, as `source_uri` records it
     shard_id = shard_id_for(path, config.dataset)
-    stat = path.stat()
+    size, mtime_ns = storage.stat(path)
     _check_same_source(shard_id, path, previous)
     if previous and not force:
         if is_ingested(previous, path):
-            return ShardResult(shard_id, str(path), skipped=True, rows=0, rejected=0,
+            return ShardResult(shard_id, path, skipped=True, rows=0, rejected=0,
                                truncated=previous.get("truncated", False), detail=previous.get("detail"))
         log.warning("shard %s changed since run %s; ingesting samples not seen before", shard_id, previous["run_id"])
 
@@ -106,20 +112,20 @@ def ingest_shard(path: Path, lake: Lake, *, config: IngestConfig, run_id: str, f
     report = shard_rows.read()
     if report.truncated:
         log.warning("shard %s is truncated: %s", shard_id, report.detail)
-    result = ShardResult(shard_id, str(path), truncated=report.truncated, detail=report.detail,
-                         reasons=shard_rows.reasons)
+    result = ShardResult(shard_id, path, truncated=report.truncated, detail=report.detail,
+                         reasons=shard_rows.reasons, metadata_ignored=shard_rows.metadata_ignored)
     result.rows = lake.insert_new(tables.PAIRS,
                                   pa.Table.from_pylist(shard_rows.good, schema=tables.schemas.PAIRS.arrow))
     if previous and shard_rows.good:
         _drop_healed_rejections(lake, shard_id, shard_rows.good)
     result.rejected = lake.insert_new(tables.REJECTED,
                                       pa.Table.from_pylist(shard_rows.bad, schema=tables.schemas.REJECTED.arrow))
-    if path.suffix == ".tar":
+    if path.endswith(".tar"):
         result.download_failed = _record_download_failures(lake, path, shard_id, run_id, shard_rows.now,
                                                            rewritten=bool(previous))
     # Recorded last: a shard is done only once both tables hold its rows.
     progress.record(lake, "ingest", [shard_id], run_id=run_id, sources={shard_id: {
-        "source_uri": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+        "source_uri": path, "size": size, "mtime_ns": mtime_ns,
         "truncated": report.truncated, "detail": report.detail}})
     return result
 
@@ -129,7 +135,7 @@ class _ShardRows:
     """One shard's samples, read and checked: pair rows (`good`), rejection rows (`bad`), and the
     count of each rejection reason."""
 
-    path: Path
+    path: str
     shard_id: str
     config: IngestConfig
     run_id: str
@@ -137,6 +143,7 @@ class _ShardRows:
     good: list[dict] = field(default_factory=list)
     bad: list[dict] = field(default_factory=list)
     reasons: dict[str, int] = field(default_factory=dict)
+    metadata_ignored: dict[str, int] = field(default_factory=dict)
 
     def read(self) -> ShardReport:
         """Read the shard, sorting each sample into `good` or `bad`; the reader's report on the shard."""
@@ -168,10 +175,15 @@ class _ShardRows:
 
     def _pair(self, sample: RawSample, accepted: _Accepted, source_format: str, image_column: str | None) -> dict:
         info = accepted.info
+        face_bboxes, ignored = _face_bboxes(sample.meta, info)
+        if ignored:
+            self._ignore(sample, ignored)
+        clip_score, clip_model = _source_clip(sample.meta)
         return {
             "uid": make_uid(self.shard_id, sample.key, sample.occurrence), "key": sample.key, "url": sample.url,
             "org_caption": accepted.caption, "sha256": accepted.sha256, "source_uid": _source_uid(sample.meta),
-            "references": _references(sample.meta),
+            "references": _references(sample.meta), "face_bboxes": face_bboxes,
+            "source_clip_score": clip_score, "source_clip_model": clip_model,
             "width": info.width, "height": info.height,
             "image_format": info.format, "source_uri": str(self.path), "source_format": source_format,
             "image_offset": sample.image_offset, "image_size": sample.image_size,
@@ -180,10 +192,17 @@ class _ShardRows:
             "run_id": self.run_id, "ingested_at": self.now,
         }
 
+    def _ignore(self, sample: RawSample, reason: str) -> None:
+        """Count metadata set aside on a kept row; the first of each reason per shard is logged."""
+        if reason not in self.metadata_ignored:
+            log.warning("shard %s: sample %r: %s (the row is kept without it; further ones are counted in the "
+                        "ingest summary's metadata_ignored)", self.shard_id, _printable(sample.key[:200]), reason)
+        self.metadata_ignored[reason] = self.metadata_ignored.get(reason, 0) + 1
 
-def _reader(path: Path, config: IngestConfig) -> tuple[WebDatasetReader | ParquetReader, str]:
+
+def _reader(path: str, config: IngestConfig) -> tuple[WebDatasetReader | ParquetReader, str]:
     """The reader for a shard's format, and the format's name (`source_format`)."""
-    if path.suffix == ".tar":
+    if path.endswith(".tar"):
         return WebDatasetReader(max_image_bytes=config.max_image_bytes,
                                 max_caption_bytes=config.max_caption_bytes), "wds"
     return ParquetReader(image_column=config.image_column, caption_column=config.caption_column,
@@ -201,7 +220,7 @@ def _drop_healed_rejections(lake: Lake, shard_id: str, good: list[dict]) -> None
         log.info("shard %s: %d samples cut off before are whole now", shard_id, len(whole))
 
 
-def _record_download_failures(lake: Lake, path: Path, shard_id: str, run_id: str, now: datetime, *,
+def _record_download_failures(lake: Lake, path: str, shard_id: str, run_id: str, now: datetime, *,
                               rewritten: bool) -> int:
     """Write a tar's download failures (the parquet beside it) as rejections and record the shard's
     download stage; how many failed (0 when the tar has no download record)."""
@@ -217,28 +236,29 @@ def _record_download_failures(lake: Lake, path: Path, shard_id: str, run_id: str
     return len(failed)
 
 
-def _download_failures(path: Path, shard_id: str, run_id: str, now) -> list[dict] | None:
+def _download_failures(path: str, shard_id: str, run_id: str, now) -> list[dict] | None:
     """The metadata rows a downloader could not turn into samples, from the parquet beside the tar.
 
     recap download and img2dataset both write `<shard>.parquet` with one row per metadata row and
     its `status`; failures become `rejected` rows of stage `download` (uid from the key, as the
     sample would have had). None when the tar has no download record.
     """
-    beside = path.with_suffix(".parquet")
-    if not beside.is_file():
-        return None
+    beside = path.removesuffix(".tar") + ".parquet"
     try:
-        names = pq.ParquetFile(beside).schema_arrow.names
+        pf = pq.ParquetFile(storage.open_input(beside))
+        names = pf.schema_arrow.names
         if "status" not in names or "key" not in names:
             return None
         wanted = [c for c in ("key", "status", "reason", "error_message") if c in names]
-        rows = pq.read_table(beside, columns=wanted).to_pylist()
+        rows = pf.read(columns=wanted).to_pylist()
+    except FileNotFoundError:
+        return None
     except (pa.ArrowException, OSError) as exc:
         log.warning("shard %s: download record %s unreadable (%s); its failures are not counted", shard_id, beside, exc)
         return None
-    stats = path.with_name(f"{path.stem}_stats.json")
-    if not stats.is_file():
-        log.info("shard %s: no %s beside it (img2dataset still writing, or an older layout)", shard_id, stats.name)
+    stats = path.removesuffix(".tar") + "_stats.json"
+    if not storage.exists(stats):
+        log.info("shard %s: no %s beside it (img2dataset still writing, or an older layout)", shard_id, stats)
     out = []
     for r in rows:
         if r["status"] == "success" or r["key"] is None:
@@ -286,6 +306,71 @@ def _references(meta: dict) -> str | None:
             if texts:
                 return json.dumps(texts, ensure_ascii=False)
     return None
+
+
+def _face_bboxes(meta: dict, info: ImageInfo) -> tuple[str | None, str | None]:
+    """(pairs.face_bboxes, None) for a sample's metadata `face_bboxes` (DataComp: [[x1, y1, x2, y2],
+    ...] normalized to the original image), or (None, why they were set aside). Boxes need the
+    image's shape: an image resized to another aspect ratio (img2dataset's `border`/`center_crop`
+    modes), told by the metadata's original_width/height, cannot use them."""
+    raw = meta.get("face_bboxes")
+    if raw is None:
+        return None, None
+    boxes = _normalized_boxes(raw)
+    if boxes is None:
+        return None, "face_bboxes_malformed"
+    if not _same_shape(meta.get("original_width"), meta.get("original_height"), info.width, info.height):
+        return None, "face_bboxes_other_aspect"
+    return json.dumps(boxes), None
+
+
+def _normalized_boxes(raw: object) -> list[list[float]] | None:
+    """Boxes as [[x1, y1, x2, y2], ...] within [0, 1] (clipped by up to 1%), or None if malformed;
+    a JSON string of them is accepted too."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            return None
+    if not isinstance(raw, (list, tuple)):
+        return None
+    boxes = []
+    for box in raw:
+        if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(_finite(v) for v in box):
+            return None
+        x1, y1, x2, y2 = (float(v) for v in box)
+        if not (-0.01 <= x1 <= x2 <= 1.01 and -0.01 <= y1 <= y2 <= 1.01):
+            return None
+        boxes.append([round(min(1.0, max(0.0, v)), 6) for v in (x1, y1, x2, y2)])
+    return boxes
+
+
+def _same_shape(original_width: object, original_height: object, width: int, height: int) -> bool:
+    """Whether an image of width x height keeps the aspect ratio of the original (either way round:
+    EXIF-rotated); True when the metadata gives no original size."""
+    if not (_finite(original_width) and _finite(original_height) and original_width > 0 and original_height > 0):
+        return True
+    ratio = original_width / original_height
+    slack = 0.01 + 1 / min(width, height)  # rounding of a resize
+    return any(abs(w / h - ratio) <= slack * ratio for w, h in ((width, height), (height, width)))
+
+
+# The CLIP scores a source's metadata may carry, best first, and the model each was made with.
+_SOURCE_CLIP_SCORES = (("clip_l14_similarity_score", "ViT-L/14 (DataComp)"),
+                       ("clip_b32_similarity_score", "ViT-B/32 (DataComp)"),
+                       ("similarity", "ViT-B/32 (LAION)"))
+
+
+def _source_clip(meta: dict) -> tuple[float | None, str | None]:
+    """(score, model) of the CLIP score a sample's metadata carried, or (None, None)."""
+    for name, model in _SOURCE_CLIP_SCORES:
+        if _finite(meta.get(name)):
+            return float(meta[name]), model
+    return None, None
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class _Rejection(NamedTuple):
@@ -344,8 +429,8 @@ def _check(sample: RawSample, config: IngestConfig) -> _Accepted | _Rejection:
     return _Accepted(caption.lstrip("\ufeff").strip(), info, hashlib.sha256(sample.image).hexdigest())
 
 
-def _check_unique_shard_ids(shards: list[Path], dataset: str | None) -> None:
-    seen: dict[str, Path] = {}
+def _check_unique_shard_ids(shards: list[str], dataset: str | None) -> None:
+    seen: dict[str, str] = {}
     for p in shards:
         sid = shard_id_for(p, dataset)
         if sid in seen:
@@ -354,12 +439,12 @@ def _check_unique_shard_ids(shards: list[Path], dataset: str | None) -> None:
         seen[sid] = p
 
 
-def _check_same_source(shard_id: str, path: Path, previous: dict | None) -> None:
+def _check_same_source(shard_id: str, path: str, previous: dict | None) -> None:
     """A shard id already ingested from another file that still exists is another dataset's shard:
     refuse, rather than skip it or mix two datasets' samples under one id. (A moved dataset, whose
     old file is gone, keeps its ids.)"""
     other = (previous or {}).get("source_uri")
-    if other and other != str(path) and Path(other).exists() and not Path(other).samefile(path):
+    if other and storage.exists(other) and not storage.same_file(other, path):
         raise RecapError(f"shard id {shard_id!r} of {path} already belongs to {other} (run {previous.get('run_id')}): "
                          f"two datasets share the folder/file name; ingest this one with --dataset NAME "
                          f"(ingest.dataset) so its shards get ids of their own")

@@ -139,6 +139,7 @@ def _run_page(lake: Lake, batch: Batch) -> str:
     status = lake_status(lake)
     rows, source, pairs = _run_rows(lake, batch)
     metrics = run_metrics(rows, min_distinct_ratio=ValidateConfig().min_distinct_ngram_ratio)
+    metrics["face_boxes"] = face_sources(lake, batch.shards, rows.column("uid").combine_chunks())
     hal_of = dict(zip(rows.column("uid").to_pylist(), metrics.pop("_per_row_hallucinated")))
     lake.write_json(f"_reports/runs/{batch.batch_id}/metrics.json", {"batch_id": batch.batch_id, **metrics})
     org_len = np.asarray(rows.column("org_length").to_pylist() or [], dtype=float)
@@ -159,6 +160,7 @@ def _run_page(lake: Lake, batch: Batch) -> str:
         "<h3>Lowest CLIP score of the recaption</h3>", _samples_table(lowest_clip, thumbs, hal_of),
         "<h3>Most hallucinated objects</h3>", _samples_table(most_hal, thumbs, hal_of),
         "<h3>Quarantined by the quality gate</h3>", _samples_table(quarantined, thumbs, hal_of),
+        "<h2>Face boxes</h2>", _face_table(metrics["face_boxes"]),
         _clip_evaluation_section(lake),
         "<h2>Validation results</h2>", _results_table(batch),
         _config_section(lake, batch),
@@ -264,6 +266,25 @@ def _paper_table(m: dict, *, test_model: bool = False) -> str:
     ]
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in line) + "</tr>" for line in lines)
     return f"<table><tr><th>measure</th><th>original</th><th>recaption</th><th>note</th></tr>{body}</table>"
+
+
+def face_sources(lake: Lake, shards: list[str], uids: pa.Array) -> dict[str, int]:
+    """How many of the rows `uids` had their face boxes from the source's metadata, from CenterFace,
+    or from neither (the faces filter is not in the chain, or a lake filtered before it recorded this)."""
+    verdicts = lake.read(tables.FILTER_RESULTS, ["uid", "face_source"], shards=shards)
+    verdicts = verdicts.filter(pc.is_in(verdicts.column("uid"), value_set=uids))
+    counts = Counter(verdicts.column("face_source").to_pylist())
+    return {"metadata": counts["metadata"], "detector": counts["detector"],
+            "none": len(uids) - counts["metadata"] - counts["detector"]}
+
+
+def _face_table(counts: dict[str, int]) -> str:
+    lines = [("from the source's metadata (pairs.face_bboxes)", counts["metadata"]),
+             ("detected by CenterFace", counts["detector"]), ("no face boxes recorded", counts["none"])]
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in lines)
+    return (f"<table><tr><th>face boxes of this run's rows (filter.face_boxes)</th><th>rows</th></tr>{body}</table>"
+            "<p class=muted>With filter.blur_faces on (the default) the captioner read the image with those boxes "
+            "blurred, whichever source they came from.</p>")
 
 
 def _quarantined_rows(lake: Lake, batch: Batch, pairs) -> list[dict]:

@@ -42,8 +42,8 @@ print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "
                                               if not any(p == r or p.startswith(r + os.sep) for r in roots)})}))
 """
 
-STAGES = {"download", "ingest", "filter", "caption_units", "choose_runner", "caption_pod", "caption_local", "validate",
-          "publish", "report"}
+STAGES = {"plan_download", "download", "gather_downloads", "ingest", "filter", "caption_units", "choose_runner",
+          "caption_pod", "caption_local", "validate", "publish", "report"}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_pipeline_shape_form_and_gpu_pool(report):
     dags = report["dags"]
     pipeline = dags["recap_pipeline"]
     assert set(pipeline["tasks"]) == STAGES | {"plan", "proceed"}
-    assert set(pipeline["mapped"]) == {"ingest", "filter", "caption_pod", "caption_local"}
+    assert set(pipeline["mapped"]) == {"download", "ingest", "filter", "caption_pod", "caption_local"}
     assert {"source", "source_kind", "shard_limit", "lake", "model", "batch_size", "filter_profile", "runner",
             "dry_run"} == set(pipeline["params"])
     assert pipeline["retries"]["validate"] == 0  # a failed quality gate is a verdict
