@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError  # what `Lake.commit` raises once out of retries
 
-from recap_tasks import faults, schemas
+from recap_tasks import faults, schemas, storage
 from recap_tasks.errors import RecapError
 from recap_tasks.ids import shard_key
 from recap_tasks.storage import _s3_filesystem
@@ -447,8 +447,10 @@ class Lake:
     def writer(self, rel: str) -> Iterator[pa.NativeFile]:
         """A stream onto `rel`, published atomically when the block ends without an error."""
         path = self._abs(rel)
-        if not self.is_local:  # an S3 upload becomes visible only when it completes
-            with self.fs.open_output_stream(path) as f:
+        if not self.is_local:
+            # pyarrow completes an S3 upload on close even after an error, so a stream onto the final
+            # key could publish half a file: write a local file, upload it once finished.
+            with storage.output_path(f"s3://{path}") as local, pa.OSFile(str(local), "wb") as f:
                 yield f
             return
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)

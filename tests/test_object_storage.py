@@ -57,6 +57,19 @@ def test_pipeline_on_s3_lake(s3_env, sample_shards, tiny_model):
     assert len(df) == 18 and df["uid"].is_unique
 
 
+def test_a_lake_file_is_published_whole_or_not_at_all(s3_env):
+    _, bucket = s3_env
+    lake = Lake(f"s3://{bucket}/lake")
+    with pytest.raises(RuntimeError):
+        with lake.writer("_dedup_runs/sha/x.run") as f:
+            f.write(b"half of it")
+            raise RuntimeError("killed mid-write")
+    assert lake.read_bytes("_dedup_runs/sha/x.run") is None
+    with lake.writer("_dedup_runs/sha/x.run") as f:
+        f.write(b"all of it")
+    assert lake.read_bytes("_dedup_runs/sha/x.run") == b"all of it"
+
+
 def test_bad_lake_uri_is_a_clear_error():
     from recap_tasks.errors import RecapError
 
