@@ -1,12 +1,16 @@
-"""Dask distributed for the filter stage: join a scheduler, or start a LocalCluster sized to the machine."""
+"""Dask distributed: the filter stage's cluster (join a scheduler, or start a LocalCluster sized to
+the machine), and recap commands run on a worker of a scheduler (the caption stage's runner=dask)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
+import subprocess
 import sys
 import threading
+import uuid
 from typing import Iterator
 
 ENV_ADDRESS = "RECAP_DASK_ADDRESS"
@@ -53,6 +57,48 @@ def dask_client(address: str | None = None, *, workers: int | None = None) -> It
                          scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                          silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
         yield client, max(1, (os.cpu_count() or 1) // n)
+
+
+def run_recap_command(arguments: list[str], env: dict[str, str] | None = None, *,
+                      tail: int = 200) -> tuple[int, str]:
+    """Run `python -m recap_tasks ARGUMENTS` with this process's interpreter: (exit code, last lines).
+
+    What a Dask worker runs for a submitted command (`submit_recap_command`), so the command runs
+    with the worker image's Python and packages; its output goes to the worker's log as it comes.
+    """
+    cmd = [sys.executable, "-m", "recap_tasks", *arguments]
+    log.info("running: %s", " ".join(cmd))
+    lines: collections.deque[str] = collections.deque(maxlen=tail)
+    with subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            log.info("%s", line.rstrip())
+    return proc.returncode, "".join(lines)
+
+
+def submit_recap_command(arguments: list[str], *, address: str, resource: str, env: dict[str, str] | None = None,
+                         timeout: float | None = None) -> tuple[int, str]:
+    """Run `python -m recap_tasks ARGUMENTS` on a worker of the Dask scheduler at `address` that
+    offers `resource` (`dask worker --resources caption=1`), one unit of it per command; returns
+    that worker's (exit code, output tail)."""
+    from distributed import Client
+
+    from recap_tasks.errors import RecapError
+
+    with Client(address, timeout="30s") as client:
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        if not any(w.get("resources", {}).get(resource) for w in workers):
+            raise RecapError(f"no worker of the Dask scheduler {address} offers the resource '{resource}': start "
+                             f"workers with `dask worker {address} --resources {resource}=1` (docker-compose.yml's "
+                             f"dask-worker)")
+        future = client.submit(run_recap_command, arguments, env, resources={resource: 1},
+                               key=f"recap-{arguments[0]}-{uuid.uuid4().hex[:8]}")
+        try:
+            return future.result(timeout=timeout)
+        finally:
+            future.release()
 
 
 _hidden_lock = threading.Lock()

@@ -69,7 +69,8 @@ def common_params(*, scheduled: bool = False) -> dict[str, Param]:
                                 description="config: filter.chain of RECAP_CONFIG (default basic); basic: DataComp's "
                                             "basic rules; datacomp: + language, NSFW, faces, dedup, boilerplate"),
         "runner": Param(runner, enum=list(RUNNERS), title="Runner",
-                        description="kubernetes: one GPU pod per work unit; local: a subprocess on the worker"),
+                        description="kubernetes: one GPU pod per work unit; dask: a Dask worker with the caption "
+                                    "resource (the compose stack); local: a subprocess on the Airflow worker"),
     }
 
 
@@ -176,7 +177,13 @@ def recaption_stages(chunks, *, factory: CaptionRunnerFactory | None = None):
     @task.branch
     def choose_runner() -> str:
         params, _, _ = run_context()
-        return "caption_pod" if params["runner"] == "kubernetes" else "caption_local"
+        return {"kubernetes": "caption_pod", "dask": "caption_dask"}.get(params["runner"], "caption_local")
+
+    @task(pool=GPU_POOL, execution_timeout=timedelta(hours=12), retry_delay=timedelta(minutes=2))
+    def caption_dask(arguments: list[str]) -> None:
+        from recap_airflow.stages import fail_fast
+
+        fail_fast(factory.run_dask)(arguments)
 
     @task(pool=GPU_POOL, execution_timeout=timedelta(hours=12), retry_delay=timedelta(minutes=2))
     def caption_local(arguments: list[str]) -> None:
@@ -219,9 +226,10 @@ def recaption_stages(chunks, *, factory: CaptionRunnerFactory | None = None):
     units = caption_units(filtered)
     branch = choose_runner()
     pods = factory.mapped_pod_operator(task_id="caption_pod", arguments=units)
+    on_dask = caption_dask.expand(arguments=units)
     local = caption_local.expand(arguments=units)
     checked = validate()
-    branch >> [pods, local]
-    [pods, local] >> checked
+    branch >> [pods, on_dask, local]
+    [pods, on_dask, local] >> checked
     publish(checked) >> report(checked)
     return ingested, checked

@@ -1,4 +1,4 @@
-"""The pod factory: how a caption work unit runs on a Kubernetes GPU node, or locally.
+"""The pod factory: how a caption work unit runs on a Kubernetes GPU node, on a Dask worker, or locally.
 
 Deployment-specific values come from environment variables of the Airflow services (see
 `PodSettings`), so the DAG files stay the same across clusters. Imports only the Kubernetes
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from recap_airflow.runners import ENTRYPOINT, local_command, run_local
+from recap_airflow.runners import ENTRYPOINT, local_command, run_dask, run_local
 
 GPU_POOL = os.environ.get("RECAP_GPU_POOL", "recap_gpu")
 
@@ -97,7 +97,8 @@ class PodSettings:
 
 
 class CaptionRunnerFactory:
-    """Builds the caption stage for a runner: a KubernetesPodOperator, or a local subprocess."""
+    """Builds the caption stage for a runner: a KubernetesPodOperator, a command on a Dask worker,
+    or a local subprocess."""
 
     def __init__(self, settings: PodSettings | None = None):
         self.settings = settings or PodSettings.from_env()
@@ -180,7 +181,7 @@ class CaptionRunnerFactory:
         op = self.pod_operator(task_id="caption_dry_run", arguments=arguments)
         return op.build_pod_request_obj(dry_run=True).to_dict()
 
-    # Local -----------------------------------------------------------------------------------
+    # Dask and local -------------------------------------------------------------------------
 
     def local_env(self) -> dict[str, str]:
         """The pod environment minus what only makes sense inside the pod (volume paths)."""
@@ -191,3 +192,7 @@ class CaptionRunnerFactory:
     def run_local(self, arguments: list[str], *, timeout: float | None = None) -> str:
         """Run the pod's command as a subprocess of this worker."""
         return run_local(local_command(arguments), env=self.local_env(), timeout=timeout)
+
+    def run_dask(self, arguments: list[str], *, timeout: float | None = None) -> str:
+        """Run the pod's command on a Dask worker that offers the caption resource (the worker image)."""
+        return run_dask(arguments, env=self.local_env(), timeout=timeout)

@@ -251,7 +251,7 @@ def test_a_failed_runs_tab_shows_the_error_and_opens_the_task_log(browser, airfl
     _screenshot(browser, "failed-run-task-log.png")
     # The one-line error is the last thing in the task's log, after Airflow's traceback.
     logs = sorted(p for p in (af.home / "logs").rglob("*.log")
-                  if f"run_id={run_id}" in str(p) and "task_id=plan" in str(p))
+                  if f"run_id={run_id}" in p.parts and "task_id=plan" in p.parts)
     events = [json.loads(line).get("event", "") for line in logs[-1].read_text().splitlines() if line.startswith("{")]
     events = [e for e in events if e.strip() and not e.startswith("::")]  # ::group:: markers fold the UI's log
     assert events[-1] == f"recap: error: source not found: {missing}", events[-5:]

@@ -43,7 +43,7 @@ print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "
 """
 
 STAGES = {"plan_download", "download", "gather_downloads", "ingest", "filter", "caption_units", "choose_runner",
-          "caption_pod", "caption_local", "validate", "publish", "report"}
+          "caption_pod", "caption_dask", "caption_local", "validate", "publish", "report"}
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +68,13 @@ def test_pipeline_shape_form_and_gpu_pool(report):
     dags = report["dags"]
     pipeline = dags["recap_pipeline"]
     assert set(pipeline["tasks"]) == STAGES | {"plan", "proceed"}
-    assert set(pipeline["mapped"]) == {"download", "ingest", "filter", "caption_pod", "caption_local"}
+    assert set(pipeline["mapped"]) == {"download", "ingest", "filter", "caption_pod", "caption_dask", "caption_local"}
     assert {"source", "source_kind", "shard_limit", "lake", "model", "batch_size", "filter_profile", "runner",
             "dry_run"} == set(pipeline["params"])
     assert pipeline["retries"]["validate"] == 0  # a failed quality gate is a verdict
     # GPU work is capped by one pool whatever the runner.
-    assert pipeline["pools"]["caption_pod"] == pipeline["pools"]["caption_local"] == "recap_gpu"
+    assert (pipeline["pools"]["caption_pod"] == pipeline["pools"]["caption_dask"] == pipeline["pools"]["caption_local"]
+            == "recap_gpu")
     assert pipeline["schedule"] == "NullTimetable"  # triggered from the UI form
 
     incremental = dags["recap_incremental"]
