@@ -335,8 +335,9 @@ def free_port() -> int:
 def start(stack: Stack) -> Airflow:
     say("starting the stack (PostgreSQL, Airflow, Dask)")
     stack.engine.keep_healthchecks_running()
-    if stack("up", "-d", "--no-build", check=False).returncode:
-        raise SmokeFailed("docker compose up failed", *stack.failing_services())
+    up = stack("up", "-d", "--no-build", check=False, capture=True)  # its progress lines only on failure
+    if up.returncode:
+        raise SmokeFailed(f"docker compose up failed:\n{(up.stdout + up.stderr)[-3000:]}", *stack.failing_services())
     airflow = Airflow(f"http://127.0.0.1:{stack.env['RECAP_AIRFLOW_PORT']}")
     wait_for(lambda: airflow.answers("/api/v2/monitor/health"), 300, "the api-server")
     password = json.loads(stack("exec", "-T", "api-server", "cat",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,15 +51,22 @@ def expand_sources(sources: list[str]) -> list[str]:
             raise RecapError("an empty source names no shards: give a folder, glob or shard file")
         matches = storage.list_files(source, SHARD_SUFFIXES, what="a .tar or .parquet shard",
                                      plural=".tar or .parquet shards", noun="source")
-        named, listed = storage.normalize(source), set(matches)
+        named = storage.normalize(source)
+        # img2dataset writes a metadata parquet beside each tar: not a source (unless named itself).
+        # A folder's listing holds its tars; a glob may leave them out, so their folders are listed
+        # once each (never a request per parquet: 130,000 of them on S3 would be 130,000 HEADs).
+        tars = set(matches) if not any(ch in source for ch in "*?[") else _tars_beside(matches)
         for m in matches:
-            # img2dataset writes a metadata parquet beside each tar: not a source (unless named itself)
-            if m.endswith(".parquet") and m != named and _beside_tar(m, listed):
+            if m.endswith(".parquet") and m != named and m.removesuffix(".parquet") + ".tar" in tars:
                 continue
             found[m] = None
     return list(found)
 
 
-def _beside_tar(parquet: str, listed: set[str]) -> bool:
-    tar = parquet.removesuffix(".parquet") + ".tar"
-    return tar in listed or storage.exists(tar)
+def _tars_beside(files: list[str]) -> set[str]:
+    """The .tar files in the folders holding the .parquet `files`: one listing per folder."""
+    tars: set[str] = set()
+    for folder in sorted({f.rsplit("/", 1)[0] for f in files if f.endswith(".parquet")}):
+        with contextlib.suppress(RecapError):  # a folder without tars
+            tars.update(storage.list_files(folder, (".tar",), what="a .tar", plural=".tar files", noun="folder"))
+    return tars
