@@ -23,7 +23,7 @@ from deltalake.exceptions import CommitFailedError  # what `Lake.commit` raises 
 from recap_tasks import faults, schemas, storage
 from recap_tasks.errors import RecapError
 from recap_tasks.ids import shard_key
-from recap_tasks.storage import _s3_filesystem
+from recap_tasks.storage import s3_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Lake:
             if not bucket_and_prefix:
                 raise RecapError(f"lake {root!r}: name a bucket, e.g. s3://bucket/lake")
             self.uri = f"s3://{bucket_and_prefix}"
-            self.fs, self._fs_root = _s3_filesystem(), bucket_and_prefix
+            self.fs, self._fs_root = s3_filesystem(), bucket_and_prefix
             endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
             if endpoint.startswith("http://"):
                 self.storage_options["AWS_ALLOW_HTTP"] = "true"

@@ -35,7 +35,7 @@ def is_remote(uri: str | os.PathLike[str]) -> bool:
     return isinstance(uri, str) and uri.lower().startswith(_REMOTE)
 
 
-def _s3_filesystem() -> pafs.S3FileSystem:
+def s3_filesystem() -> pafs.S3FileSystem:
     """pyarrow's S3 client configured from the same AWS_* variables delta-rs reads: one per setting and
     process (a forked child makes its own rather than share the parent's connections)."""
     names = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
@@ -62,7 +62,7 @@ def filesystem(uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
         path = uri.split("://", 1)[1].strip("/")
         if not path:
             raise RecapError(f"{uri!r}: name a bucket, e.g. s3://bucket/shards")
-        return _s3_filesystem(), path
+        return s3_filesystem(), path
     local = os.fspath(uri)
     return pafs.LocalFileSystem(), str(Path(local.removeprefix("file://")).expanduser().resolve())
 
@@ -184,6 +184,17 @@ def write_file(uri: str | os.PathLike[str], local_path: str | os.PathLike[str]) 
     # S3 shows only once complete.
     with pa.memory_map(os.fspath(local_path)) as src, fs.open_output_stream(path) as out:
         out.write(src.read_buffer())
+
+
+def file_sizes(folder: str | os.PathLike[str]) -> dict[str, int]:
+    """name -> size of the files directly in `folder` (on S3 one paged listing of the prefix, no object
+    read); {} when there is no such folder."""
+    fs, path = filesystem(folder)
+    try:
+        listing = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as exc:  # access denied, no such bucket, endpoint unreachable
+        raise RecapError(f"cannot list {folder}: {' '.join(str(exc).split())[:300]}") from None
+    return {i.base_name: i.size for i in listing if i.type == pafs.FileType.File}
 
 
 def list_files(source: str, suffixes: tuple[str, ...], *, what: str, plural: str, noun: str) -> list[str]:

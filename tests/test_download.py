@@ -291,6 +291,26 @@ def test_retry_failed_refetches_transient_failures_only(tmp_path, server):
     assert status["ingested"] == 4 and status["balanced"]
 
 
+def test_a_resume_lists_the_folder_and_reads_no_finished_shards_stats(tmp_path, server, monkeypatch):
+    """130k finished shards on S3 must not cost 130k GETs: the finished ones are found by one listing."""
+    from recap_tasks import storage
+
+    meta = write_metadata(tmp_path / "meta.parquet", {"url": [server.url(f"img/{i}.jpg") for i in range(6)],
+                                                      "text": ["a red square on a plain background"] * 6})
+    out, config = tmp_path / "dl", DownloadConfig(allow_private_networks=True, samples_per_shard=2, timeout=5)
+    download([str(meta)], out, config=config)
+    (out / "00001_stats.json").unlink()  # as if killed before shard 1 was finished
+    reads, read_bytes = [], storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda uri: reads.append(os.path.basename(uri)) or read_bytes(uri))
+    again = download([str(meta)], out, config=config).summary()
+    assert (again["shards"], again["shards_skipped"], again["count"]) == (3, 2, 2)
+    assert sum(server.hits.values()) == 8  # 6, then shard 1's 2 rows again
+    assert [r for r in reads if r.endswith("_stats.json")] == ["00001_stats.json"]  # the redone shard's own check
+    reads.clear()
+    assert download([str(meta)], out, config=config).summary()["shards_skipped"] == 3
+    assert not [r for r in reads if r.endswith("_stats.json")]
+
+
 def test_shards_resume_after_kill_9(tmp_path, server):
     """A killed download redoes only the unfinished shard; finished shards are never fetched again."""
     urls = [server.url(f"img/{i}.jpg") for i in range(6)] + [server.url("hold/6.jpg")] + \
@@ -315,7 +335,8 @@ def test_shards_resume_after_kill_9(tmp_path, server):
     server.release()
     result = download([str(meta)], out, config=DownloadConfig(allow_private_networks=True, samples_per_shard=3,
                                                               processes=2, timeout=5))
-    assert result.skipped == 2 and result.summary()["successes"] == 9
+    assert result.skipped == 2 and result.summary()["shards"] == 3
+    assert result.summary()["successes"] == 3  # the rows of the shard downloaded now
     assert all(server.hits[f"/img/{i}.jpg"] == 1 for i in range(6))  # finished shards: not fetched again
     assert server.hits["/hold/6.jpg"] == 2 and not list(out.glob("*.part"))
     assert [p.name for p in sorted(out.glob("*.tar"))] == ["00000.tar", "00001.tar", "00002.tar"]

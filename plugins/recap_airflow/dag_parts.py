@@ -105,8 +105,9 @@ def download_task(*, unconfigured: str | None = None):
     """plan_download -> download (mapped: one task instance per unit of shard jobs) -> gather_downloads.
 
     For source kind `metadata` the images are downloaded into shards (under RECAP_DOWNLOAD_DIR, else
-    LAKE/_downloads) and their folders become the source; kind `shards` passes the source through
-    without any `download` instance. Returns the source for `plan`.
+    LAKE/_downloads) and their folders become the source; only unfinished shards make units, so a
+    rerun over a finished download, like kind `shards`, passes the source through without any
+    `download` instance. Returns the source for `plan`.
     `unconfigured`: a scheduled DAG without a source or model skips with this message.
     """
 
@@ -125,14 +126,15 @@ def download_task(*, unconfigured: str | None = None):
         context["ti"].xcom_push(key="source", value=planned["source"])
         return planned["units"]
 
-    # A retried or rerun instance resumes: shards with their stats file are skipped.
+    # A retried instance resumes: shards with their stats file (one listing per folder) are skipped.
     @task(max_active_tis_per_dagrun=DOWNLOAD_INSTANCES, execution_timeout=timedelta(hours=12))
     def download(unit: dict) -> list[dict]:
         from recap_airflow import stages
 
         return stages.download_unit(**unit)
 
-    # Runs when `download` has no instance (kind `shards`, a dry run), not when plan_download skipped.
+    # Runs when `download` has no instance (kind `shards`, a dry run, nothing left to download), not
+    # when plan_download skipped.
     @task(trigger_rule="none_failed_min_one_success")
     def gather_downloads(source: str, summaries) -> str:
         from recap_airflow import stages

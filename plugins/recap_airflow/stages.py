@@ -128,9 +128,11 @@ def plan_download(*, source: str, source_kind: str, lake: str, max_units: int, i
     """The download's work: {"source": what `plan` reads after it, "units": one per `download` task instance}.
 
     Kind `shards`: the source as is and no units. Kind `metadata`: the download folders, and the
-    shard jobs of every metadata file grouped into at most `max_units` units (max_map_length), each
+    unfinished shard jobs of every metadata file (one listing per folder: download.pending) grouped
+    into at most `max_units` units (max_map_length), each
     {"runs": [{"metadata": file, "out": folder, "shards": [first, stop]}], "per_host_connections": n}:
-    file names and shard numbers, never rows. `instances`: how many units may download at once.
+    file names and shard numbers, never rows; none when every shard is finished. `instances`: how
+    many units may download at once.
     """
     if source_kind == "shards":
         return {"source": source, "units": []}
@@ -138,6 +140,7 @@ def plan_download(*, source: str, source_kind: str, lake: str, max_units: int, i
         raise ValueError(f"unknown source kind {source_kind!r}")
     from recap_tasks.config import RecapConfig
     from recap_tasks.shards import chunk
+    from recap_tasks.stages.download import pending
     from recap_tasks.stages.download import plan as plan_shards
 
     folders = download_folders(source, lake)
@@ -145,11 +148,16 @@ def plan_download(*, source: str, source_kind: str, lake: str, max_units: int, i
         log.info("would download %s", dict(folders))
         return {"source": "", "units": []}
     config = RecapConfig.load().download
-    jobs = [job for f, out in folders for job in plan_shards([f], out, config)]
+    jobs, total = [], 0
+    for f, out in folders:
+        planned = plan_shards([f], out, config)
+        total += len(planned)
+        jobs += pending(out, planned)
     units = chunk(jobs, max_chunks=max_units)
     connections = instance_connections(config, min(instances, len(units)))
-    log.info("download: %d shards of %d metadata files in %d units, at most %d connections per host each",
-             len(jobs), len(folders), len(units), connections)
+    log.info("download: %d shards of %d metadata files, %d finished before, %d to do in %d units, "
+             "at most %d connections per host each", total, len(folders), total - len(jobs), len(jobs), len(units),
+             connections)
     return {"source": ",".join(out for _, out in folders),
             "units": [{"runs": _runs(unit), "per_host_connections": connections} for unit in units]}
 
@@ -168,36 +176,24 @@ def _runs(jobs: list) -> list[dict]:
 
 @fail_fast
 def download_unit(*, runs: list[dict], per_host_connections: int) -> list[dict]:
-    """Download one unit's shards, one at a time, skipping finished ones; its summary per folder."""
+    """Download one unit's shards in this process, one at a time, skipping those finished since the
+    plan (one listing per folder); its summary per folder."""
     from dataclasses import replace
 
     from recap_tasks.config import RecapConfig
-    from recap_tasks.stages.download import DownloadResult, download_shard
     from recap_tasks.stages.download import plan as plan_shards
+    from recap_tasks.stages.download import run_jobs
 
-    config = replace(RecapConfig.load().download, per_host_connections=per_host_connections)
-    summaries = []
+    config = replace(RecapConfig.load().download, per_host_connections=per_host_connections, processes=1)
+    numbers: dict[tuple[str, str], list[int]] = {}
     for run in runs:
-        first, stop = run["shards"]
+        numbers.setdefault((run["metadata"], run["out"]), []).extend(range(*run["shards"]))
+    summaries = []
+    for (metadata, out), wanted in numbers.items():
         # plan() is the one definition of a folder's shard jobs (and refuses a changed metadata file).
-        jobs = plan_shards([run["metadata"]], run["out"], config)[first:stop]
-        result = DownloadResult(run["out"])
-        for job in jobs:
-            stats = finished_shard(job)
-            if stats is None:
-                stats = download_shard(job, config)
-            else:
-                result.skipped += 1
-            result.shards.append(stats)
-        summaries.append(result.summary())
+        jobs = plan_shards([metadata], out, config)
+        summaries.append(run_jobs(out, [jobs[n] for n in wanted], config).summary())
     return summaries
-
-
-def finished_shard(job) -> dict | None:
-    """A shard's stats if it is finished (download()'s own test: its `_stats.json`), else None."""
-    from recap_tasks.stages.download import finished
-
-    return finished(job)
 
 
 def gather_downloads(summaries: list[list[dict]]) -> list[dict]:

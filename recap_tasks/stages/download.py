@@ -6,7 +6,8 @@ The output is img2dataset's layout, so `recap ingest OUT` reads it as it reads i
   `{key}.json` (every metadata column, plus key, url, caption, status, sha256, source_uid);
 - `00000.parquet`: one row per metadata row, failures included (status, reason, error_message);
 - `00000_stats.json`: counts (success, failures by reason), written last: the shard's completion
-  marker. A rerun skips shards that have one and redoes the unfinished shard from the start.
+  marker. A rerun skips shards that have one (found by one listing of the folder, not a read per
+  shard) and redoes the unfinished shard from the start.
 
 Keys are img2dataset's: the shard number (5 digits) then the row's index in the shard, so the same
 metadata always gives the same keys (and, through ingest, the same uids). `_download.json` records
@@ -15,7 +16,7 @@ recap_tasks.fetch (SSRF refusal, bounded redirects, time and bytes, X-Robots-Tag
 
 The metadata and the output folder may be local or `s3://` (recap_tasks.storage): each shard is
 written in a local temporary folder and published whole, so a half-written shard is never seen
-under its final name, and the stats that mark it finished are read back from the output.
+under its final name, and the stats files that mark shards finished are listed from the output.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ TRANSIENT = {"timeout", "connection_error", "dns_error", "tls_error", "incomplet
 # Columns this stage writes; a metadata column of the same name is replaced in the outputs.
 OWN_COLUMNS = ("key", "url", "caption", "status", "reason", "error_message", "sha256", "source_uid")
 MANIFEST = "_download.json"
+STATS = "_stats.json"  # `{shard}_stats.json`, the completion marker
 
 
 @dataclass(frozen=True)
@@ -91,19 +93,23 @@ class ShardJob:
 
 @dataclass
 class DownloadResult:
+    """What one call downloaded into `out`: the stats of the shards it fetched, and how many shards it
+    skipped as finished before (counted from the folder's listing: their stats are not read)."""
+
     out: str
-    shards: list[dict] = field(default_factory=list)  # every shard's stats, done now or before
+    shards: list[dict] = field(default_factory=list)  # stats of the shards downloaded now
     skipped: int = 0
 
     def summary(self) -> dict:
+        """`shards`: those given (downloaded now + skipped); rows, successes and reasons: of those downloaded now."""
         reasons: dict[str, int] = {}
         for s in self.shards:
             for reason, n in s["reasons"].items():
                 reasons[reason] = reasons.get(reason, 0) + n
         count = sum(s["count"] for s in self.shards)
         ok = sum(s["successes"] for s in self.shards)
-        return {"out": self.out, "shards": len(self.shards), "shards_skipped": self.skipped, "count": count,
-                "successes": ok, "failed": count - ok, "reasons": dict(sorted(reasons.items()))}
+        return {"out": self.out, "shards": len(self.shards) + self.skipped, "shards_skipped": self.skipped,
+                "count": count, "successes": ok, "failed": count - ok, "reasons": dict(sorted(reasons.items()))}
 
 
 def list_metadata(sources: list[str]) -> list[str]:
@@ -119,36 +125,45 @@ def list_metadata(sources: list[str]) -> list[str]:
 
 def download(sources: list[str], out: str | os.PathLike[str], *, config: DownloadConfig | None = None,
              retry_failed: bool = False) -> DownloadResult:
-    """Download every row of the metadata `sources` into shards under `out`; finished shards are kept.
+    """Download every row of the metadata `sources` into shards under `out`; finished shards are kept
+    (`retry_failed`: see run_jobs)."""
+    config = config or RecapConfig.load().download
+    out_dir = storage.normalize(out)
+    result = run_jobs(out_dir, plan(list_metadata(sources), out_dir, config), config, retry_failed=retry_failed)
+    log.info("download %s: %s", out_dir, result.summary())
+    return result
+
+
+def run_jobs(out: str, jobs: list[ShardJob], config: DownloadConfig, *, retry_failed: bool = False) -> DownloadResult:
+    """Download the shards of `jobs` (all under `out`) that are not finished; `config.processes` at a time.
 
     With `retry_failed`, finished shards' transient failures (timeouts, connection errors, 429/5xx)
     are fetched again and the shard rewritten (its successes copied, never fetched twice).
     """
-    config = config or RecapConfig.load().download
-    out_dir = storage.normalize(out)
-    jobs = plan(list_metadata(sources), out_dir, config)
-    result = DownloadResult(out_dir)
-    todo, done = [], {}
-    for job in jobs:
-        stats = finished(job)
-        if stats is None or (retry_failed and any(r in TRANSIENT for r in stats["reasons"])):
-            todo.append(job)
-        else:
-            done[job.name] = stats
-    result.skipped = len(done)
-    log.info("download into %s: %d shards, %d done before, %d to do", out_dir, len(jobs), len(done), len(todo))
+    todo = pending(out, jobs, retry_failed=retry_failed)
+    result = DownloadResult(out, skipped=len(jobs) - len(todo))
+    log.info("download into %s: %d shards, %d done before, %d to do", out, len(jobs), result.skipped, len(todo))
     if config.processes == 1 or len(todo) <= 1:
-        for job in progress_bar(todo, desc="download", unit="shard"):
-            done[job.name] = download_shard(job, config)
-    else:
-        with ProcessPoolExecutor(max_workers=min(config.processes, len(todo)), mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(download_shard, job, config) for job in todo]
-            for future in progress_bar(as_completed(futures), desc="download", unit="shard", total=len(futures)):
-                stats = future.result()
-                done[stats["shard"]] = stats
-    result.shards = [done[j.name] for j in jobs]
-    log.info("download %s: %s", out_dir, result.summary())
+        result.shards = [download_shard(job, config) for job in progress_bar(todo, desc="download", unit="shard")]
+        return result
+    with ProcessPoolExecutor(max_workers=min(config.processes, len(todo)), mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(download_shard, job, config) for job in todo]
+        done = [f.result() for f in progress_bar(as_completed(futures), desc="download", unit="shard", total=len(futures))]
+    by_name = {stats["shard"]: stats for stats in done}
+    result.shards = [by_name[job.name] for job in todo]
     return result
+
+
+def pending(out: str, jobs: list[ShardJob], *, retry_failed: bool = False) -> list[ShardJob]:
+    """The jobs (all under `out`) whose shard is not finished, from one listing of `out`; with
+    `retry_failed` also the finished ones with transient failures (only their stats are read)."""
+    done = finished_names(out)
+    return [job for job in jobs if job.name not in done or retry_failed and _worth_retrying(job)]
+
+
+def _worth_retrying(job: ShardJob) -> bool:
+    stats = finished(job)
+    return stats is None or any(r in TRANSIENT for r in stats["reasons"])
 
 
 def plan(files: list[str | os.PathLike[str]], out: str | os.PathLike[str], config: DownloadConfig) -> list[ShardJob]:
@@ -263,7 +278,7 @@ def download_shard(job: ShardJob, config: DownloadConfig) -> dict:
         outcomes = _fetch_into(tar_part, job, rows, previous, config)
         _write_parquet(parquet_part, table, job, rows, outcomes)
         # Stats go last: a shard without them is unfinished and is redone whole by the next run.
-        storage.remove(storage.join(out, f"{job.name}_stats.json"))
+        storage.remove(storage.join(out, f"{job.name}{STATS}"))
     reasons: dict[str, int] = {}
     for o in outcomes:
         if o is not None and o.reason is not None:
@@ -276,7 +291,7 @@ def download_shard(job: ShardJob, config: DownloadConfig) -> dict:
              "source": {"path": job.path, "start": job.start, "stop": job.stop},
              "start_time": started, "end_time": ended, "duration": round(ended - started, 3),
              "finished_at": utcnow().isoformat()}
-    _write_json(storage.join(out, f"{job.name}_stats.json"), stats)
+    _write_json(storage.join(out, f"{job.name}{STATS}"), stats)
     return stats
 
 
@@ -434,14 +449,23 @@ def _plain(value: object) -> object:
     return value
 
 
+def finished_names(out: str | os.PathLike[str]) -> set[str]:
+    """The names of the finished shards under `out`, from one listing of the folder (no file read): the
+    test of a finished shard for `download()` and the DAGs' planner and mapped download instances.
+
+    A shard is finished when its `_stats.json` is there: written last and published whole (an empty
+    one, torn by an older tool, is not). Its content is read only where it is needed (`finished`)."""
+    return {name.removesuffix(STATS) for name, size in storage.file_sizes(out).items()
+            if name.endswith(STATS) and size}
+
+
 def finished(job: ShardJob) -> dict | None:
-    """A shard's stats if it is finished (its `_stats.json`, written last), else None: the one test
-    of a finished shard for `download()` and the DAGs' mapped download instances."""
+    """A finished shard's stats (one read), else None: no stats file, or one that does not parse."""
     return _read_stats(job.out, job.name)
 
 
 def _read_stats(out: str | os.PathLike[str], name: str) -> dict | None:
-    return _read_json(storage.join(out, f"{name}_stats.json"))
+    return _read_json(storage.join(out, f"{name}{STATS}"))
 
 
 def _read_json(uri: str) -> dict | None:

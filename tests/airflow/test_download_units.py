@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recap_airflow import stages
+from recap_tasks import storage
 from recap_tasks.config import DownloadConfig
 from tests.helpers import jpeg
 from tests.http_server import ImageServer
@@ -85,7 +86,7 @@ def test_units_are_bounded_and_name_every_shard_once(metadata, tmp_path):
         {"source": "x", "units": []}
 
 
-def test_units_download_within_their_share_and_resume(metadata, tmp_path, server):
+def test_units_download_within_their_share_and_resume(metadata, tmp_path, server, monkeypatch):
     planned = stages.plan_download(source=str(metadata), source_kind="metadata", lake=str(tmp_path / "lake"),
                                    max_units=1, instances=2)
     (unit,) = planned["units"]
@@ -96,6 +97,29 @@ def test_units_download_within_their_share_and_resume(metadata, tmp_path, server
     assert sum(server.hits.values()) == 16
     assert server.most_in_flight == 2  # 8 threads, 2 connections to the host
 
+    # An instance planned before its shards were finished (a retry) skips them: one listing per folder.
+    reads, read_bytes = [], storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda uri: reads.append(uri) or read_bytes(uri))
     again = stages.gather_downloads([stages.download_unit(**unit)])
-    assert [(s["shards"], s["shards_skipped"], s["successes"]) for s in again] == [(3, 3, 12), (1, 1, 4)]
+    assert [(s["shards"], s["shards_skipped"], s["count"]) for s in again] == [(3, 3, 0), (1, 1, 0)]
     assert sum(server.hits.values()) == 16  # nothing fetched again
+    # A later run over the finished download plans no unit (no `download` instance), the same source.
+    replanned = stages.plan_download(source=str(metadata), source_kind="metadata", lake=str(tmp_path / "lake"),
+                                     max_units=1, instances=2)
+    assert replanned == {"source": planned["source"], "units": []}
+    assert not [r for r in reads if r.endswith("_stats.json")]  # no finished shard's stats read
+
+
+def test_a_partial_download_plans_only_its_unfinished_shards(metadata, tmp_path):
+    lake = str(tmp_path / "lake")
+    (unit,) = stages.plan_download(source=str(metadata), source_kind="metadata", lake=lake, max_units=1,
+                                   instances=1)["units"]
+    stages.download_unit(**unit)
+    out_a = unit["runs"][0]["out"]
+    for name in ("00000", "00002"):
+        storage.remove(storage.join(out_a, f"{name}_stats.json"))
+    (left,) = stages.plan_download(source=str(metadata), source_kind="metadata", lake=lake, max_units=1,
+                                   instances=1)["units"]
+    assert [(r["out"], r["shards"]) for r in left["runs"]] == [(out_a, [0, 1]), (out_a, [2, 3])]
+    summaries = stages.download_unit(**left)  # one folder: one summary
+    assert [(s["shards"], s["shards_skipped"], s["count"]) for s in summaries] == [(2, 0, 8)]

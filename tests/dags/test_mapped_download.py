@@ -36,15 +36,15 @@ def pipeline_env(airflow_env: dict, tmp_path) -> dict:
 
 
 def run_twice(conf: dict, env: dict, server: ImageServer, finished) -> str:
-    """Run the DAG, check its mapped download and what it published, run it again: nothing is
-    fetched and no shard rewritten (`finished()`: each shard's stats file -> when it was written).
-    Returns the rerun's log."""
+    """Run the DAG, check its mapped download and what it published, run it again: no `download`
+    instance, nothing fetched and no shard rewritten (`finished()`: each shard's stats file -> when it was written).
+    Returns the first run's log."""
     from recap_tasks import lake as tables
     from recap_tasks.lake import Lake
     from recap_tasks.status import lake_status
 
-    result, logs = dag_test("recap_pipeline", conf, env, timeout=900)
-    assert result["state"].endswith("success"), (result, logs[-3000:])
+    result, first = dag_test("recap_pipeline", conf, env, timeout=900)
+    assert result["state"].endswith("success"), (result, first[-3000:])
     downloads = {t: s for t, s in result["tasks"].items() if t.startswith("download[")}
     assert downloads == {f"download[{i}]": "success" for i in range(3)}, result["tasks"]
     fetched = dict(server.hits)
@@ -57,14 +57,18 @@ def run_twice(conf: dict, env: dict, server: ImageServer, finished) -> str:
     assert sorted(published) == UIDS
     assert status["ingested"] == 10 and status["published"] == 9 and status["balanced"], status
     assert status["rejected"]["by_stage"]["download"] == {"http_404": 1}
-    assert "'failed': 1, 'reasons': {'http_404': 1}" in logs  # gather_downloads' summary of part-0
+    assert "'failed': 1, 'reasons': {'http_404': 1}" in first  # gather_downloads' summary of part-0
 
     again, logs = dag_test("recap_pipeline", conf, env, timeout=900)
     assert again["state"].endswith("success"), (again, logs[-3000:])
+    # Every shard finished: no unit planned, no `download` instance, and the run goes on.
+    ran = {t: s for t, s in again["tasks"].items() if t.startswith("download[")}
+    assert set(ran) <= {"download[-1]"} and "success" not in ran.values(), again["tasks"]
+    assert again["tasks"]["gather_downloads[-1]"] == "success", again["tasks"]
+    assert "6 shards of 2 metadata files, 6 finished before, 0 to do in 0 units" in logs
     assert dict(server.hits) == fetched and finished() == marks
-    assert "'shards': 4, 'shards_skipped': 4" in logs
     assert lake_status(lake)["published"] == 9
-    return logs
+    return first
 
 
 def test_mapped_download_publishes_every_row_and_resumes(airflow_env, tmp_path, tiny_model):
