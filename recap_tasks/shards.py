@@ -33,13 +33,13 @@ def ingest_records(lake: Lake, paths: Sequence[str | os.PathLike[str]], dataset:
     return {s: r["ingest"] for s, r in records.items()}
 
 
-def is_ingested(record: dict | None, path: str | os.PathLike[str]) -> bool:
+def is_ingested(record: dict | None, path: str | os.PathLike[str], stat: tuple[int, int] | None = None) -> bool:
     """Whether a shard is ingested as it is now: its latest ingest record matches the file (same size
     and mtime; for an S3 object its size and Last-Modified). The one answer for ingest (skip the shard)
-    and the planner (not pending)."""
+    and the planner (not pending). `stat`: the file's (size, mtime_ns) when the caller has it."""
     if record is None:
         return False
-    size, mtime_ns = storage.stat(path)
+    size, mtime_ns = stat or storage.stat(path)
     return record.get("size") == size and record.get("mtime_ns") == mtime_ns
 
 

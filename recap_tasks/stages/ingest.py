@@ -103,7 +103,7 @@ def ingest_shard(path: str | os.PathLike[str], lake: Lake, *, config: IngestConf
     size, mtime_ns = storage.stat(path)
     _check_same_source(shard_id, path, previous)
     if previous and not force:
-        if is_ingested(previous, path):
+        if is_ingested(previous, path, (size, mtime_ns)):
             return ShardResult(shard_id, path, skipped=True, rows=0, rejected=0,
                                truncated=previous.get("truncated", False), detail=previous.get("detail"))
         log.warning("shard %s changed since run %s; ingesting samples not seen before", shard_id, previous["run_id"])
