@@ -59,18 +59,26 @@ def dask_client(address: str | None = None, *, workers: int | None = None) -> It
         yield client, max(1, (os.cpu_count() or 1) // n)
 
 
-def run_recap_command(arguments: list[str], env: dict[str, str] | None = None, *,
+def run_recap_command(arguments: list[str], env: dict[str, str] | None = None, *, cancel: str | None = None,
                       tail: int = 200) -> tuple[int, str]:
     """Run `python -m recap_tasks ARGUMENTS` with this process's interpreter: (exit code, last lines).
 
     What a Dask worker runs for a submitted command (`submit_recap_command`), so the command runs
     with the worker image's Python and packages; its output goes to the worker's log as it comes.
+    `cancel`: the name of a Dask Event; once it is set (the submitter ended: its Airflow task was
+    killed or timed out) the command is terminated, rather than left holding the worker's GPU.
     """
     cmd = [sys.executable, "-m", "recap_tasks", *arguments]
     log.info("running: %s", " ".join(cmd))
     lines: collections.deque[str] = collections.deque(maxlen=tail)
     with subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as proc:
+        if cancel:
+            from distributed import Event, get_client
+
+            # The worker's client is found from the task's thread only; the Event is used from another.
+            event = Event(cancel, client=get_client())
+            threading.Thread(target=_terminate_when_set, args=(event, proc), daemon=True).start()
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
@@ -78,12 +86,31 @@ def run_recap_command(arguments: list[str], env: dict[str, str] | None = None, *
     return proc.returncode, "".join(lines)
 
 
+def _terminate_when_set(event, proc: subprocess.Popen, *, grace: float = 30) -> None:
+    """SIGTERM `proc` once the Dask `event` is set (SIGKILL after `grace` seconds); return when it ends."""
+    while proc.poll() is None:
+        try:
+            if not event.wait(timeout=0.5):
+                continue
+        except Exception:  # the scheduler is gone: nobody can cancel any more
+            log.debug("cancel event unreachable", exc_info=True)
+            return
+        log.warning("the submitter of `%s` ended: terminating the command", " ".join(proc.args[3:5]))
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        return
+
+
 def submit_recap_command(arguments: list[str], *, address: str, resource: str, env: dict[str, str] | None = None,
                          timeout: float | None = None) -> tuple[int, str]:
     """Run `python -m recap_tasks ARGUMENTS` on a worker of the Dask scheduler at `address` that
     offers `resource` (`dask worker --resources caption=1`), one unit of it per command; returns
-    that worker's (exit code, output tail)."""
-    from distributed import Client
+    that worker's (exit code, output tail). If this call ends before the command does (a timeout, or
+    the Airflow task killed: an exception raised while waiting), the command is terminated on the worker."""
+    from distributed import Client, Event
 
     from recap_tasks.errors import RecapError
 
@@ -93,11 +120,14 @@ def submit_recap_command(arguments: list[str], *, address: str, resource: str, e
             raise RecapError(f"no worker of the Dask scheduler {address} offers the resource '{resource}': start "
                              f"workers with `dask worker {address} --resources {resource}=1` (docker-compose.yml's "
                              f"dask-worker)")
-        future = client.submit(run_recap_command, arguments, env, resources={resource: 1},
-                               key=f"recap-{arguments[0]}-{uuid.uuid4().hex[:8]}")
+        key = f"recap-{arguments[0]}-{uuid.uuid4().hex[:8]}"
+        future = client.submit(run_recap_command, arguments, env, cancel=key, resources={resource: 1}, key=key)
         try:
             return future.result(timeout=timeout)
         finally:
+            if not future.done():
+                with contextlib.suppress(Exception):  # never mask why this call is ending
+                    Event(key, client=client).set()
             future.release()
 
 

@@ -94,3 +94,60 @@ def test_refuses_a_scheduler_without_the_resource_or_none(caption_scheduler, mon
     monkeypatch.delenv("RECAP_DASK_ADDRESS", raising=False)
     with pytest.raises(RecapError, match="RECAP_DASK_ADDRESS"):
         run_dask(arguments)
+
+
+def _command_lines() -> list[str]:
+    """Every process's command line on this machine (the test's Dask workers run here)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:  # ended meanwhile
+                pass
+    return found
+
+
+def test_a_killed_task_stops_its_command_on_the_worker(caption_scheduler, tmp_path, sample_shards, tiny_model):
+    """An Airflow task killed while it waits (its execution timeout is SIGALRM raising in the task)
+    terminates its command on the worker too: nothing captioned, no process left holding the GPU."""
+    import os
+    import signal
+    import threading
+    import time
+    import uuid
+
+    lake = Lake(tmp_path / "lake")
+    ingest([f"{sample_shards}/*.tar"], lake, run_id="kill")
+    assert run_filter(lake, run_id="kill").kept > 0
+    run_id = f"kill-{uuid.uuid4().hex[:8]}"  # also marks the command's process
+    arguments = caption_arguments(lake=lake.uri, model=str(tiny_model), run_id=run_id, batch_size=4)
+
+    def running() -> bool:
+        return any(run_id in line for line in _command_lines())
+
+    def kill_once_running() -> None:
+        deadline = time.monotonic() + 120
+        while not running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGALRM)
+
+    class Killed(Exception):
+        pass
+
+    def on_alarm(signum, frame):
+        raise Killed
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        threading.Thread(target=kill_once_running, daemon=True).start()
+        with pytest.raises(Killed):
+            run_dask(arguments, address=caption_scheduler)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    deadline = time.monotonic() + 60
+    while running():
+        assert time.monotonic() < deadline, "the caption command still runs on the worker a minute later"
+        time.sleep(0.2)
+    captions = lake.read(tables.CAPTIONS, ["run_id"]).column("run_id").to_pylist()
+    assert run_id not in captions, "the command ran to the end: it was not terminated"
