@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
-from deltalake.exceptions import CommitFailedError  # what `Lake.commit` raises once out of retries
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from recap_tasks import faults, schemas, storage
 from recap_tasks.errors import RecapError
@@ -39,6 +39,10 @@ PROGRESS = "progress"
 DEDUP_INDEX = "dedup_index"
 
 _COMMIT_RETRIES = 12
+
+
+class CommitConflict(RecapError):
+    """A commit that kept losing to concurrent writers; nothing of it was committed."""
 
 
 class Lake:
@@ -118,9 +122,22 @@ class Lake:
         write_deltalake(self.path(table), data, storage_options=self.storage_options or None, **kwargs)
 
     def exists(self, table: str | None = None) -> bool:
-        """Whether the lake (or one of its Delta tables) exists."""
-        target = self._fs_root if table is None else f"{self._fs_root}/{table}/_delta_log"
-        return self.fs.get_file_info(target).type == pafs.FileType.Directory
+        """Whether the lake (or one of its Delta tables) exists.
+
+        A table exists once its first version is committed: a table another writer is creating
+        (its log folder there, no commit in it yet) does not, and reads as empty.
+        """
+        if table is None:
+            return self.fs.get_file_info(self._fs_root).type == pafs.FileType.Directory
+        if table in self._open:
+            return True
+        if self.fs.get_file_info(f"{self._fs_root}/{table}/_delta_log").type != pafs.FileType.Directory:
+            return False
+        try:
+            self.delta(table)
+        except TableNotFoundError:
+            return False
+        return True
 
     @contextlib.contextmanager
     def staged_dir(self, rel: str) -> Iterator[Path]:
@@ -141,10 +158,12 @@ class Lake:
     def ensure(self, table: str) -> None:
         """Create `table` empty, with its schema and partitioning, if it does not exist yet.
 
-        Tables are created empty and then only appended to (or overwritten by predicate):
-        concurrent first writers cannot race a data-carrying create (delta-rs commits a losing
-        `mode="error"` write as a plain append); at worst a second empty create commits an empty
-        version.
+        The create is exclusive: it commits version 0 with no retry, and the store's put-if-absent
+        of that first commit (a local rename without replace; a conditional PUT on S3) lets one
+        creator win. A loser adopts the winner's table. (With delta-rs's default retries a losing
+        create commits again as version 1 with a metadata action of its own, and every writer that
+        read version 0 then fails with "Metadata changed since last commit".) Tables are created
+        empty and then only appended to or overwritten by predicate, inside `commit`'s retries.
         """
         if table in self._known or self.exists(table):
             self._known.add(table)
@@ -153,11 +172,12 @@ class Lake:
         try:
             DeltaTable.create(self.path(table), schema.arrow, mode="ignore",
                               partition_by=list(schema.partition_by) or None,
-                              storage_options=self.storage_options or None)
-        except Exception as exc:  # another process created it between the check and the create
+                              storage_options=self.storage_options or None,
+                              commit_properties=CommitProperties(max_commit_retries=0))
+        except CommitFailedError as exc:  # another writer committed version 0 first
             if not self.exists(table):
                 raise
-            log.debug("table %s appeared concurrently (%s)", table, exc)
+            log.debug("table %s was created concurrently (%s)", table, exc)
         self._known.add(table)
 
     def check_layout(self, table: str, dt: DeltaTable | None = None) -> None:
@@ -316,19 +336,27 @@ class Lake:
         done = self.update_shards(table, keys, change, bucket_prefix=bucket_prefix, metadata=metadata, app_id=app_id)
         return done or (0, 0)
 
-    def commit(self, table: str, attempt):
-        """`attempt(latest DeltaTable)`, retried with backoff while concurrent commits conflict."""
+    def commit(self, table: str, attempt, *, data: bool = True):
+        """`attempt(latest DeltaTable)`, retried with backoff while concurrent commits conflict.
+
+        An attempt that raised CommitFailedError committed nothing, so a retry against the new
+        latest version is safe. `data=False`: not a data commit for crash tests (progress records).
+        Out of retries: a RecapError naming the table (nothing of this attempt was committed).
+        """
         for n in range(_COMMIT_RETRIES):
             dt = self.delta(table)
             self.check_layout(table, dt)
             try:
                 out = attempt(dt)
-            except CommitFailedError:
+            except CommitFailedError as exc:
                 if n == _COMMIT_RETRIES - 1:
-                    raise
+                    raise CommitConflict(f"table {self.path(table)}: {_COMMIT_RETRIES} tries of this commit each "
+                                         f"conflicted with a concurrent writer's ({exc}); nothing of it was "
+                                         f"committed: rerun to resume") from exc
                 time.sleep(min(1.0, 0.05 * 2**n) * (1 + random.random()))
                 continue
-            faults.reached("commit")
+            if data:
+                faults.reached("commit")
             return out
         raise AssertionError("unreachable")
 
@@ -421,13 +449,14 @@ class Lake:
         return written
 
     def append(self, table: str, data: pa.Table, **kwargs) -> None:
-        """Append rows (concurrent appends always commit)."""
+        """Append rows in one commit, retried while a concurrent commit conflicts (appends conflict
+        only with a metadata change: a schema evolution, a rewrite)."""
         if data.num_rows == 0:
             return
         self.ensure(table)
-        self.write_delta(table, _clustered(conform(data, schemas.TABLES[table])), mode="append", **kwargs)
-        if table != PROGRESS:  # a progress record is not a data commit (progress.record is its own point)
-            faults.reached("commit")
+        data = _clustered(conform(data, schemas.TABLES[table]))
+        # A progress record is not a data commit (progress.record is its own fault point).
+        self.commit(table, lambda dt: write_deltalake(dt, data, mode="append", **kwargs), data=table != PROGRESS)
 
     # Small records beside the tables (batches, run summaries, reports) ----------------------
 

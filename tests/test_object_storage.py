@@ -9,30 +9,7 @@ from recap_tasks.lake import Lake
 from recap_tasks.pipeline import run_pipeline
 from recap_tasks.stages.publish import run_publish
 from recap_tasks.status import lake_status
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    # Credentials come from the environment only, as in production.
-    for key, value in {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
-    bucket = f"recap-{len(s3.list_buckets()['Buckets'])}"
-    s3.create_bucket(Bucket=bucket)
-    return s3, bucket
+from tests.s3 import s3_env, s3_server  # noqa: F401  (fixtures: the S3 emulator)
 
 
 def test_pipeline_on_s3_lake(s3_env, sample_shards, tiny_model):

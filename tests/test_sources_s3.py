@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from tests.helpers import jpeg
 from tests.http_server import ImageServer
-from tests.test_object_storage import s3_env, s3_server  # noqa: F401  (fixtures: the S3 emulator)
+from tests.s3 import s3_env, s3_server  # noqa: F401  (fixtures: the S3 emulator)
 
 from recap_tasks import lake as tables
 from recap_tasks import storage

@@ -12,7 +12,7 @@ from recap_tasks import lake as tables
 from recap_tasks import progress
 from recap_tasks.batches import Batch, all_batches, candidate_rows, read_uids
 from recap_tasks.errors import RecapError, ValidationFailed
-from recap_tasks.lake import CommitFailedError, Lake, conform
+from recap_tasks.lake import Lake, conform
 from recap_tasks.runs import new_run_id, utcnow
 
 log = logging.getLogger(__name__)
@@ -62,11 +62,9 @@ def run_publish(lake: Lake, *, batch_id: str | None = None, run_id: str | None =
     # Insert-or-replace by uid, done on the batch's own shards: their published rows are read, the new
     # uids appended (or, when the batch re-captions published uids, those shards' rows overwritten).
     keys = sorted(set(data.column(tables.schemas.SHARD_KEY).to_pylist()))
-    try:
-        inserted, updated = lake.write_once(tables.RECAP, keys, lambda current: _apply(current, data), app_id=app_id,
-                                            bucket_prefix=BUCKET_APP_ID_PREFIX, metadata=metadata)
-    except CommitFailedError:
-        raise RecapError(f"publishing batch {batch.batch_id}: too many concurrent commit conflicts") from None
+    # Out of commit retries this raises lake.CommitConflict (one line; nothing was committed).
+    inserted, updated = lake.write_once(tables.RECAP, keys, lambda current: _apply(current, data), app_id=app_id,
+                                        bucket_prefix=BUCKET_APP_ID_PREFIX, metadata=metadata)
     version = lake.version(tables.RECAP)
     _mark(lake, batch, version, run_id)
     out = PublishResult(batch.batch_id, data.num_rows, inserted, updated, version)

@@ -1,7 +1,7 @@
 """The planner (what recap_pipeline and recap_incremental call first) on a source and lake in a bucket."""
 
 import pytest
-from tests.test_object_storage import s3_env, s3_server  # noqa: F401  (fixtures: the S3 emulator)
+from tests.s3 import s3_env, s3_server  # noqa: F401  (fixtures: the S3 emulator)
 
 from recap_tasks.lake import Lake
 from recap_tasks.stages.ingest import ingest

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from tests.dags.conftest import dag_test
 from tests.helpers import REPO, jpeg
 from tests.http_server import ImageServer
-from tests.test_object_storage import s3_env, s3_server  # noqa: F401  (fixtures: the S3 emulator)
+from tests.s3 import s3_env, s3_server  # noqa: F401  (fixtures: the S3 emulator)
 
 IMAGES = {f"{i}.jpg": jpeg(320, 240 + 4 * i, (20 * i, 90, 30)) for i in range(10)}
 # 7 rows (one 404) -> 4 shards, 3 rows -> 2 shards: 6 shard jobs in at most 3 units, 2 each.
