@@ -532,6 +532,12 @@ def main(argv: list[str] | None = None) -> int:
     return code if isinstance(code, int) else 0
 
 
+# Transport failures of an object store as delta-rs (object_store) and pyarrow (AWS SDK) word them.
+_STORE_ERRORS = ("Generic S3 error", "HTTP error", "error sending request", "error reading a body",
+                 "AWS Error NETWORK_CONNECTION", "AWS Error SLOW_DOWN", "AWS Error INTERNAL_FAILURE",
+                 "AWS Error SERVICE_UNAVAILABLE", "Connection reset", "connection closed")
+
+
 def expected_error(exc: BaseException) -> str | None:
     """One line for a failure the user can act on (config, I/O, storage, corrupt table, model);
     None for anything else, which is a bug and keeps its traceback."""
@@ -548,6 +554,9 @@ def expected_error(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and exc.filename:
         return f"{exc.filename}: {exc.strerror or exc}"
     text = " ".join(str(exc).split())[:400]
+    if any(marker in text for marker in _STORE_ERRORS):
+        return f"object store request failed ({text}): a store or network fault that outlasted the client's " \
+               f"retries; every commit is all or nothing, so rerun to resume"
     if isinstance(exc, DeltaError) or type(exc).__module__.startswith("deltalake"):
         if "No space left" in text:
             return f"disk full writing the lake: free space or point --lake elsewhere ({text})"

@@ -150,7 +150,7 @@ def _ranges(f, wanted: list[tuple[int, int, int]]) -> Iterator[tuple[int, bytes]
 
 def _read_run(f, run: list[tuple[int, int, int]], end: int) -> Iterator[tuple[int, bytes]]:
     start = run[0][1]
-    block = f.read_at(end - start, start)
+    block = storage.read_exact(f, end - start, start, "an image's source shard")
     return ((i, block[offset - start:offset - start + size]) for i, offset, size in run)
 
 

@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -39,6 +40,10 @@ PROGRESS = "progress"
 DEDUP_INDEX = "dedup_index"
 
 _COMMIT_RETRIES = 12
+# A bucket's files under SMALL_FILE_BYTES are folded into one once it holds FOLD_AT of them
+# (`Lake.fold_small_files`): a table keeps fewer than FOLD_AT small files per bucket between maintains.
+SMALL_FILE_BYTES = 32 * 2**20
+FOLD_AT = 4
 
 
 class CommitConflict(RecapError):
@@ -171,7 +176,7 @@ class Lake:
         schema = schemas.TABLES[table]
         try:
             DeltaTable.create(self.path(table), schema.arrow, mode="ignore",
-                              partition_by=list(schema.partition_by) or None,
+                              partition_by=list(schema.partition_by) or None, configuration=schema.properties,
                               storage_options=self.storage_options or None,
                               commit_properties=CommitProperties(max_commit_retries=0))
         except CommitFailedError as exc:  # another writer committed version 0 first
@@ -282,10 +287,13 @@ class Lake:
             if new.num_rows == 0:
                 return 0
             self.append_to(dt, new, commit_properties=CommitProperties(
-                app_transactions=bucket_transactions(dt, f"recap-insert:{table}:", shards)))
+                app_transactions=bucket_transactions(dt, insert_prefix(table), shards)))
             return new.num_rows
 
-        return self.commit(table, attempt)
+        inserted = self.commit(table, attempt)
+        if inserted:
+            self.fold_small_files(table, shards)
+        return inserted
 
     def update_shards(self, table: str, keys: list[str], change, *, bucket_prefix: str,
                       metadata: dict[str, str] | None = None, app_id: str | None = None):
@@ -314,9 +322,69 @@ class Lake:
                 self.append_to(dt, added, commit_properties=commit)
             else:
                 self.replace_shards(dt, keys, pa.concat_tables([kept, added]), commit_properties=commit)
+            wrote.append(True)
             return result
 
-        return self.commit(table, attempt)
+        wrote: list[bool] = []
+        out = self.commit(table, attempt)
+        if wrote:
+            self.fold_small_files(table, keys)
+        return out
+
+    def fold_small_files(self, table: str, keys: Iterable[str]) -> int:
+        """After a write to the buckets of the shard `keys`: each of those buckets holding FOLD_AT
+        small files (under SMALL_FILE_BYTES) or more has them rewritten as one file sorted by
+        shard_key, in one commit; returns the files folded.
+
+        Every commit adds a file to each bucket it writes, so without this a table's file count, and
+        with it the cost of opening the table and of each commit, grows with the commits since the
+        last `recap maintain` (16,600 files after 65 commits of 2,000 shards). Folding keeps it at
+        fewer than FOLD_AT small files per bucket plus the large ones, whatever the number of
+        commits. What is rewritten is what the last few commits wrote to the bucket (a file stops
+        being small once it reaches SMALL_FILE_BYTES), so each row is folded a few times at most.
+
+        The fold replaces the rows of the folded files' shards with the same rows (content is
+        unchanged), under the bucket app transactions `insert_new` takes: a concurrent writer of
+        those buckets conflicts and one of the two retries. Best effort: a fold that keeps losing
+        is left to the next write or `recap maintain`.
+        """
+        if table not in schemas.SHARD_TABLES:
+            return 0
+        buckets = sorted({schemas.bucket_of(k) for k in keys})
+
+        def attempt(dt: DeltaTable) -> int:
+            paths = self.small_files(dt, buckets)
+            if not paths:
+                return 0
+            folded: set[str] = set()
+            for path in paths:
+                with self.open_table_file(table, path) as f:
+                    folded.update(pq.read_table(f, columns=[schemas.SHARD_KEY]).column(0).unique().to_pylist())
+            fold_keys = sorted(k for k in folded if k)
+            self.replace_shards(dt, fold_keys, self.read_shards(table, dt, fold_keys), commit_properties=CommitProperties(
+                custom_metadata={"recap.operation": "fold"},
+                app_transactions=bucket_transactions(dt, insert_prefix(table), fold_keys)))
+            return len(paths)
+
+        try:
+            return self.commit(table, attempt, data=False)
+        except CommitConflict as exc:
+            log.info("fold of %s buckets %s left for later: %s", table, buckets, exc)
+            return 0
+
+    @staticmethod
+    def small_files(dt: DeltaTable, buckets: list[str]) -> list[str]:
+        """The small files of those of `buckets` that hold FOLD_AT of them or more."""
+        actions = pa.table(dt.get_add_actions(flatten=True)).select(["path", "size_bytes",
+                                                                    f"partition.{schemas.SHARD_BUCKET}"])
+        bucket = actions.column(2)
+        small = actions.filter(pc.and_(pc.is_in(bucket, value_set=pa.array(buckets, pa.string())),
+                                       pc.less(actions.column("size_bytes"), SMALL_FILE_BYTES)))
+        if small.num_rows < FOLD_AT:
+            return []
+        counts = pc.value_counts(small.column(2))
+        full = [c["values"] for c in counts.to_pylist() if c["counts"] >= FOLD_AT]
+        return small.filter(pc.is_in(small.column(2), value_set=pa.array(full, pa.string()))).column("path").to_pylist()
 
     def write_once(self, table: str, keys: list[str], rows_for: Callable[[pa.Table], pa.Table], *, app_id: str,
                    bucket_prefix: str, metadata: dict[str, str] | None = None, key: str = "uid") -> tuple[int, int]:
@@ -387,7 +455,7 @@ class Lake:
         touched them makes this one fail with CommitFailedError: run it inside `commit` to retry.
         """
         buckets = sorted({schemas.bucket_of(k) for k in keys})
-        write_deltalake(dt, _clustered(data), mode="overwrite",
+        with_deep_stack(write_deltalake, dt, _clustered(data), mode="overwrite",
                         predicate=f"{schemas.SHARD_BUCKET} IN ({sql_list(buckets)}) AND "
                                   f"{schemas.SHARD_KEY} IN ({sql_list(keys)})",
                         schema_mode="merge", **kwargs)
@@ -404,7 +472,7 @@ class Lake:
             return 0
         buckets = sql_list(sorted({schemas.bucket_of(k) for k in keys}))
         predicate = f"{schemas.SHARD_BUCKET} IN ({buckets}) AND {schemas.SHARD_KEY} IN ({sql_list(keys)}) AND ({where})"
-        metrics = self.commit(table, lambda dt: dt.delete(predicate))
+        metrics = self.commit(table, lambda dt: with_deep_stack(dt.delete, predicate))
         return int(metrics.get("num_deleted_rows", 0))
 
     def rewrite(self, table: str, parts: Iterable[pa.Table], *, keep_app_ids: Iterable[str] = (),
@@ -493,9 +561,10 @@ class Lake:
                 self.fs.delete_file(tmp)
 
     def read_bytes(self, rel: str) -> bytes | None:
+        """The whole file (its length checked: a cut S3 response can end a read short), or None."""
         try:
-            with self.fs.open_input_stream(self._abs(rel)) as f:
-                return f.read()
+            with self.fs.open_input_file(self._abs(rel)) as f:
+                return storage.read_exact(f, f.size(), 0, f"{self.uri}/{rel}")
         except FileNotFoundError:
             return None
 
@@ -580,6 +649,39 @@ def conform(data: pa.Table, schema: schemas.TableSchema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema.arrow)
 
 
+# delta-rs plans a predicate recursively on the calling thread: an IN list of ~8,000 shard keys
+# overflowed the main thread's 8 MiB stack (a segfault, seen folding 256 buckets at once; 4,000 keys
+# passed). Predicate writes run on a thread whose stack fits the longest list a stage can write.
+_PREDICATE_STACK_BYTES = 1024 * 2**20
+
+
+def with_deep_stack(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` on a thread with a 1 GiB stack (reserved, not committed); its result
+    or its exception."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # re-raised on the caller's thread
+            out["error"] = exc
+
+    with _STACK_LOCK:
+        previous = threading.stack_size(_PREDICATE_STACK_BYTES)
+        try:
+            worker = threading.Thread(target=run, name="recap-delta-predicate", daemon=True)
+            worker.start()
+        finally:
+            threading.stack_size(previous)
+    worker.join()
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+_STACK_LOCK = threading.Lock()
+
+
 def sql_list(values: Iterable[str]) -> str:
     """`'a', 'b'`: string literals for an SQL IN list."""
     return ", ".join(_sql_string(v) for v in values)
@@ -587,6 +689,11 @@ def sql_list(values: Iterable[str]) -> str:
 
 def _sql_string(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
+
+
+def insert_prefix(table: str) -> str:
+    """The app-transaction prefix of `insert_new`'s bucket transactions on `table`."""
+    return f"recap-insert:{table}:"
 
 
 def bucket_transactions(dt: DeltaTable, prefix: str, keys: list[str]) -> list[Transaction]:

@@ -29,9 +29,26 @@ class TableSchema:
     name: str
     arrow: pa.Schema
     partition_by: tuple[str, ...] = (SHARD_BUCKET,)
+    # The columns whose min/max statistics each file's add action carries in the Delta log: only
+    # those reads prune files by. Every other column's statistics would be parsed at each open of
+    # the table for nothing: with all ~25 columns, a file's add action was ~1.1 KB and the
+    # checkpoint of 16,600 files 18.5 MB (0.12 s to open); with shard_key alone, 3.9 MB (0.04 s).
+    stats_columns: tuple[str, ...] = (SHARD_KEY,)
 
     def empty_table(self) -> pa.Table:
         return self.arrow.empty_table()
+
+    @property
+    def properties(self) -> dict[str, str]:
+        """The Delta table properties a table is created with (`recap maintain` sets them on older
+        tables)."""
+        return {"delta.dataSkippingStatsColumns": ",".join(self.stats_columns),
+                # A checkpoint every 10 commits, not delta-rs's 100: an open then replays at most 9
+                # JSON commits after the latest checkpoint (each a file's add action per bucket written).
+                "delta.checkpointInterval": str(CHECKPOINT_INTERVAL)}
+
+
+CHECKPOINT_INTERVAL = 10
 
 
 PAIRS = TableSchema(
@@ -235,6 +252,7 @@ PROGRESS = TableSchema(
         ]
     ),
     partition_by=("stage",),
+    stats_columns=("shard_id",),
 )
 
 # Corpus-dedup lookups against history: one entry per kept image and kind, partitioned by kind.
@@ -253,6 +271,7 @@ DEDUP_INDEX = TableSchema(
         ]
     ),
     partition_by=("kind",),
+    stats_columns=("key",),
 )
 
 TABLES = {t.name: t for t in (PAIRS, REJECTED, FILTER_RESULTS, CAPTIONS, RECAP, QUARANTINE, PROGRESS, DEDUP_INDEX)}

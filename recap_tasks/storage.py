@@ -10,6 +10,7 @@ seen half-written under its final name (`output_path`, `open_output`, `write_fil
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import functools
 import glob
@@ -17,6 +18,7 @@ import io
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -127,14 +129,31 @@ def open_sequential(uri: str | os.PathLike[str], *, read_ahead: int = 8 << 20) -
 def read_range(uri: str | os.PathLike[str], offset: int, size: int) -> bytes:
     """`size` bytes of the file at `uri` from `offset` (one ranged GET on S3)."""
     with open_input(uri) as f:
-        return f.read_at(size, offset)
+        return read_exact(f, size, offset, uri)
+
+
+# A connection cut mid-response can end an S3 read short without an error from pyarrow's client
+# (seen through a proxy that cuts responses: a JSON record read back as b""): every read of a known
+# length is checked, and read again.
+_SHORT_READ_TRIES = 4
+
+
+def read_exact(f: pa.NativeFile, size: int, offset: int, what: str | os.PathLike[str]) -> bytes:
+    """`size` bytes of the open file `f` from `offset`; a short read is retried, then an OSError."""
+    for attempt in range(_SHORT_READ_TRIES):
+        data = f.read_at(size, offset)
+        if len(data) == size:
+            return data
+        time.sleep(0.05 * 2**attempt)
+    raise OSError(errno.EIO, f"short read: {len(data)} of {size} bytes at offset {offset}, "
+                             f"{_SHORT_READ_TRIES} tries (a store or network fault)", str(what))
 
 
 def read_bytes(uri: str | os.PathLike[str]) -> bytes | None:
     """The whole file at `uri`, or None when there is none (small records: stats, manifests)."""
     try:
         with open_input(uri) as f:
-            return f.readall()
+            return read_exact(f, f.size(), 0, uri)
     except FileNotFoundError:
         return None
 
@@ -181,9 +200,19 @@ def write_file(uri: str | os.PathLike[str], local_path: str | os.PathLike[str]) 
             shutil.copyfile(local_path, tmp)
         return
     # One write call of the whole mapped file: pyarrow sends one PUT, or a multipart upload that
-    # S3 shows only once complete.
-    with pa.memory_map(os.fspath(local_path)) as src, fs.open_output_stream(path) as out:
-        out.write(src.read_buffer())
+    # S3 shows only once complete. A connection cut mid-upload can leave an object of the wrong size
+    # without an error from pyarrow's client (seen: a record read back empty): the size is checked,
+    # and the upload repeated.
+    size = os.path.getsize(local_path)
+    for attempt in range(_SHORT_READ_TRIES):
+        with pa.memory_map(os.fspath(local_path)) as src, fs.open_output_stream(path) as out:
+            out.write(src.read_buffer())
+        stored = fs.get_file_info(path)
+        if stored.type == pafs.FileType.File and stored.size == size:
+            return
+        time.sleep(0.05 * 2**attempt)
+    raise OSError(errno.EIO, f"upload of {size} bytes stored {stored.size} bytes, {_SHORT_READ_TRIES} tries "
+                             f"(a store or network fault)", str(uri))
 
 
 def file_sizes(folder: str | os.PathLike[str]) -> dict[str, int]:

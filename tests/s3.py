@@ -52,19 +52,24 @@ class FaultyS3:
                 pass
 
             def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    out = b""
-                    while True:
-                        size = int(self.rfile.readline().split(b";")[0], 16)
-                        if size == 0:
-                            self.rfile.readline()
-                            return out
-                        out += self.rfile.read(size)
-                        self.rfile.readline()
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                """The request body's bytes; a chunked upload (S3's aws-chunked, its checksum in a
+                trailer) decoded, to be forwarded as a plain one."""
+                if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                data = b""
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0], 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass  # trailers
+                        return data
+                    data += self.rfile.read(size)
+                    self.rfile.readline()
 
             def _handle(self):
                 body = self._body()
+                if "aws-chunked" in self.headers.get("Content-Encoding", ""):
+                    body = _aws_unchunked(body)
                 fault = proxy._draw(self.command, self.path)
                 if fault in _ANSWERS:
                     code, message = _ANSWERS[fault]
@@ -75,9 +80,11 @@ class FaultyS3:
                     self.end_headers()
                     self.wfile.write(payload)
                     return
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding",
-                                                                                      "content-length")}
+                drop = ("transfer-encoding", "content-length", "expect", "content-encoding", "x-amz-trailer",
+                        "x-amz-decoded-content-length", "x-amz-content-sha256")
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in drop}
                 headers["Content-Length"] = str(len(body))
+                headers["x-amz-content-sha256"] = "UNSIGNED-PAYLOAD"  # the emulator checks no signature
                 with proxy._lock:
                     proxy.requests.append((self.command, self.path.split("?")[0], self.headers.get("If-None-Match"),
                                            self.headers.get("If-Match")))
@@ -103,9 +110,12 @@ class FaultyS3:
                     return
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                    # A HEAD's Content-Length is the object's size: passed on as the store sent it.
+                    if k.lower() not in ("transfer-encoding", "connection") and \
+                            (k.lower() != "content-length" or self.command == "HEAD"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
@@ -132,6 +142,19 @@ class FaultyS3:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def _aws_unchunked(body: bytes) -> bytes:
+    """The payload of an aws-chunked body (`<hex size>[;signature]\\r\\n<bytes>\\r\\n`..., then
+    trailers), forwarded as a plain body."""
+    out, at = b"", 0
+    while True:
+        end = body.index(b"\r\n", at)
+        size = int(body[at:end].split(b";")[0], 16)
+        if size == 0:
+            return out
+        out += body[end + 2:end + 2 + size]
+        at = end + 2 + size + 2
 
 
 def s3_environment(endpoint: str) -> dict[str, str]:

@@ -29,7 +29,7 @@ from recap_tasks.config import RecapConfig, ValidateConfig
 from recap_tasks.errors import ValidationFailed
 from recap_tasks.filters.language import english_scorer
 from recap_tasks.hygiene import distinct_ngram_ratio, echoes_prompt, is_refusal
-from recap_tasks.lake import Lake, conform, not_in
+from recap_tasks.lake import Lake, conform, insert_prefix, not_in
 from recap_tasks.ids import shard_key
 from recap_tasks.runs import new_run_id, utcnow
 
@@ -320,7 +320,7 @@ def _write_quarantine(lake: Lake, rows: pa.Table, quarantine: dict[str, list[str
         return kept, new, (adopted, relabelled, orphans)
 
     adopted, relabelled, orphans = lake.update_shards(
-        tables.QUARANTINE, keys, change, bucket_prefix=f"recap-insert:{tables.QUARANTINE}:",
+        tables.QUARANTINE, keys, change, bucket_prefix=insert_prefix(tables.QUARANTINE),
         metadata={"recap.batch_id": batch_id})
     if relabelled:
         log.info("validate %s: adopted %d quarantine rows of the unrecorded batches %s", batch_id, relabelled,
