@@ -353,17 +353,29 @@ class Lake:
         buckets = sorted({schemas.bucket_of(k) for k in keys})
 
         def attempt(dt: DeltaTable) -> int:
-            paths = self.small_files(dt, buckets)
+            paths, whole = self.small_files(dt, buckets)
             if not paths:
                 return 0
-            folded: set[str] = set()
-            for path in paths:
-                with self.open_table_file(table, path) as f:
-                    folded.update(pq.read_table(f, columns=[schemas.SHARD_KEY]).column(0).unique().to_pylist())
-            fold_keys = sorted(k for k in folded if k)
-            self.replace_shards(dt, fold_keys, self.read_shards(table, dt, fold_keys), commit_properties=CommitProperties(
-                custom_metadata={"recap.operation": "fold"},
-                app_transactions=bucket_transactions(dt, insert_prefix(table), fold_keys)))
+            # A bucket whose files are all small is rewritten whole (a partition predicate: delta-rs
+            # drops its files without scanning them); elsewhere the small files' shards are.
+            keys: set[str] = set()
+            for path, bucket in paths:
+                if bucket not in whole:
+                    with self.open_table_file(table, path) as f:
+                        keys.update(pq.read_table(f, columns=[schemas.SHARD_KEY]).column(0).unique().to_pylist())
+            fold_keys = sorted(k for k in keys if k)
+            parts, clauses = [], []
+            if whole:
+                dataset = dt.to_pyarrow_dataset(file_pruning_predicate=[(schemas.SHARD_BUCKET, "in", whole)])
+                parts.append(conform(normalize(dataset.to_table(filter=pc.field(schemas.SHARD_BUCKET).isin(whole),
+                                                                use_threads=False)), schemas.TABLES[table]))
+                clauses.append(f"{schemas.SHARD_BUCKET} IN ({sql_list(whole)})")
+            if fold_keys:
+                parts.append(self.read_shards(table, dt, fold_keys))
+                clauses.append(shards_sql(fold_keys))
+            commit = CommitProperties(custom_metadata={"recap.operation": "fold"}, app_transactions=transactions(
+                dt, insert_prefix(table), sorted({b for _, b in paths})))
+            self.overwrite(dt, pa.concat_tables(parts), " OR ".join(f"({c})" for c in clauses), commit_properties=commit)
             return len(paths)
 
         try:
@@ -373,18 +385,21 @@ class Lake:
             return 0
 
     @staticmethod
-    def small_files(dt: DeltaTable, buckets: list[str]) -> list[str]:
-        """The small files of those of `buckets` that hold FOLD_AT of them or more."""
+    def small_files(dt: DeltaTable, buckets: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+        """The small files (path, bucket) of those of `buckets` that hold FOLD_AT of them or more,
+        and which of those buckets hold no other file."""
         actions = pa.table(dt.get_add_actions(flatten=True)).select(["path", "size_bytes",
                                                                     f"partition.{schemas.SHARD_BUCKET}"])
-        bucket = actions.column(2)
-        small = actions.filter(pc.and_(pc.is_in(bucket, value_set=pa.array(buckets, pa.string())),
-                                       pc.less(actions.column("size_bytes"), SMALL_FILE_BYTES)))
+        actions = actions.filter(pc.is_in(actions.column(2), value_set=pa.array(buckets, pa.string())))
+        small = actions.filter(pc.less(actions.column("size_bytes"), SMALL_FILE_BYTES))
         if small.num_rows < FOLD_AT:
-            return []
-        counts = pc.value_counts(small.column(2))
-        full = [c["values"] for c in counts.to_pylist() if c["counts"] >= FOLD_AT]
-        return small.filter(pc.is_in(small.column(2), value_set=pa.array(full, pa.string()))).column("path").to_pylist()
+            return [], []
+        counts = {c["values"]: c["counts"] for c in pc.value_counts(small.column(2)).to_pylist()}
+        full = sorted(b for b, n in counts.items() if n >= FOLD_AT)
+        every = {c["values"]: c["counts"] for c in pc.value_counts(actions.column(2)).to_pylist()}
+        chosen = small.filter(pc.is_in(small.column(2), value_set=pa.array(full, pa.string())))
+        return (list(zip(chosen.column("path").to_pylist(), chosen.column(2).to_pylist())),
+                [b for b in full if every[b] == counts[b]])
 
     def write_once(self, table: str, keys: list[str], rows_for: Callable[[pa.Table], pa.Table], *, app_id: str,
                    bucket_prefix: str, metadata: dict[str, str] | None = None, key: str = "uid") -> tuple[int, int]:
@@ -454,10 +469,13 @@ class Lake:
         files holding those shards' rows (keeping their other rows). A concurrent commit that
         touched them makes this one fail with CommitFailedError: run it inside `commit` to retry.
         """
-        buckets = sorted({schemas.bucket_of(k) for k in keys})
-        with_deep_stack(write_deltalake, dt, _clustered(data), mode="overwrite",
-                        predicate=f"{schemas.SHARD_BUCKET} IN ({sql_list(buckets)}) AND "
-                                  f"{schemas.SHARD_KEY} IN ({sql_list(keys)})",
+        self.overwrite(dt, data, shards_sql(keys), **kwargs)
+
+    @staticmethod
+    def overwrite(dt: DeltaTable, data: pa.Table, predicate: str, **kwargs) -> None:
+        """Replace the rows matching the SQL `predicate` in the snapshot `dt` with `data` (sorted by
+        shard_key), in one commit; on a thread with a deep stack (see `with_deep_stack`)."""
+        with_deep_stack(write_deltalake, dt, _clustered(data), mode="overwrite", predicate=predicate,
                         schema_mode="merge", **kwargs)
 
     def append_to(self, dt: DeltaTable, data: pa.Table, **kwargs) -> None:
@@ -470,8 +488,7 @@ class Lake:
         keys = sorted({shard_key(s) for s in shard_ids})
         if not keys or not self.exists(table):
             return 0
-        buckets = sql_list(sorted({schemas.bucket_of(k) for k in keys}))
-        predicate = f"{schemas.SHARD_BUCKET} IN ({buckets}) AND {schemas.SHARD_KEY} IN ({sql_list(keys)}) AND ({where})"
+        predicate = f"{shards_sql(keys)} AND ({where})"
         metrics = self.commit(table, lambda dt: with_deep_stack(dt.delete, predicate))
         return int(metrics.get("num_deleted_rows", 0))
 
@@ -700,9 +717,19 @@ def bucket_transactions(dt: DeltaTable, prefix: str, keys: list[str]) -> list[Tr
     """One app transaction per bucket of the shard `keys` (`prefix` + bucket), each one version past
     the snapshot's: two commits that write the same bucket then conflict instead of both committing
     (the loser retries and re-reads its shards). Bounded: one app id per bucket, not per shard."""
-    buckets = sorted({schemas.bucket_of(k) for k in keys})
+    return transactions(dt, prefix, sorted({schemas.bucket_of(k) for k in keys}))
+
+
+def transactions(dt: DeltaTable, prefix: str, buckets: list[str]) -> list[Transaction]:
+    """The app transactions of `bucket_transactions` for the buckets themselves."""
     return [Transaction(app_id=f"{prefix}{b}", version=(dt.transaction_version(f"{prefix}{b}") or 0) + 1)
             for b in buckets]
+
+
+def shards_sql(keys: list[str]) -> str:
+    """The SQL predicate selecting the rows of the shard `keys`: their buckets (partitions), then keys."""
+    buckets = sorted({schemas.bucket_of(k) for k in keys})
+    return f"{schemas.SHARD_BUCKET} IN ({sql_list(buckets)}) AND {schemas.SHARD_KEY} IN ({sql_list(keys)})"
 
 
 # Above this many shards in one read, files are pruned by bucket only (a long IN list costs more to

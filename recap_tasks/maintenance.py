@@ -46,6 +46,12 @@ def maintain(lake: Lake, *, tables: list[str] | None = None, retention_hours: in
         dt = lake.delta(name)
         lake.check_layout(name, dt)
         before = len(dt.file_uris())
+        wanted = schemas.TABLES[name].properties
+        if not dry_run and any(dt.metadata().configuration.get(k) != v for k, v in wanted.items()):
+            # A table created by an older Recap: statistics for the pruning columns only (files
+            # written from now on; this maintain's rewrite included) and checkpoints every 10 commits.
+            dt.alter.set_table_properties(wanted)
+            dt = lake.delta(name)
         if dry_run:
             compacted = {}
         elif name in schemas.SHARD_TABLES:
