@@ -158,7 +158,8 @@ def cmd_maintain(args):
         _print(migrate(_lake(args, must_exist=True)))
         return
     _print(maintain(_lake(args, must_exist=True), tables=args.table or None, retention_hours=args.retention_hours,
-                    dry_run=args.dry_run, allow_short_retention=args.allow_short_retention))
+                    dry_run=args.dry_run, allow_short_retention=args.allow_short_retention,
+                    take_over=args.take_over))
 
 
 def _out_file(path: str, lake: Lake | None = None) -> str:
@@ -437,6 +438,8 @@ def _maintain_verb(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="list what vacuum would delete; change nothing")
     p.add_argument("--allow-short-retention", action="store_true",
                    help="permit retention below 168 h (breaks readers on older versions)")
+    p.add_argument("--take-over", action="store_true",
+                   help="take over tables held by a maintain that died (two live maintains would duplicate rows)")
     p.add_argument("--migrate", action="store_true",
                    help="rewrite a lake made by an older Recap into shard partitions + progress records (once)")
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt_
 import functools
 import logging
+import time
 from collections import Counter
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow as pa
 
@@ -18,13 +21,18 @@ log = logging.getLogger(__name__)
 # Vacuum deletes files no longer referenced by the latest version. A reader still on an older
 # version, or anyone time-travelling to one, needs them: Delta's own default keeps 7 days.
 MIN_RETENTION_HOURS = 168
+# A maintain holds each table it works on through an app transaction (`holding`): delta-rs 1.6 lets two
+# compactions of the same files both commit (their rows then twice), so two maintains must never
+# compact one table at once. A hold older than this is taken to be a maintain that died.
+LEASE_APP_ID = "recap-maintain"
+LEASE_HOURS = 24
 # Rows per row group in a compacted shard-table file: about one DataComp shard (10k rows), so a read
 # of one shard from a bucket's ~1 GB of files reads about its own rows.
 SHARD_ROW_GROUP = 16_384
 
 
 def maintain(lake: Lake, *, tables: list[str] | None = None, retention_hours: int = MIN_RETENTION_HOURS,
-             dry_run: bool = False, allow_short_retention: bool = False) -> dict:
+             dry_run: bool = False, allow_short_retention: bool = False, take_over: bool = False) -> dict:
     """Compact small files, checkpoint, and vacuum files older than `retention_hours`, per table."""
     if retention_hours < 0:
         raise RecapError(f"--retention-hours must be 0 or more, got {retention_hours}")
@@ -43,43 +51,90 @@ def maintain(lake: Lake, *, tables: list[str] | None = None, retention_hours: in
     for name in names:
         if not lake.exists(name):
             continue
-        dt = lake.delta(name)
-        lake.check_layout(name, dt)
-        before = len(dt.file_uris())
-        wanted = schemas.TABLES[name].properties
-        if not dry_run and any(dt.metadata().configuration.get(k) != v for k, v in wanted.items()):
-            # A table created by an older Recap: statistics for the pruning columns only (files
-            # written from now on; this maintain's rewrite included) and checkpoints every 10 commits.
-            dt.alter.set_table_properties(wanted)
-            dt = lake.delta(name)
-        if dry_run:
-            compacted = {}
-        elif name in schemas.SHARD_TABLES:
-            compacted = cluster_buckets(dt)
-        elif name == DEDUP_INDEX:
-            # Sorted by key: files and row groups then cover narrow key ranges, and lookups read
-            # only the row groups their keys fall in.
-            from deltalake import WriterProperties
-
-            from recap_tasks.filters.dedup_index import ROW_GROUP
-
-            compacted = dt.optimize.z_order(["key"], writer_properties=WriterProperties(max_row_group_size=ROW_GROUP))
-        else:
-            compacted = dt.optimize.compact()
-        if not dry_run:
-            dt.create_checkpoint()
-        removed = dt.vacuum(retention_hours=retention_hours, dry_run=dry_run,
-                            enforce_retention_duration=not allow_short_retention)
-        out[name] = {"files_before": before, "files_after": len(lake.delta(name).file_uris()),
-                     "compacted": {k: compacted.get(k) for k in ("numFilesAdded", "numFilesRemoved")},
-                     "vacuumed" if not dry_run else "would_vacuum": len(removed),
-                     "version": lake.version(name)}
-        if name == DEDUP_INDEX and not dry_run:
-            # Point-lookup runs for the re-sorted files; the runs of files that left are deleted.
-            from recap_tasks.filters.dedup_index import build_runs
-
-            out[name].update(build_runs(lake))
+        with contextlib.nullcontext() if dry_run else holding(lake, name, take_over=take_over):
+            out[name] = _maintain_table(lake, name, retention_hours=retention_hours, dry_run=dry_run,
+                                        allow_short_retention=allow_short_retention)
         log.info("maintain %s: %s", name, out[name])
+    return out
+
+
+@contextlib.contextmanager
+def holding(lake: Lake, table: str, *, take_over: bool = False) -> Iterator[None]:
+    """Hold `table` for one maintain: an empty commit carrying the app transaction LEASE_APP_ID
+    with an odd version (2 x the time in ms + 1), released by an even one. A second maintain finds
+    it held and stops with one line; two that claim at once both commit that app id, and delta-rs
+    fails the second (a concurrent transaction on the same app id). Stage writers never carry it,
+    so a hold does not conflict with them."""
+    from deltalake import CommitProperties, Transaction, write_deltalake
+    from deltalake.exceptions import CommitFailedError
+
+    from recap_tasks.lake import conform
+
+    def mark(dt, version: int) -> None:
+        empty = conform(schemas.TABLES[table].empty_table(), schemas.TABLES[table])
+        write_deltalake(dt, empty, mode="append", schema_mode="merge", commit_properties=CommitProperties(
+            app_transactions=[Transaction(app_id=LEASE_APP_ID, version=version)],
+            custom_metadata={"recap.operation": "maintain-hold" if version % 2 else "maintain-release"}))
+
+    dt = lake.delta(table)
+    held = dt.transaction_version(LEASE_APP_ID) or 0
+    since_ms = held // 2
+    if held % 2 and time.time() * 1000 - since_ms < LEASE_HOURS * 3600e3 and not take_over:
+        since = dt_.datetime.fromtimestamp(since_ms / 1000, dt_.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        raise RecapError(f"table {lake.path(table)}: another `recap maintain` has held it since {since} (two at once "
+                         f"would commit the same compaction twice); wait for it to end, or, if it died, rerun with "
+                         f"--take-over (a hold older than {LEASE_HOURS} h is taken over by itself)")
+    now_ms = int(time.time() * 1000)
+    try:
+        mark(dt, 2 * now_ms + 1)
+    except CommitFailedError as exc:
+        raise RecapError(f"table {lake.path(table)}: another `recap maintain` claimed it at the same moment ({exc}); "
+                         f"wait for it to end") from exc
+    try:
+        yield
+    finally:
+        mark(lake.delta(table), 2 * max(now_ms, int(time.time() * 1000)))
+
+
+def _maintain_table(lake: Lake, name: str, *, retention_hours: int, dry_run: bool,
+                    allow_short_retention: bool) -> dict:
+    """One table's maintain (see `maintain`)."""
+    dt = lake.delta(name)
+    lake.check_layout(name, dt)
+    before = len(dt.file_uris())
+    wanted = schemas.TABLES[name].properties
+    if not dry_run and any(dt.metadata().configuration.get(k) != v for k, v in wanted.items()):
+        # A table created by an older Recap: statistics for the pruning columns only (files
+        # written from now on; this maintain's rewrite included) and checkpoints every 10 commits.
+        dt.alter.set_table_properties(wanted)
+        dt = lake.delta(name)
+    if dry_run:
+        compacted = {}
+    elif name in schemas.SHARD_TABLES:
+        compacted = cluster_buckets(dt)
+    elif name == DEDUP_INDEX:
+        # Sorted by key: files and row groups then cover narrow key ranges, and lookups read
+        # only the row groups their keys fall in.
+        from deltalake import WriterProperties
+
+        from recap_tasks.filters.dedup_index import ROW_GROUP
+
+        compacted = dt.optimize.z_order(["key"], writer_properties=WriterProperties(max_row_group_size=ROW_GROUP))
+    else:
+        compacted = dt.optimize.compact()
+    if not dry_run:
+        dt.create_checkpoint()
+    removed = dt.vacuum(retention_hours=retention_hours, dry_run=dry_run,
+                        enforce_retention_duration=not allow_short_retention)
+    out = {"files_before": before, "files_after": len(lake.delta(name).file_uris()),
+           "compacted": {k: compacted.get(k) for k in ("numFilesAdded", "numFilesRemoved")},
+           "vacuumed" if not dry_run else "would_vacuum": len(removed),
+           "version": lake.version(name)}
+    if name == DEDUP_INDEX and not dry_run:
+        # Point-lookup runs for the re-sorted files; the runs of files that left are deleted.
+        from recap_tasks.filters.dedup_index import build_runs
+
+        out.update(build_runs(lake))
     return out
 
 
