@@ -63,3 +63,26 @@ def test_dedup_index_benchmark_smoke(tmp_path):
     # The product's lookup reads the runs, not Parquet; the comparison path reads Parquet only.
     assert all(" 0 row groups" in line and " 0 run reads" not in line for line in runs if "runs:" in line), proc.stdout
     assert all(" 0 run reads" in line for line in runs if "footers:" in line), proc.stdout
+
+
+def test_lake_commits_benchmark_smoke():
+    """The table-metadata benchmark's code path on small lakes: seeding in commits, a checkpointed baseline."""
+    proc = subprocess.run([sys.executable, "benchmarks/lake_commits.py", "--lakes", "40:1", "40:1:checkpointed", "200:8",
+                           "--repeat", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if " shards / " in line]
+    assert len(rows) == 3 and "checkpointed" in rows[1], proc.stdout
+    assert rows[0].split()[-2] == "1.00x" and rows[1].split()[-1] == "1.00x", proc.stdout  # each baseline's own ratio
+    bad = subprocess.run([sys.executable, "benchmarks/lake_commits.py", "--lakes", "5:9"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "0 < COMMITS <= SHARDS" in bad.stderr
+
+
+def test_progress_records_benchmark_smoke():
+    """The progress-records benchmark's code path: folded (few files) and not (a file per record)."""
+    proc = subprocess.run([sys.executable, "benchmarks/progress_records.py", "--records", "12", "--last", "4"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {" ".join(line.split()[1:3]).replace(" ", "_") if "not" in line else line.split()[1]: line.split()
+            for line in proc.stdout.splitlines() if line.strip().startswith("12 ")}
+    assert int(rows["folded"][2]) < 4 and int(rows["not_folded"][3]) == 12, proc.stdout
