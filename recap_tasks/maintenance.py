@@ -108,20 +108,8 @@ def _maintain_table(lake: Lake, name: str, *, retention_hours: int, dry_run: boo
         # written from now on; this maintain's rewrite included) and checkpoints every 10 commits.
         dt.alter.set_table_properties(wanted)
         dt = lake.delta(name)
-    if dry_run:
-        compacted = {}
-    elif name in schemas.SHARD_TABLES:
-        compacted = cluster_buckets(dt)
-    elif name == DEDUP_INDEX:
-        # Sorted by key: files and row groups then cover narrow key ranges, and lookups read
-        # only the row groups their keys fall in.
-        from deltalake import WriterProperties
-
-        from recap_tasks.filters.dedup_index import ROW_GROUP
-
-        compacted = dt.optimize.z_order(["key"], writer_properties=WriterProperties(max_row_group_size=ROW_GROUP))
-    else:
-        compacted = dt.optimize.compact()
+    compacted = {} if dry_run else _compact(lake, name)
+    dt = lake.delta(name)
     if not dry_run:
         dt.create_checkpoint()
     removed = dt.vacuum(retention_hours=retention_hours, dry_run=dry_run,
@@ -136,6 +124,36 @@ def _maintain_table(lake: Lake, name: str, *, retention_hours: int, dry_run: boo
 
         out.update(build_runs(lake))
     return out
+
+
+COMPACT_TRIES = 3
+
+
+def _compact(lake: Lake, name: str) -> dict:
+    """Compact one table, retried when a stage's write (a fold, a publish) changed the files the
+    compaction read: delta-rs then fails the commit and nothing of it is committed."""
+    from deltalake import WriterProperties
+    from deltalake.exceptions import CommitFailedError
+
+    for attempt in range(COMPACT_TRIES):
+        dt = lake.delta(name)
+        try:
+            if name in schemas.SHARD_TABLES:
+                return cluster_buckets(dt)
+            if name == DEDUP_INDEX:
+                # Sorted by key: files and row groups then cover narrow key ranges, and lookups read
+                # only the row groups their keys fall in.
+                from recap_tasks.filters.dedup_index import ROW_GROUP
+
+                return dt.optimize.z_order(["key"], writer_properties=WriterProperties(max_row_group_size=ROW_GROUP))
+            return dt.optimize.compact()
+        except CommitFailedError as exc:
+            if attempt == COMPACT_TRIES - 1:
+                raise RecapError(f"table {lake.path(name)}: {COMPACT_TRIES} compactions in a row lost to concurrent "
+                                 f"writes ({exc}); nothing of them was committed: rerun `recap maintain` when the "
+                                 f"lake is quieter") from exc
+            log.info("compaction of %s lost to a concurrent write, again: %s", name, exc)
+    raise AssertionError("unreachable")
 
 
 def cluster_buckets(dt) -> dict:

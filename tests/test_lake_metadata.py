@@ -221,3 +221,33 @@ def test_two_holds_claimed_at_once_cannot_both_commit(tmp_path):
     write_deltalake(first, empty, mode="append", schema_mode="merge", commit_properties=props)
     with pytest.raises(CommitFailedError):
         write_deltalake(second, empty, mode="append", schema_mode="merge", commit_properties=props)
+
+
+def test_a_compaction_that_loses_to_a_write_is_retried_then_one_line(tmp_path, monkeypatch):
+    from deltalake.exceptions import CommitFailedError
+
+    lake = Lake(tmp_path / "lake")
+    one, two, three = _shards_in_one_bucket(3)
+    lake.insert_new("pairs", _rows(one))
+    lake.insert_new("pairs", _rows(two))
+    real, calls = maintenance.cluster_buckets, []
+
+    def losing_once(dt):
+        calls.append(1)
+        if len(calls) == 1:
+            lake.insert_new("pairs", _rows(three))  # a stage's write lands meanwhile
+            raise CommitFailedError("Failed to commit transaction: a concurrent transaction deleted data")
+        return real(dt)
+
+    monkeypatch.setattr(maintenance, "cluster_buckets", losing_once)
+    out = maintain(lake, tables=["pairs"])["pairs"]
+    assert len(calls) == 2 and out["compacted"]["numFilesRemoved"] >= 2
+    assert lake.read("pairs", ["uid"]).num_rows == 15
+
+    def always_losing(dt):
+        raise CommitFailedError("Failed to commit transaction: a concurrent transaction deleted data")
+
+    monkeypatch.setattr(maintenance, "cluster_buckets", always_losing)
+    with pytest.raises(RecapError, match="3 compactions in a row lost to concurrent writes .* rerun `recap maintain`"):
+        maintain(lake, tables=["pairs"])
+    assert lake.delta("pairs").transaction_version(maintenance.LEASE_APP_ID) % 2 == 0  # the hold was released
