@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from recap_tasks import faults, schemas, storage
@@ -49,6 +49,13 @@ FOLD_AT = 4
 # (`Lake.fold_records`), so it keeps fewer than FOLD_AT small files per stage plus full ones. Small
 # on purpose: each fold rewrites at most this much.
 RECORD_FILE_BYTES = 256 * 2**10
+
+
+# Rows per row group in a shard-table file (written sorted by shard_key): about one DataComp shard
+# (10k rows), so a read of one shard skips the row groups of the others by their statistics, in a
+# fold's or a commit's file as in a compacted one (`recap maintain`).
+SHARD_ROW_GROUP = 16_384
+_ROW_GROUPS = WriterProperties(max_row_group_size=SHARD_ROW_GROUP)
 
 
 class CommitConflict(RecapError):
@@ -194,11 +201,16 @@ class Lake:
         """A table written by an older Recap (another partitioning) must be migrated first."""
         if table in self._checked:
             return
+        dt = dt or self.delta(table)
         want = list(schemas.TABLES[table].partition_by)
-        have = list((dt or self.delta(table)).metadata().partition_columns)
+        have = list(dt.metadata().partition_columns)
+        migrate = f"migrate the lake once with `recap maintain --migrate --lake {self.uri}`"
         if have != want:
             raise RecapError(f"table {self.path(table)} is partitioned by {have or 'nothing'}, this Recap expects "
-                             f"{want}: migrate the lake once with `recap maintain --migrate --lake {self.uri}`")
+                             f"{want}: {migrate}")
+        if (digits := bucket_digits(dt)) not in (None, schemas.BUCKET_DIGITS):
+            raise RecapError(f"table {self.path(table)} has {16 ** digits} shard buckets, this Recap writes "
+                             f"{16 ** schemas.BUCKET_DIGITS}: {migrate}")
         self._checked.add(table)
 
     # Reading -----------------------------------------------------------------------------
@@ -272,7 +284,7 @@ class Lake:
         """Insert rows whose keys are not in the table yet, on the shards in `data`: read their keys,
         append the new rows (what a MERGE ... WHEN NOT MATCHED INSERT would do, without its cost: a
         delta-rs MERGE plans over every file of the table, an append does not). Each commit
-        carries one app transaction per bucket it writes to (at most 256 per table, whatever the
+        carries one app transaction per bucket it writes to (at most 16 per table, whatever the
         shard count), so concurrent inserters into one shard conflict (delta-rs fails a commit
         whose app ids a concurrent commit also wrote) and the loser retries against the winner's
         rows. Returns the number of rows inserted.
@@ -481,12 +493,13 @@ class Lake:
         """Replace the rows matching the SQL `predicate` in the snapshot `dt` with `data` (sorted by
         shard_key), in one commit; on a thread with a deep stack (see `with_deep_stack`)."""
         with_deep_stack(write_deltalake, dt, _clustered(data), mode="overwrite", predicate=predicate,
-                        schema_mode="merge", **kwargs)
+                        schema_mode="merge", writer_properties=_ROW_GROUPS, **kwargs)
 
     def append_to(self, dt: DeltaTable, data: pa.Table, **kwargs) -> None:
         """Append `data` (conformed) as a commit on the snapshot `dt` (its version is the one
         conflicts are checked against: run it inside `commit` to retry)."""
-        write_deltalake(dt, _clustered(data), mode="append", schema_mode="merge", **kwargs)
+        write_deltalake(dt, _clustered(data), mode="append", schema_mode="merge", writer_properties=_ROW_GROUPS,
+                        **kwargs)
 
     def delete(self, table: str, shard_ids: Iterable[str], where: str) -> int:
         """DELETE the rows of `shard_ids` matching the SQL predicate `where`; returns rows deleted."""
@@ -524,17 +537,21 @@ class Lake:
 
         reader = pa.RecordBatchReader.from_batches(schema.arrow, batches())
         kwargs = dict(partition_by=list(schema.partition_by) or None, storage_options=self.storage_options or None,
+                      writer_properties=_ROW_GROUPS,
                       commit_properties=CommitProperties(app_transactions=txns or None, custom_metadata=metadata))
         if self.is_local:
             fresh = self.root / "_migrated" / f"{table}.new"
             shutil.rmtree(fresh, ignore_errors=True)
-            write_deltalake(str(fresh), reader, mode="error", **kwargs)
+            write_deltalake(str(fresh), reader, mode="error", configuration=schema.properties, **kwargs)
             kept = self.root / "_migrated" / f"{table}.{time.strftime('%Y%m%dT%H%M%S')}"
             (self.root / table).rename(kept)
             fresh.rename(self.root / table)
             log.info("rewrite %s: the old table is kept in %s", table, kept)
         else:
             write_deltalake(self.path(table), reader, mode="overwrite", schema_mode="overwrite", **kwargs)
+            dt = self.delta(table)
+            if any(dt.metadata().configuration.get(k) != v for k, v in schema.properties.items()):
+                dt.alter.set_table_properties(schema.properties)
         self.forget(table)
         return written
 
@@ -759,6 +776,16 @@ def with_deep_stack(fn, *args, **kwargs):
 
 
 _STACK_LOCK = threading.Lock()
+
+
+def bucket_digits(dt: DeltaTable) -> int | None:
+    """The digits of a bucketed table's shard_bucket values (2 in tables of Recaps before 16
+    buckets); None for a table with no files or not bucketed."""
+    if schemas.SHARD_BUCKET not in dt.metadata().partition_columns:
+        return None
+    values = pa.table(dt.get_add_actions(flatten=True)).column(f"partition.{schemas.SHARD_BUCKET}")
+    lengths = pc.unique(pc.utf8_length(values.combine_chunks())).to_pylist() if len(values) else []
+    return max(lengths) if lengths else None
 
 
 def sql_list(values: Iterable[str]) -> str:

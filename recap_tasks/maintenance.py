@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from recap_tasks import schemas
 from recap_tasks.errors import RecapError
-from recap_tasks.lake import DEDUP_INDEX, Lake
+from recap_tasks.lake import DEDUP_INDEX, SHARD_ROW_GROUP, Lake, bucket_digits
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,6 @@ MIN_RETENTION_HOURS = 168
 # compact one table at once. A hold older than this is taken to be a maintain that died.
 LEASE_APP_ID = "recap-maintain"
 LEASE_HOURS = 24
-# Rows per row group in a compacted shard-table file: about one DataComp shard (10k rows), so a read
-# of one shard from a bucket's ~1 GB of files reads about its own rows.
-SHARD_ROW_GROUP = 16_384
 
 
 def maintain(lake: Lake, *, tables: list[str] | None = None, retention_hours: int = MIN_RETENTION_HOURS,
@@ -233,11 +230,13 @@ def _migrate_tables(lake: Lake) -> dict[str, str]:
             continue
         dt = lake.delta(name)
         have = list(dt.metadata().partition_columns)
-        if have == list(schemas.TABLES[name].partition_by):
+        digits = bucket_digits(dt)
+        if have == list(schemas.TABLES[name].partition_by) and digits in (None, schemas.BUCKET_DIGITS):
             done[name] = "already in the bucket layout"
             continue
         rows = _rewrite_bucketed(lake, name, dt)
-        done[name] = f"{rows} rows rewritten from {have or 'no partitions'} into shard buckets"
+        was = f"{16 ** digits} shard buckets" if have == [schemas.SHARD_BUCKET] else have or "no partitions"
+        done[name] = f"{rows} rows rewritten from {was} into shard buckets ({16 ** schemas.BUCKET_DIGITS})"
         log.info("migrate %s: %s", name, done[name])
     return done
 
@@ -313,9 +312,14 @@ def _rewrite_bucketed(lake: Lake, name: str, dt) -> int:
     old = list(dt.metadata().partition_columns)
     actions = pa.table(dt.get_add_actions(flatten=True)).to_pylist()
     groups: dict[str, list[str]] = {}
-    for action in actions:  # one partition per shard: the old files bucket by bucket; else one group
-        key = action.get(f"partition.{schemas.SHARD_KEY}") if old == [schemas.SHARD_KEY] else None
-        groups.setdefault(schemas.bucket_of(key) if key else "", []).append(action["path"])
+    for action in actions:  # the old files partition by partition (shards by bucket); unpartitioned: one group
+        if old == [schemas.SHARD_KEY]:
+            group = schemas.bucket_of(action.get(f"partition.{schemas.SHARD_KEY}") or "")
+        elif old == [schemas.SHARD_BUCKET]:  # another bucket count: one old bucket at a time in memory
+            group = action.get(f"partition.{schemas.SHARD_BUCKET}") or ""
+        else:
+            group = ""
+        groups.setdefault(group, []).append(action["path"])
 
     def buckets():
         # Shard key and bucket are recomputed from shard_id as each old file is read (`Lake.read_file`).

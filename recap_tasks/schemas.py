@@ -10,13 +10,17 @@ _TS = pa.timestamp("us", tz="UTC")
 
 
 # Every table of per-shard rows carries the shard's key (ids.shard_key: 16 hex digits of
-# sha1(shard id)) and is partitioned by its bucket, the key's first BUCKET_DIGITS hex digits: 256
-# partitions whatever the shard count (~1-2 GB each at 1.3B rows, Delta's advised partition size).
-# Within a bucket, files are written and compacted sorted by shard_key, so the per-file statistics
-# in the Delta log (and the row groups' own) prune a read to the shard's files and row groups.
+# sha1(shard id)) and is partitioned by its bucket, the key's first BUCKET_DIGITS hex digits: 16
+# partitions whatever the shard count (~80M rows each at 1.3B rows). Every commit adds a file to each
+# bucket it writes and, once folded, a tombstone per file to every checkpoint until vacuum, so the
+# bucket count is what the log grows by per commit between maintains: with 256 buckets, 130,000
+# shards written in 65 commits left 20,456 tombstones and opened 3.5x slower than a 1,000-shard
+# lake; with 16, ~1,300 (BENCHMARKS.md, "Table metadata between maintains"). Within a bucket, files
+# are written and compacted sorted by shard_key, so the per-file statistics in the Delta log (and the
+# row groups' own) prune a read to the shard's files and row groups.
 SHARD_KEY = "shard_key"
 SHARD_BUCKET = "shard_bucket"
-BUCKET_DIGITS = 2
+BUCKET_DIGITS = 1
 
 
 def bucket_of(shard_key: str) -> str:
@@ -43,12 +47,15 @@ class TableSchema:
         """The Delta table properties a table is created with (`recap maintain` sets them on older
         tables)."""
         return {"delta.dataSkippingStatsColumns": ",".join(self.stats_columns),
-                # A checkpoint every 10 commits, not delta-rs's 100: an open then replays at most 9
-                # JSON commits after the latest checkpoint (each a file's add action per bucket written).
+                # A checkpoint every 2 commits, not delta-rs's 100: an open replays at most one JSON
+                # commit after the latest checkpoint. delta-rs reads each JSON commit as a file of
+                # its own, ~1 ms apiece however small (7 of them after a checkpoint of 10 doubled the
+                # open of a 16-bucket table); writing the 0.14 MB checkpoint of a 130,000-shard
+                # table is inside the insert figures of BENCHMARKS.md, "Table metadata between maintains".
                 "delta.checkpointInterval": str(CHECKPOINT_INTERVAL)}
 
 
-CHECKPOINT_INTERVAL = 10
+CHECKPOINT_INTERVAL = 2
 
 
 PAIRS = TableSchema(

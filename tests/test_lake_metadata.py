@@ -25,7 +25,7 @@ def _shards_in_one_bucket(n: int) -> list[str]:
     out, i = [], 0
     while len(out) < n:
         sid = f"fold/{i:06d}.tar"
-        if schemas.bucket_of(shard_key(sid)) == "00":
+        if schemas.bucket_of(shard_key(sid)) == "0":
             out.append(sid)
         i += 1
     return out
@@ -36,7 +36,7 @@ def _rows(shard_id: str, n: int = 5) -> pa.Table:
                      "key": [f"{i:09d}" for i in range(n)], "org_caption": ["a dog"] * n})
 
 
-def _bucket_files(lake: Lake, bucket: str = "00") -> int:
+def _bucket_files(lake: Lake, bucket: str = "0") -> int:
     actions = pa.table(lake.delta("pairs").get_add_actions(flatten=True))
     return sum(1 for b in actions.column(f"partition.{schemas.SHARD_BUCKET}").to_pylist() if b == bucket)
 

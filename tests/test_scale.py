@@ -6,13 +6,14 @@ import json
 import shutil
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from deltalake import write_deltalake
 
 from recap_tasks import progress, schemas
 from recap_tasks.batches import all_batches
 from recap_tasks.config import RecapConfig
-from recap_tasks.lake import Lake
+from recap_tasks.lake import Lake, bucket_digits
 from recap_tasks.maintenance import migrate
 from recap_tasks.pipeline import run_pipeline
 from recap_tasks.stages.publish import run_publish
@@ -84,7 +85,8 @@ def _to_old_layout(lake: Lake, layout: str) -> None:
 
     "unpartitioned": the first layout (unpartitioned tables without shard_key, an ingest ledger of
     JSON files, no progress table or dedup index, no batch shards). "per-shard": one partition per
-    shard_key, each write carrying one app transaction per shard (as before shard buckets)."""
+    shard_key, each write carrying one app transaction per shard (as before shard buckets).
+    "256-buckets": partitioned by the shard key's first two hex digits (as before 16 buckets)."""
     from deltalake import CommitProperties, Transaction
 
     for table in schemas.SHARD_TABLES:
@@ -92,6 +94,14 @@ def _to_old_layout(lake: Lake, layout: str) -> None:
             continue
         data = lake.read(table).drop_columns([schemas.SHARD_BUCKET])
         shutil.rmtree(lake.root / table)
+        if layout == "256-buckets":
+            old = pc.utf8_slice_codeunits(data.column(schemas.SHARD_KEY), 0, 2)
+            txns = [Transaction(app_id=f"recap-insert:{table}:{b}", version=1) for b in set(old.to_pylist())]
+            if table == "recap":
+                txns += [Transaction(app_id=f"recap-publish:{b.batch_id}", version=1) for b in all_batches(lake)]
+            write_deltalake(lake.path(table), data.append_column(schemas.SHARD_BUCKET, old),
+                            partition_by=[schemas.SHARD_BUCKET], commit_properties=CommitProperties(app_transactions=txns))
+            continue
         if layout == "per-shard":
             keys = sorted(set(data.column(schemas.SHARD_KEY).to_pylist()))
             txns = [Transaction(app_id=f"recap-insert:{table}:{k}", version=1) for k in keys]
@@ -101,7 +111,7 @@ def _to_old_layout(lake: Lake, layout: str) -> None:
                             commit_properties=CommitProperties(app_transactions=txns))
         else:
             write_deltalake(lake.path(table), data.drop_columns([schemas.SHARD_KEY]))
-    if layout == "per-shard":
+    if layout != "unpartitioned":
         return
     for rec in progress.latest(lake, stages=("ingest",)).to_pylist():
         import hashlib
@@ -115,7 +125,7 @@ def _to_old_layout(lake: Lake, layout: str) -> None:
         batch.save(lake)
 
 
-@pytest.mark.parametrize("layout", ["unpartitioned", "per-shard"])
+@pytest.mark.parametrize("layout", ["unpartitioned", "per-shard", "256-buckets"])
 def test_migrate_rewrites_an_old_lake_and_runs_go_on(tmp_path, sample_shards, tiny_model, layout):
     config = _config(tmp_path)
     old, new = sorted(sample_shards.glob("*.tar"))
@@ -137,11 +147,12 @@ def test_migrate_rewrites_an_old_lake_and_runs_go_on(tmp_path, sample_shards, ti
         if lake.exists(table):
             dt = lake.delta(table)
             assert list(dt.metadata().partition_columns) == [schemas.SHARD_BUCKET]
+            assert bucket_digits(dt) in (None, schemas.BUCKET_DIGITS)
             assert all(dt.transaction_version(f"recap-insert:{table}:{k}") is None
                        for k in set(published.column(schemas.SHARD_KEY).to_pylist()))
     # The published batch is still known as published: publishing it again changes nothing.
     again = run_publish(lake, batch_id=all_batches(lake)[0].batch_id)
-    if layout == "per-shard":  # its app transaction was carried into the new table
+    if layout != "unpartitioned":  # its app transaction was carried into the new table
         assert again.already_published
     assert (again.inserted, again.updated) == (0, 0)
     status = lake_status(lake)
@@ -156,7 +167,7 @@ def test_migrate_rewrites_an_old_lake_and_runs_go_on(tmp_path, sample_shards, ti
 
 
 def test_table_metadata_is_per_bucket_not_per_shard(tmp_path):
-    """600 shards land in at most 256 partitions with one app transaction per bucket; a shard's read
+    """600 shards land in at most 16 partitions with one app transaction per bucket; a shard's read
     finds only its rows; maintain leaves one file per bucket, sorted by shard_key; inserts stay
     idempotent."""
     import pyarrow.parquet as pq
@@ -170,7 +181,7 @@ def test_table_metadata_is_per_bucket_not_per_shard(tmp_path):
     dt = lake.delta("pairs")
     actions = pa.table(dt.get_add_actions(flatten=True))
     buckets = set(actions.column(f"partition.{schemas.SHARD_BUCKET}").to_pylist())
-    assert buckets == {schemas.bucket_of(shard_key(s)) for s in shards} and len(buckets) <= 256
+    assert buckets == {schemas.bucket_of(shard_key(s)) for s in shards} and len(buckets) <= 16 ** schemas.BUCKET_DIGITS
     first = schemas.bucket_of(shard_key(shards[0]))
     assert dt.transaction_version(f"recap-insert:pairs:{first}") >= 1
     assert all(dt.transaction_version(f"recap-insert:pairs:{shard_key(s)}") is None for s in shards[:20])
