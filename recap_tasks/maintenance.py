@@ -102,7 +102,7 @@ def _maintain_table(lake: Lake, name: str, *, retention_hours: int, dry_run: boo
     wanted = schemas.TABLES[name].properties
     if not dry_run and any(dt.metadata().configuration.get(k) != v for k, v in wanted.items()):
         # A table created by an older Recap: statistics for the pruning columns only (files
-        # written from now on; this maintain's rewrite included) and checkpoints every 10 commits.
+        # written from now on; this maintain's rewrite included) and its checkpoint interval.
         dt.alter.set_table_properties(wanted)
         dt = lake.delta(name)
     compacted = {} if dry_run else _compact(lake, name)

@@ -38,6 +38,14 @@ class TableSchema:
     # the table for nothing: with all ~25 columns, a file's add action was ~1.1 KB and the
     # checkpoint of 16,600 files 18.5 MB (0.12 s to open); with shard_key alone, 3.9 MB (0.04 s).
     stats_columns: tuple[str, ...] = (SHARD_KEY,)
+    # A checkpoint every this many commits (`delta.checkpointInterval`, delta-rs's default 100).
+    # Bucketed tables: every 2, so an open replays at most one JSON commit after the latest
+    # checkpoint. delta-rs reads each JSON commit as a file of its own, ~1 ms apiece however small
+    # (7 of them after a checkpoint every 10 doubled the open of a 130,000-shard table); writing its
+    # 0.14 MB checkpoint is inside the insert figures of BENCHMARKS.md, "Table metadata between
+    # maintains". The record tables keep 10: their checkpoints carry a tombstone per folded record
+    # file, and every 2 commits made a progress record's append 0.031 -> 0.058 s at 1,000 records.
+    checkpoint_interval: int = 2
 
     def empty_table(self) -> pa.Table:
         return self.arrow.empty_table()
@@ -47,15 +55,7 @@ class TableSchema:
         """The Delta table properties a table is created with (`recap maintain` sets them on older
         tables)."""
         return {"delta.dataSkippingStatsColumns": ",".join(self.stats_columns),
-                # A checkpoint every 2 commits, not delta-rs's 100: an open replays at most one JSON
-                # commit after the latest checkpoint. delta-rs reads each JSON commit as a file of
-                # its own, ~1 ms apiece however small (7 of them after a checkpoint of 10 doubled the
-                # open of a 16-bucket table); writing the 0.14 MB checkpoint of a 130,000-shard
-                # table is inside the insert figures of BENCHMARKS.md, "Table metadata between maintains".
-                "delta.checkpointInterval": str(CHECKPOINT_INTERVAL)}
-
-
-CHECKPOINT_INTERVAL = 2
+                "delta.checkpointInterval": str(self.checkpoint_interval)}
 
 
 PAIRS = TableSchema(
@@ -260,6 +260,7 @@ PROGRESS = TableSchema(
     ),
     partition_by=("stage",),
     stats_columns=("shard_id",),
+    checkpoint_interval=10,
 )
 
 # Corpus-dedup lookups against history: one entry per kept image and kind, partitioned by kind.
@@ -279,6 +280,7 @@ DEDUP_INDEX = TableSchema(
     ),
     partition_by=("kind",),
     stats_columns=("key",),
+    checkpoint_interval=10,
 )
 
 TABLES = {t.name: t for t in (PAIRS, REJECTED, FILTER_RESULTS, CAPTIONS, RECAP, QUARANTINE, PROGRESS, DEDUP_INDEX)}
