@@ -44,7 +44,7 @@ class TableSchema:
     # (7 of them after a checkpoint every 10 doubled the open of a 130,000-shard table); writing its
     # 0.14 MB checkpoint is inside the insert figures of BENCHMARKS.md, "Table metadata between
     # maintains". The record tables keep 10: their checkpoints carry a tombstone per folded record
-    # file, and every 2 commits made a progress record's append 0.031 -> 0.058 s at 1,000 records.
+    # file, and every 2 commits made a progress record's append ~1.5x slower at 1,000 records.
     checkpoint_interval: int = 2
 
     def empty_table(self) -> pa.Table:
