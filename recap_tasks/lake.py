@@ -55,7 +55,7 @@ RECORD_FILE_BYTES = 256 * 2**10
 # (10k rows), so a read of one shard skips the row groups of the others by their statistics, in a
 # fold's or a commit's file as in a compacted one (`recap maintain`).
 SHARD_ROW_GROUP = 16_384
-_ROW_GROUPS = WriterProperties(max_row_group_size=SHARD_ROW_GROUP)
+SHARD_WRITER = WriterProperties(max_row_group_size=SHARD_ROW_GROUP)
 
 
 class CommitConflict(RecapError):
@@ -198,7 +198,8 @@ class Lake:
         self._known.add(table)
 
     def check_layout(self, table: str, dt: DeltaTable | None = None) -> None:
-        """A table written by an older Recap (another partitioning) must be migrated first."""
+        """A table written by an older Recap (another partitioning, another bucket count) must be
+        migrated first."""
         if table in self._checked:
             return
         dt = dt or self.delta(table)
@@ -493,12 +494,12 @@ class Lake:
         """Replace the rows matching the SQL `predicate` in the snapshot `dt` with `data` (sorted by
         shard_key), in one commit; on a thread with a deep stack (see `with_deep_stack`)."""
         with_deep_stack(write_deltalake, dt, _clustered(data), mode="overwrite", predicate=predicate,
-                        schema_mode="merge", writer_properties=_ROW_GROUPS, **kwargs)
+                        schema_mode="merge", writer_properties=SHARD_WRITER, **kwargs)
 
     def append_to(self, dt: DeltaTable, data: pa.Table, **kwargs) -> None:
         """Append `data` (conformed) as a commit on the snapshot `dt` (its version is the one
         conflicts are checked against: run it inside `commit` to retry)."""
-        write_deltalake(dt, _clustered(data), mode="append", schema_mode="merge", writer_properties=_ROW_GROUPS,
+        write_deltalake(dt, _clustered(data), mode="append", schema_mode="merge", writer_properties=SHARD_WRITER,
                         **kwargs)
 
     def delete(self, table: str, shard_ids: Iterable[str], where: str) -> int:
@@ -537,7 +538,7 @@ class Lake:
 
         reader = pa.RecordBatchReader.from_batches(schema.arrow, batches())
         kwargs = dict(partition_by=list(schema.partition_by) or None, storage_options=self.storage_options or None,
-                      writer_properties=_ROW_GROUPS,
+                      writer_properties=SHARD_WRITER,
                       commit_properties=CommitProperties(app_transactions=txns or None, custom_metadata=metadata))
         if self.is_local:
             fresh = self.root / "_migrated" / f"{table}.new"
@@ -549,11 +550,19 @@ class Lake:
             log.info("rewrite %s: the old table is kept in %s", table, kept)
         else:
             write_deltalake(self.path(table), reader, mode="overwrite", schema_mode="overwrite", **kwargs)
-            dt = self.delta(table)
-            if any(dt.metadata().configuration.get(k) != v for k, v in schema.properties.items()):
-                dt.alter.set_table_properties(schema.properties)
+            self.set_properties(table)
         self.forget(table)
         return written
+
+    def set_properties(self, table: str) -> DeltaTable:
+        """Give `table` the Delta properties of its schema where an older Recap made it with others;
+        returns its latest snapshot."""
+        dt = self.delta(table)
+        wanted = schemas.TABLES[table].properties
+        if any(dt.metadata().configuration.get(k) != v for k, v in wanted.items()):
+            dt.alter.set_table_properties(wanted)
+            dt = self.delta(table)
+        return dt
 
     def append(self, table: str, data: pa.Table, **kwargs) -> None:
         """Append rows in one commit, retried while a concurrent commit conflicts (appends conflict
@@ -784,8 +793,7 @@ def bucket_digits(dt: DeltaTable) -> int | None:
     if schemas.SHARD_BUCKET not in dt.metadata().partition_columns:
         return None
     values = pa.table(dt.get_add_actions(flatten=True)).column(f"partition.{schemas.SHARD_BUCKET}")
-    lengths = pc.unique(pc.utf8_length(values.combine_chunks())).to_pylist() if len(values) else []
-    return max(lengths) if lengths else None
+    return pc.max(pc.utf8_length(values)).as_py()
 
 
 def sql_list(values: Iterable[str]) -> str:

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from recap_tasks import schemas
 from recap_tasks.errors import RecapError
-from recap_tasks.lake import DEDUP_INDEX, SHARD_ROW_GROUP, Lake, bucket_digits
+from recap_tasks.lake import DEDUP_INDEX, SHARD_WRITER, Lake, bucket_digits
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +99,10 @@ def _maintain_table(lake: Lake, name: str, *, retention_hours: int, dry_run: boo
     dt = lake.delta(name)
     lake.check_layout(name, dt)
     before = len(dt.file_uris())
-    wanted = schemas.TABLES[name].properties
-    if not dry_run and any(dt.metadata().configuration.get(k) != v for k, v in wanted.items()):
+    if not dry_run:
         # A table created by an older Recap: statistics for the pruning columns only (files
         # written from now on; this maintain's rewrite included) and its checkpoint interval.
-        dt.alter.set_table_properties(wanted)
-        dt = lake.delta(name)
+        lake.set_properties(name)
     compacted = {} if dry_run else _compact(lake, name)
     dt = lake.delta(name)
     if not dry_run:
@@ -158,8 +156,6 @@ def cluster_buckets(dt) -> dict:
     (z-order on the one column), with row groups small enough that a read of one shard skips the
     rest. Buckets with a single file are already in that shape (writers sort what they append) and
     are not rewritten: a maintain run costs the buckets that changed, not the table."""
-    from deltalake import WriterProperties
-
     actions = pa.table(dt.get_add_actions(flatten=True))
     if actions.num_rows == 0:
         return {}
@@ -168,7 +164,7 @@ def cluster_buckets(dt) -> dict:
     if not changed:
         return {}
     return dt.optimize.z_order([schemas.SHARD_KEY], partition_filters=[(schemas.SHARD_BUCKET, "in", changed)],
-                               writer_properties=WriterProperties(max_row_group_size=SHARD_ROW_GROUP))
+                               writer_properties=SHARD_WRITER)
 
 
 def history(lake: Lake, table: str = "recap", limit: int | None = 20) -> list[dict]:

@@ -12,12 +12,12 @@ _TS = pa.timestamp("us", tz="UTC")
 # Every table of per-shard rows carries the shard's key (ids.shard_key: 16 hex digits of
 # sha1(shard id)) and is partitioned by its bucket, the key's first BUCKET_DIGITS hex digits: 16
 # partitions whatever the shard count (~80M rows each at 1.3B rows). Every commit adds a file to each
-# bucket it writes and, once folded, a tombstone per file to every checkpoint until vacuum, so the
+# bucket it writes and, once folded, a tombstone per file to every checkpoint for 7 days, so the
 # bucket count is what the log grows by per commit between maintains: with 256 buckets, 130,000
-# shards written in 65 commits left 20,456 tombstones and opened 3.5x slower than a 1,000-shard
-# lake; with 16, ~1,300 (BENCHMARKS.md, "Table metadata between maintains"). Within a bucket, files
-# are written and compacted sorted by shard_key, so the per-file statistics in the Delta log (and the
-# row groups' own) prune a read to the shard's files and row groups.
+# shards written in 65 commits left 20,456 tombstones and opened 3.5-4.9x slower than a 1,000-shard
+# lake; with 16, 1,344 and 1.0-1.2x (BENCHMARKS.md, "Table metadata between maintains"). Within a
+# bucket, files are written and compacted sorted by shard_key, so the per-file statistics in the
+# Delta log (and the row groups' own) prune a read to the shard's files and row groups.
 SHARD_KEY = "shard_key"
 SHARD_BUCKET = "shard_bucket"
 BUCKET_DIGITS = 1
@@ -41,7 +41,7 @@ class TableSchema:
     # A checkpoint every this many commits (`delta.checkpointInterval`, delta-rs's default 100).
     # Bucketed tables: every 2, so an open replays at most one JSON commit after the latest
     # checkpoint. delta-rs reads each JSON commit as a file of its own, ~1 ms apiece however small
-    # (7 of them after a checkpoint every 10 doubled the open of a 130,000-shard table); writing its
+    # (7 of them after a checkpoint every 10 made a 130,000-shard table open 1.8x slower); writing its
     # 0.14 MB checkpoint is inside the insert figures of BENCHMARKS.md, "Table metadata between
     # maintains". The record tables keep 10: their checkpoints carry a tombstone per folded record
     # file, and every 2 commits made a progress record's append ~1.5x slower at 1,000 records.
